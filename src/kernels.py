@@ -1,0 +1,172 @@
+"""The ground-truth kernels a model learns, as float64 2-D arrays.
+
+Values are written in correlation orientation: `sobel_x` responds positively to
+brightness that grows to the right, exactly as a Conv2D layer (and
+scipy.ndimage.correlate, cv2.filter2D) applies it. `filter.operation: convolve`
+flips them; see src/filtering.py.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from src.errors import UserError
+
+SOBEL_X = np.array([[-1, 0, 1],
+                    [-2, 0, 2],
+                    [-1, 0, 1]], dtype=np.float64)
+PREWITT_X = np.array([[-1, 0, 1],
+                      [-1, 0, 1],
+                      [-1, 0, 1]], dtype=np.float64)
+LAPLACIAN = np.array([[0, 1, 0],
+                      [1, -4, 1],
+                      [0, 1, 0]], dtype=np.float64)
+EDGE = np.array([[-1, -1],
+                 [1, 1]], dtype=np.float64)  # the course notes' 2×2 horizontal-edge kernel
+
+SMILEY_SIZE = 32
+
+
+def smiley(size: int = SMILEY_SIZE) -> np.ndarray:
+    """A face outline, two eyes and a smile, L2-normalised like the original's PNG.
+
+    Drawn 8× larger and box-downsampled, so strokes are anti-aliased. Strokes
+    are positive on a zero background: the original read its dark-on-white PNG
+    as inverted grayscale.
+    """
+    scale = 8
+    n = size * scale
+    canvas = Image.new("L", (n, n), 0)
+    draw = ImageDraw.Draw(canvas)
+    stroke = int(1.6 * scale)
+    pad = int(1.5 * scale)
+    draw.ellipse([pad, pad, n - pad, n - pad], outline=255, width=stroke)
+    eye_w, eye_h = int(0.09 * n), int(0.14 * n)
+    for cx in (int(0.35 * n), int(0.65 * n)):
+        cy = int(0.37 * n)
+        draw.ellipse([cx - eye_w // 2, cy - eye_h // 2, cx + eye_w // 2, cy + eye_h // 2], fill=255)
+    draw.arc([int(0.27 * n), int(0.30 * n), int(0.73 * n), int(0.76 * n)], start=20, end=160,
+             fill=255, width=stroke)
+    small = canvas.resize((size, size), Image.Resampling.BOX)
+    k = np.asarray(small, dtype=np.float64) / 255.0
+    return k / np.linalg.norm(k)
+
+
+def box(size: int) -> np.ndarray:
+    return np.full((size, size), 1.0 / size**2)
+
+
+def gaussian(size: int, sigma: float | None = None, covariance: Any = None) -> np.ndarray:
+    """A sampled 2-D Gaussian on a size×size grid centred on the middle, summing to 1.
+
+    With `covariance` ([[sxx, sxy], [sxy, syy]] in pixels²) it is the correlated
+    Gaussian of the course notes, built as they build it, with
+    scipy.stats.multivariate_normal.
+    """
+    from scipy.stats import multivariate_normal
+
+    if covariance is None:
+        cov = np.eye(2) * float(sigma) ** 2
+    else:
+        cov = np.asarray(covariance, dtype=np.float64)
+    offsets = np.arange(size) - (size - 1) / 2.0
+    yy, xx = np.meshgrid(offsets, offsets, indexing="ij")
+    k = multivariate_normal(mean=[0.0, 0.0], cov=cov).pdf(np.dstack((yy, xx)))
+    return k / k.sum()
+
+
+def _setting(settings: dict, kernel: str, key: str, default: Any) -> Any:
+    return (settings.get(kernel) or {}).get(key, default)
+
+
+def _size(settings: dict, kernel: str, default: int) -> int:
+    size = _setting(settings, kernel, "size", default)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise UserError(f"kernels.{kernel}.size must be a whole number of at least 1, got {size!r}")
+    return size
+
+
+def _gaussian(settings: dict) -> np.ndarray:
+    size = _size(settings, "gaussian", 7)
+    covariance = _setting(settings, "gaussian", "covariance", None)
+    sigma = _setting(settings, "gaussian", "sigma", 1.5)
+    if covariance is None:
+        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma > 0:
+            raise UserError(f"kernels.gaussian.sigma must be a number greater than 0, got {sigma!r}")
+        return gaussian(size, sigma=float(sigma))
+    try:
+        cov = np.asarray(covariance, dtype=np.float64)
+        ok = cov.shape == (2, 2) and np.allclose(cov, cov.T) and np.all(np.linalg.eigvalsh(cov) > 0)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise UserError("kernels.gaussian.covariance must be a symmetric positive-definite "
+                        f"[[sxx, sxy], [sxy, syy]] or null, got {covariance!r}")
+    return gaussian(size, covariance=cov)
+
+
+def from_file(path: str | Path) -> np.ndarray:
+    """Load a kernel from .npy (no pickles), .csv, or an image read as the original read
+    its smiley PNG: inverted grayscale, L2-normalised."""
+    path = Path(path)
+    where = f"kernel: file:{path}"
+    if not path.is_file():
+        raise UserError(f"{where} does not exist; give a path to a .npy, .csv or image file")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npy":
+            k = np.load(path, allow_pickle=False)
+        elif suffix == ".csv":
+            k = np.loadtxt(path, delimiter=",", dtype=np.float64, ndmin=2)
+        else:
+            with Image.open(path) as img:
+                gray = np.asarray(img.convert("L"), dtype=np.float64) / 255.0
+            k = 1.0 - gray
+            norm = np.linalg.norm(k)
+            if norm > 0:
+                k = k / norm
+    except (ValueError, OSError) as exc:
+        raise UserError(f"{where} could not be read ({exc.__class__.__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else 'unreadable'}); "
+                        "save it as a 2-D .npy, .csv or image") from None
+    k = np.asarray(k)
+    if k.size == 0:
+        raise UserError(f"{where} is empty; it must hold a 2-D array of numbers")
+    if k.ndim != 2:
+        raise UserError(f"{where} has {k.ndim} dimensions {k.shape}; a kernel must be 2-D")
+    if not np.issubdtype(k.dtype, np.number):
+        raise UserError(f"{where} holds {k.dtype}, not numbers")
+    k = k.astype(np.float64)
+    if not np.all(np.isfinite(k)):
+        raise UserError(f"{where} holds NaN or inf values; every value must be finite")
+    if not np.any(k):
+        raise UserError(f"{where} is all zeros; there is nothing to learn")
+    return k
+
+
+BUILTIN = {
+    "sobel_x": lambda s: SOBEL_X.copy(),
+    "sobel_y": lambda s: SOBEL_X.T.copy(),
+    "smiley": lambda s: smiley(),
+    "prewitt_x": lambda s: PREWITT_X.copy(),
+    "prewitt_y": lambda s: PREWITT_X.T.copy(),
+    "laplacian": lambda s: LAPLACIAN.copy(),
+    "box": lambda s: box(_size(s, "box", 5)),
+    "gaussian": _gaussian,
+    "edge": lambda s: EDGE.copy(),
+}
+NAMES = tuple(BUILTIN)
+
+
+def make(name: str, settings: dict[str, dict[str, Any]] | None = None) -> np.ndarray:
+    """The kernel called `name` (a built-in, or file:<path>), as float64."""
+    settings = settings or {}
+    if name.startswith("file:"):
+        return from_file(name[len("file:"):])
+    if name not in BUILTIN:
+        raise UserError(f"kernel: unknown kernel {name!r}; choose from {', '.join(NAMES)}, "
+                        "or file:<path>")
+    return BUILTIN[name](settings)

@@ -1,0 +1,57 @@
+"""Where everything lives. Paths and the MLflow location are decided here only.
+
+Stage paths are relative to the working directory, which DVC sets to the repo
+root, or to the experiment's own copy of it for queued and --temp runs. The
+MLflow store is different: it must outlive those copies, so it is anchored at
+the *main* repo root.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+RAW = Path("data/raw")                 # download: images/ + manifest.csv
+RAW_IMAGES = RAW / "images"
+MANIFEST = RAW / "manifest.csv"        # name,split — the seeded train/val split
+GRAY = Path("data/gray")               # grayscale: images.npy (N, S, S) float32 + index.csv
+GRAY_IMAGES = GRAY / "images.npy"
+GRAY_INDEX = GRAY / "index.csv"
+FILTERED = Path("data/filtered")       # filter: targets.npy + kernel.npy
+TARGETS = FILTERED / "targets.npy"
+KERNEL = FILTERED / "kernel.npy"       # the exact kernel a Conv2D must learn (flipped for convolve)
+MODEL = Path("model")                  # train: kernel.npy, kernels.npy, model.keras, run_id
+METRICS = Path("metrics")
+FIGURES = Path("figures")              # visualize
+DOWNLOADS = Path(".cache/downloads")   # partial and finished archives, outside DVC outputs
+
+
+def repo_root(cwd: Path | None = None) -> Path:
+    """The main repository root, also from inside a queued or --temp experiment copy.
+
+    DVC sets DVC_ROOT to the main root in every run type. By hand, an experiment
+    copy lives under <root>/.dvc/tmp/exps/, and git alone would name the copy.
+    """
+    if os.environ.get("DVC_ROOT"):
+        return Path(os.environ["DVC_ROOT"]).resolve()
+    cwd = (cwd or Path.cwd()).resolve()
+    text = str(cwd)
+    marker = f"{os.sep}.dvc{os.sep}tmp{os.sep}exps"
+    if marker in text:
+        return Path(text.split(marker)[0])
+    try:
+        out = subprocess.run(["git", "rev-parse", "--path-format=absolute", "--git-common-dir"],
+                             cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
+        return Path(out).parent
+    except (OSError, subprocess.CalledProcessError):
+        return cwd
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI if set, else the SQLite store at the main repo root."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
+
+
+def artifact_root() -> Path:
+    """Where new MLflow experiments keep artifacts: under the main root, never in a copy."""
+    return repo_root() / "mlartifacts"
