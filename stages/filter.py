@@ -1,0 +1,76 @@
+"""Stage filter: grayscale images → targets, the images filtered with the true kernel.
+
+Reads data/gray/images.npy (N, S, S) float32; writes data/filtered/:
+  targets.npy  (N, S', S') float32, what the model learns to output
+  kernel.npy   the exact kernel a Conv2D must learn (flipped for convolve); the
+               single source of truth for later stages
+  filter.json  kernel name, shape, operation, padding, noise_std
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+
+import numpy as np
+
+from src import config, filtering, paths
+from src.atomic import atomic_dir
+from src.errors import UserError, run_stage
+
+log = logging.getLogger("filter")
+
+NOISE_STREAM = 1  # own noise stream: the same params.seed also drives other stages' draws
+
+
+def load_images() -> np.ndarray:
+    """The grayscale stack, memory-mapped so only the chunk being filtered is in memory."""
+    if not paths.GRAY_IMAGES.is_file() or not paths.GRAY_INDEX.is_file():
+        raise UserError(f"{paths.GRAY_IMAGES} or {paths.GRAY_INDEX} is missing; "
+                        "run `dvc repro grayscale` first")
+    try:
+        images = np.load(paths.GRAY_IMAGES, mmap_mode="r", allow_pickle=False)
+    except ValueError as exc:
+        raise UserError(f"{paths.GRAY_IMAGES} is not a readable array ({exc}); "
+                        "rerun `dvc repro -f grayscale`") from None
+    with open(paths.GRAY_INDEX, newline="") as handle:
+        rows = sum(1 for _ in csv.DictReader(handle))
+    if images.ndim != 3 or len(images) == 0 or len(images) != rows:
+        raise UserError(f"{paths.GRAY_IMAGES} holds shape {images.shape} but "
+                        f"{paths.GRAY_INDEX} lists {rows} images; rerun `dvc repro -f grayscale`")
+    return images
+
+
+def main() -> None:
+    params = config.load()
+    op, padding, noise_std = params.filter.operation, params.filter.padding, params.filter.noise_std
+    images = load_images()
+    n, height, width = images.shape
+    # Targets come from the float32 kernel that is saved, so kernel.npy gives them back as is.
+    kernel = filtering.conv2d_kernel(params.true_kernel(), op).astype(np.float32)
+    if kernel.shape[0] > height or kernel.shape[1] > width:
+        raise UserError(f"kernel: {params.kernel} is {kernel.shape[0]}×{kernel.shape[1]}, larger "
+                        f"than the {height}×{width} grayscale images; rerun `dvc repro grayscale`")
+    out_h, out_w = filtering.output_shape(height, width, kernel.shape, padding)
+    rng = np.random.default_rng([params.seed, NOISE_STREAM])
+
+    start = time.perf_counter()
+    with atomic_dir(paths.FILTERED) as tmp:
+        targets = np.lib.format.open_memmap(tmp / paths.TARGETS.name, mode="w+",
+                                            dtype=np.float32, shape=(n, out_h, out_w))
+        filtering.make_targets(images, kernel, padding, targets, noise_std=noise_std, rng=rng)
+        targets.flush()
+        del targets
+        np.save(tmp / paths.KERNEL.name, kernel)
+        info = {"kernel": params.kernel, "shape": list(kernel.shape), "operation": op,
+                "padding": padding, "noise_std": noise_std, "images": n,
+                "target_shape": [out_h, out_w]}
+        (tmp / "filter.json").write_text(json.dumps(info, indent=2) + "\n")
+    log.info("%d images %d×%d → targets %d×%d with %s %d×%d (%s, %s padding, noise %g) in %.1f s",
+             n, height, width, out_h, out_w, params.kernel, *kernel.shape, op, padding,
+             noise_std, time.perf_counter() - start)
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,238 @@
+"""src/kernels.py: exact values, orientation, Gaussian shape, the smiley, kernels from files."""
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from src import kernels
+from src.errors import UserError
+
+EXACT = {
+    "sobel_x": [[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]],
+    "sobel_y": [[-1, -2, -1], [0, 0, 0], [1, 2, 1]],
+    "prewitt_x": [[-1, 0, 1], [-1, 0, 1], [-1, 0, 1]],
+    "prewitt_y": [[-1, -1, -1], [0, 0, 0], [1, 1, 1]],
+    "laplacian": [[0, 1, 0], [1, -4, 1], [0, 1, 0]],
+    "edge": [[-1, -1], [1, 1]],
+}
+
+
+def one_line_user_error(excinfo) -> str:
+    message = str(excinfo.value)
+    assert message and "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("name", sorted(EXACT))
+def test_exact_values(name):
+    k = kernels.make(name)
+    assert k.dtype == np.float64
+    np.testing.assert_array_equal(k, np.array(EXACT[name], dtype=np.float64))
+
+
+def test_make_returns_a_copy_callers_may_change():
+    kernels.make("sobel_x")[0, 0] = 99
+    assert kernels.make("sobel_x")[0, 0] == -1
+
+
+@pytest.mark.parametrize("size", [1, 3, 5])
+def test_box_is_the_mean(size):
+    k = kernels.make("box", {"box": {"size": size}})
+    assert k.shape == (size, size)
+    np.testing.assert_allclose(k, 1.0 / size**2)
+
+
+def test_box_default_size_is_5():
+    assert kernels.make("box").shape == (5, 5)
+
+
+def test_every_builtin_is_a_finite_2d_float64():
+    for name in kernels.NAMES:
+        k = kernels.make(name)
+        assert k.ndim == 2 and k.dtype == np.float64 and np.all(np.isfinite(k)), name
+
+
+# --- gaussian ------------------------------------------------------------------
+
+def test_gaussian_matches_the_formula():
+    k = kernels.make("gaussian", {"gaussian": {"size": 7, "sigma": 1.5}})
+    r = np.arange(7) - 3.0
+    expected = np.exp(-(r[:, None] ** 2 + r[None, :] ** 2) / (2 * 1.5**2))
+    np.testing.assert_allclose(k, expected / expected.sum(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("size,sigma", [(7, 1.5), (9, 0.8), (6, 2.0)])
+def test_gaussian_sums_to_one_and_is_symmetric(size, sigma):
+    k = kernels.make("gaussian", {"gaussian": {"size": size, "sigma": sigma}})
+    assert k.shape == (size, size)
+    assert k.sum() == pytest.approx(1.0, abs=1e-12)
+    np.testing.assert_allclose(k, k.T, atol=1e-15)
+    np.testing.assert_allclose(k, k[::-1, :], atol=1e-15)
+    np.testing.assert_allclose(k, k[:, ::-1], atol=1e-15)
+
+
+def test_gaussian_peaks_at_the_centre():
+    k = kernels.make("gaussian", {"gaussian": {"size": 7, "sigma": 1.5}})
+    assert np.unravel_index(np.argmax(k), k.shape) == (3, 3)
+    assert np.all(k[3, 3] > np.delete(k.ravel(), 3 * 7 + 3))
+
+
+def test_gaussian_with_covariance_is_tilted_like_the_course_notes():
+    k = kernels.make("gaussian", {"gaussian": {"size": 7, "covariance": [[1, 0.5], [0.5, 1]]}})
+    assert k.sum() == pytest.approx(1.0, abs=1e-12)
+    np.testing.assert_allclose(k, k.T, atol=1e-15)  # sxx == syy
+    main, anti = np.diag(k), np.diag(k[:, ::-1])
+    assert main.sum() > 1.5 * anti.sum()
+    off_centre = [0, 1, 2, 4, 5, 6]
+    assert np.all(main[off_centre] > anti[off_centre])
+    # an isotropic one has no preferred diagonal
+    iso = kernels.make("gaussian", {"gaussian": {"size": 7, "sigma": 1.0}})
+    np.testing.assert_allclose(np.diag(iso), np.diag(iso[:, ::-1]), atol=1e-15)
+
+
+@pytest.mark.parametrize("sigma", [0, -1.0, "wide", True])
+def test_gaussian_sigma_must_be_positive(sigma):
+    with pytest.raises(UserError) as excinfo:
+        kernels.make("gaussian", {"gaussian": {"sigma": sigma}})
+    assert "kernels.gaussian.sigma" in one_line_user_error(excinfo)
+
+
+@pytest.mark.parametrize("cov", [[[1, 2], [2, 1]], [[1, 0.5], [0.4, 1]], [1, 2, 3], "x"])
+def test_gaussian_covariance_must_be_symmetric_positive_definite(cov):
+    with pytest.raises(UserError) as excinfo:
+        kernels.make("gaussian", {"gaussian": {"covariance": cov}})
+    assert "kernels.gaussian.covariance" in one_line_user_error(excinfo)
+
+
+@pytest.mark.parametrize("size", [0, -3, 2.5, "5"])
+def test_size_must_be_a_positive_whole_number(size):
+    with pytest.raises(UserError) as excinfo:
+        kernels.make("box", {"box": {"size": size}})
+    assert "kernels.box.size" in one_line_user_error(excinfo)
+
+
+# --- smiley --------------------------------------------------------------------
+
+def test_smiley_is_32x32_unit_norm_and_nonnegative():
+    k = kernels.make("smiley")
+    assert k.shape == (32, 32)
+    assert np.linalg.norm(k) == pytest.approx(1.0, abs=1e-12)
+    assert k.min() >= 0 and k.max() > 0
+
+
+def test_smiley_is_upright_and_roughly_left_right_symmetric():
+    k = kernels.make("smiley")
+    norm = np.linalg.norm
+    assert norm(k - k[:, ::-1]) < 0.15  # a face mirrors left-right...
+    assert norm(k - k[::-1, :]) > 0.3   # ...but not upside down: eyes above the smile
+    smile_bottom, its_mirror = k[22:24, 12:20], k[8:10, 12:20]
+    assert smile_bottom.mean() > 0.03 and its_mirror.mean() < 0.005
+
+
+# --- kernels from files ----------------------------------------------------------
+
+def test_file_npy(tmp_path):
+    want = np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.5]])
+    np.save(tmp_path / "k.npy", want)
+    k = kernels.make(f"file:{tmp_path / 'k.npy'}")
+    assert k.dtype == np.float64
+    np.testing.assert_array_equal(k, want)  # used as given, not normalised
+
+
+def test_file_npy_integers_become_float64(tmp_path):
+    np.save(tmp_path / "k.npy", np.array([[1, 0], [0, -1]], dtype=np.int16))
+    k = kernels.from_file(tmp_path / "k.npy")
+    assert k.dtype == np.float64
+    np.testing.assert_array_equal(k, [[1, 0], [0, -1]])
+
+
+def test_file_csv(tmp_path):
+    (tmp_path / "k.csv").write_text("-1,0,1\n-2,0,2\n-1,0,1\n")
+    np.testing.assert_array_equal(kernels.make(f"file:{tmp_path / 'k.csv'}"), EXACT["sobel_x"])
+
+
+def test_file_csv_single_row_is_2d(tmp_path):
+    (tmp_path / "k.csv").write_text("1,2,3\n")
+    assert kernels.from_file(tmp_path / "k.csv").shape == (1, 3)
+
+
+def test_file_png_is_inverted_grayscale_l2_normalised(tmp_path):
+    # dark strokes on white, as the original's smiley PNG
+    pixels = np.full((4, 5), 255, dtype=np.uint8)
+    pixels[1, 2] = 0
+    pixels[3, 0] = 153  # 1 - 153/255 = 0.4
+    Image.fromarray(pixels).save(tmp_path / "k.png")
+    k = kernels.make(f"file:{tmp_path / 'k.png'}")
+    expected = np.zeros((4, 5))
+    expected[1, 2], expected[3, 0] = 1.0, 0.4
+    np.testing.assert_allclose(k, expected / np.linalg.norm(expected), atol=1e-12)
+    assert np.linalg.norm(k) == pytest.approx(1.0)
+
+
+def test_file_rgb_png_reads_as_grayscale(tmp_path):
+    rgb = np.full((3, 3, 3), 255, dtype=np.uint8)
+    rgb[1, 1] = (0, 0, 0)
+    Image.fromarray(rgb).save(tmp_path / "k.png")
+    k = kernels.from_file(tmp_path / "k.png")
+    assert k.shape == (3, 3) and k[1, 1] == pytest.approx(1.0) and k.sum() == pytest.approx(1.0)
+
+
+def _write_bad(tmp_path, case):
+    path = tmp_path / "k.npy"
+    if case == "missing":
+        return path
+    if case == "empty":
+        np.save(path, np.zeros((0, 3)))
+    elif case == "3-D":
+        np.save(path, np.ones((2, 3, 3)))
+    elif case == "1-D":
+        np.save(path, np.ones(3))
+    elif case == "nan":
+        np.save(path, np.array([[1.0, np.nan], [0.0, 1.0]]))
+    elif case == "inf":
+        np.save(path, np.array([[1.0, np.inf], [0.0, 1.0]]))
+    elif case == "zeros":
+        np.save(path, np.zeros((3, 3)))
+    elif case == "pickle":
+        np.save(path, np.array([{"not": "a kernel"}, None], dtype=object), allow_pickle=True)
+    elif case == "strings":
+        np.save(path, np.array([["a", "b"], ["c", "d"]]))
+    elif case == "garbage":
+        path.write_bytes(b"not an npy file at all")
+    elif case == "bad csv":
+        path = tmp_path / "k.csv"
+        path.write_text("1,2\nthree,4\n")
+    elif case == "bad png":
+        path = tmp_path / "k.png"
+        path.write_bytes(b"\x89PNG truncated")
+    return path
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "3-D", "1-D", "nan", "inf", "zeros",
+                                  "pickle", "strings", "garbage", "bad csv", "bad png"])
+def test_bad_kernel_files_give_one_line(tmp_path, case):
+    path = _write_bad(tmp_path, case)
+    with pytest.raises(UserError) as excinfo:
+        kernels.make(f"file:{path}")
+    message = one_line_user_error(excinfo)
+    assert f"file:{path}" in message
+
+
+def test_pickled_file_is_never_unpickled(tmp_path, monkeypatch):
+    np.save(tmp_path / "k.npy", np.array([object()], dtype=object), allow_pickle=True)
+    monkeypatch.setattr(pickle, "load", lambda *a, **k: pytest.fail("unpickled a kernel file"))
+    with pytest.raises(UserError):
+        kernels.from_file(tmp_path / "k.npy")
+
+
+def test_unknown_name_lists_the_valid_ones():
+    with pytest.raises(UserError) as excinfo:
+        kernels.make("sobel_z")
+    message = one_line_user_error(excinfo)
+    assert "sobel_z" in message
+    for name in kernels.NAMES:
+        assert name in message
+    assert "file:" in message
