@@ -1,0 +1,309 @@
+"""A single linear convolution layer learns the kernel from (grayscale, target) pairs.
+
+The model is the original experiment's: one Conv2D filter of the kernel's size
+with a bias, no activation, trained with a mean-squared-error loss. Three things
+make it fast and exact on 2 CPU cores:
+
+- conv: a 32×32 Conv2D is slow on a CPU, so large kernels use FFTConv2D, the
+  same linear map computed with FFTs (same weights, outputs and gradients).
+- whiten: natural images have a ~1/f² power spectrum, which makes the loss badly
+  conditioned. We filter input and target with the same derivative filters;
+  filters commute, so the optimum is unchanged, and the spectrum becomes ~flat.
+- scale: whitened input and target are multiplied by one constant chosen so that
+  the loss's largest curvature in the kernel is 1 (measured by power iteration
+  before training). The optimum is unchanged, and the same learning_rate is
+  stable for any whitening, kernel size and image contrast.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from src.config import TrainConfig
+from src.errors import UserError
+from src.filtering import same_padding
+
+log = logging.getLogger("train")
+
+DIRECT_MAX_TAPS = 49   # auto: direct Conv2D up to 7×7, FFT above (see BENCHMARKS.md)
+VAL_MAX_IMAGES = 128   # per-epoch val_loss uses at most this many held-out images
+POWER_ITERATIONS = 30
+
+
+# --- the layer -----------------------------------------------------------------
+
+def fft_correlate(x: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
+    """'valid' cross-correlation of (B, H, W) images with a (kh, kw) kernel, via FFTs.
+
+    Circular correlation equals the linear one on the valid region, which never
+    wraps around, so no padding beyond the image is needed.
+    """
+    height, width = tf.shape(x)[1], tf.shape(x)[2]
+    kh, kw = kernel.shape
+    padded = tf.pad(kernel, [[0, height - kh], [0, width - kw]])
+    spectrum = tf.signal.rfft2d(x) * tf.math.conj(tf.signal.rfft2d(padded))
+    full = tf.signal.irfft2d(spectrum, fft_length=tf.stack([height, width]))
+    return full[:, : height - kh + 1, : width - kw + 1]
+
+
+@keras.saving.register_keras_serializable(package="learn_linear_filter")
+class FFTConv2D(keras.layers.Layer):
+    """Conv2D(1 filter, kernel_size, padding, bias) computed with FFTs.
+
+    Holds its weights exactly as Conv2D does (kernel (kh, kw, 1, 1), bias (1,)),
+    so the two are interchangeable with set_weights.
+    """
+
+    def __init__(self, kernel_size: tuple[int, int], padding: str = "valid", **kwargs):
+        super().__init__(**kwargs)
+        self.kernel_size = tuple(kernel_size)
+        self.padding = padding
+
+    def build(self, input_shape):
+        self.kernel = self.add_weight(name="kernel", shape=(*self.kernel_size, 1, 1),
+                                      initializer="glorot_uniform")
+        self.bias = self.add_weight(name="bias", shape=(1,), initializer="zeros")
+
+    def call(self, inputs):
+        x = inputs[..., 0]
+        if self.padding == "same":
+            (top, bottom), (left, right) = same_padding(*self.kernel_size)
+            x = tf.pad(x, [[0, 0], [top, bottom], [left, right]])
+        return fft_correlate(x, self.kernel[:, :, 0, 0])[..., None] + self.bias
+
+    def get_config(self):
+        return {**super().get_config(), "kernel_size": self.kernel_size, "padding": self.padding}
+
+
+def choose_conv(kernel_shape: tuple[int, int], conv: str) -> str:
+    if conv != "auto":
+        return conv
+    return "direct" if kernel_shape[0] * kernel_shape[1] <= DIRECT_MAX_TAPS else "fft"
+
+
+def build_model(kernel_shape: tuple[int, int], conv: str, padding: str) -> keras.Model:
+    """One linear conv layer: one filter of the kernel's size, with a bias."""
+    if choose_conv(kernel_shape, conv) == "direct":
+        layer = keras.layers.Conv2D(1, kernel_shape, padding=padding, name="conv")
+    else:
+        layer = FFTConv2D(kernel_shape, padding=padding, name="conv")
+    return keras.Sequential([keras.Input((None, None, 1)), layer], name="linear_filter")
+
+
+def learned_kernel(model: keras.Model) -> np.ndarray:
+    return np.asarray(model.get_layer("conv").get_weights()[0][:, :, 0, 0], dtype=np.float64)
+
+
+# --- whitening -----------------------------------------------------------------
+
+def _gradient(a: tf.Tensor) -> tf.Tensor:
+    # x- and y-differences on the same (H-1, W-1) grid, stacked on the batch axis:
+    # their summed power grows as |f|², which flattens a 1/f² spectrum.
+    dx = a[:, 1:, 1:] - a[:, 1:, :-1]
+    dy = a[:, 1:, 1:] - a[:, :-1, 1:]
+    return tf.concat([dx, dy], axis=0)
+
+
+def _laplacian(a: tf.Tensor) -> tf.Tensor:
+    return (a[:, :-2, 1:-1] + a[:, 2:, 1:-1] + a[:, 1:-1, :-2] + a[:, 1:-1, 2:]
+            - 4.0 * a[:, 1:-1, 1:-1])
+
+
+WHITENERS: dict[str, Callable[[tf.Tensor], tf.Tensor]] = {
+    "gradient": _gradient,
+    "laplacian": _laplacian,
+    "none": lambda a: a,
+}
+
+
+def whiten_pair(x: tf.Tensor, target: tf.Tensor, whiten: str) -> tuple[tf.Tensor, tf.Tensor]:
+    """Apply the same whitening filter to input and target ('valid' geometry kept)."""
+    f = WHITENERS[whiten]
+    return f(x), f(target)
+
+
+# --- data ----------------------------------------------------------------------
+
+def target_offset(kernel_shape: tuple[int, int], padding: str) -> tuple[int, int]:
+    """Where input pixel (0, 0)'s window lands in the target: 'same' targets are
+    shifted by the padding; their interior is exactly the 'valid' correlation."""
+    if padding == "same":
+        (top, _), (left, _) = same_padding(*kernel_shape)
+        return top, left
+    return 0, 0
+
+
+def crops(images: np.ndarray, targets: np.ndarray, rows: np.ndarray,
+          kernel_shape: tuple[int, int], padding: str, batch_size: int, crop: int,
+          rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """One epoch of batches: the training rows in a seeded order, one random crop
+    each, with its target cut out in 'valid' geometry. Reads the memory maps
+    batch by batch, so memory does not grow with the dataset."""
+    size = images.shape[1]
+    side = crop if 0 < crop < size else size
+    kh, kw = kernel_shape
+    top, left = target_offset(kernel_shape, padding)
+    order = rng.permutation(rows)
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        offsets = rng.integers(0, size - side + 1, size=(len(batch), 2))
+        x = np.stack([images[i, oy:oy + side, ox:ox + side] for i, (oy, ox) in zip(batch, offsets)])
+        t = np.stack([targets[i, top + oy:top + oy + side - kh + 1, left + ox:left + ox + side - kw + 1]
+                      for i, (oy, ox) in zip(batch, offsets)])
+        yield x[..., None].astype(np.float32), t[..., None].astype(np.float32)
+
+
+def training_dataset(images, targets, rows, kernel_shape, padding, cfg: TrainConfig,
+                     seed: int, scale: float = 1.0) -> tuple[tf.data.Dataset, int]:
+    rng = np.random.default_rng([seed, 1])
+    kh, kw = kernel_shape
+
+    def epochs():
+        while True:
+            yield from crops(images, targets, rows, kernel_shape, padding, cfg.batch_size,
+                             cfg.crop, rng)
+
+    spec = (tf.TensorSpec((None, None, None, 1), tf.float32),
+            tf.TensorSpec((None, None, None, 1), tf.float32))
+    dataset = (tf.data.Dataset.from_generator(epochs, output_signature=spec)
+               .map(lambda x, t: whiten_pair(x * scale, t * scale, cfg.whiten))
+               .prefetch(2))
+    return dataset, math.ceil(len(rows) / cfg.batch_size)
+
+
+# --- step size -----------------------------------------------------------------
+
+def top_curvature(x: tf.Tensor, kernel_shape: tuple[int, int], conv: str, seed: int) -> float:
+    """Largest eigenvalue of the MSE loss's Hessian in the kernel, by power iteration.
+
+    For the loss mean((k ⋆ x - t)²) the Hessian is 2·AᵀA/M, where A maps the
+    kernel to the M outputs; its product with v is the gradient of mean((v ⋆ x)²).
+    """
+    correlate = (lambda v: fft_correlate(x[..., 0], v)) if conv == "fft" else (
+        lambda v: tf.nn.conv2d(x, v[:, :, None, None], 1, "VALID")[..., 0])
+    v = tf.random.stateless_normal(kernel_shape, seed=[seed, 2], dtype=tf.float32)
+    value = 0.0
+    for _ in range(POWER_ITERATIONS):
+        v = v / tf.norm(v)
+        with tf.GradientTape() as tape:
+            tape.watch(v)
+            energy = 0.5 * tf.reduce_mean(tf.square(correlate(v)))
+        hv = 2.0 * tape.gradient(energy, v)
+        value = float(tf.norm(hv))
+        v = hv
+    return value
+
+
+# --- the fit -------------------------------------------------------------------
+
+@dataclass
+class EpochResult:
+    epoch: int
+    loss: float
+    val_loss: float
+    kernel_mse: float
+    kernel_rel_error: float
+    elapsed_s: float
+    kernel: np.ndarray
+
+
+def kernel_errors(learned: np.ndarray, true: np.ndarray) -> tuple[float, float]:
+    """(mean squared difference, ‖w−k‖²/‖k‖²)."""
+    diff = np.sum((learned - true) ** 2)
+    return float(diff / true.size), float(diff / np.sum(true ** 2))
+
+
+def validation_loss(model: keras.Model, images: np.ndarray, targets: np.ndarray,
+                    rows: np.ndarray, batch_size: int = 16) -> float:
+    """Mean squared error on held-out whole images, un-whitened, in the filter's padding."""
+    if len(rows) == 0:
+        return float("nan")
+    total, count = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        idx = np.sort(rows[start:start + batch_size])
+        x = np.asarray(images[idx], dtype=np.float32)[..., None]
+        t = np.asarray(targets[idx], dtype=np.float64)
+        prediction = model(x, training=False).numpy()[..., 0].astype(np.float64)
+        total += float(np.sum((prediction - t) ** 2))
+        count += t.size
+    return total / count
+
+
+class EpochEnd(keras.callbacks.Callback):
+    """Per-epoch side effects: kernel error, validation loss, divergence check, report."""
+
+    def __init__(self, final_model, true_kernel, images, targets, val_rows, cfg, scale, report):
+        super().__init__()
+        self.scale = scale
+        self.final_model = final_model
+        self.true_kernel = true_kernel
+        self.images, self.targets, self.val_rows = images, targets, val_rows
+        self.cfg = cfg
+        self.report = report
+        self.started = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        loss = float(logs["loss"])
+        weights = self.model.get_layer("conv").get_weights()
+        if not math.isfinite(loss) or not np.all(np.isfinite(weights[0])):
+            self.model.stop_training = True
+            raise UserError(f"training diverged: the loss became {loss} in epoch {epoch + 1}; "
+                            f"lower train.learning_rate (now {self.cfg.learning_rate:g})")
+        # the training data was scaled, which scales the bias but not the kernel
+        self.final_model.get_layer("conv").set_weights([weights[0], weights[1] / self.scale])
+        kernel = weights[0][:, :, 0, 0].astype(np.float64)
+        mse, rel = kernel_errors(kernel, self.true_kernel)
+        val = validation_loss(self.final_model, self.images, self.targets, self.val_rows)
+        result = EpochResult(epoch + 1, loss, val, mse, rel, time.perf_counter() - self.started,
+                             kernel)
+        log.info("epoch %d/%d  loss %.3e  val_loss %.3e  kernel_rel_error %.3e  %.1f s",
+                 result.epoch, self.cfg.epochs, loss, val, rel, result.elapsed_s)
+        self.report(result)
+
+
+def optimizer(cfg: TrainConfig, total_steps: int) -> keras.optimizers.Optimizer:
+    rate = keras.optimizers.schedules.CosineDecay(cfg.learning_rate, total_steps, alpha=0.01)
+    if cfg.optimizer == "sgd":
+        return keras.optimizers.SGD(rate, momentum=0.9, nesterov=True)
+    return keras.optimizers.Adam(rate)
+
+
+def train(images: np.ndarray, targets: np.ndarray, true_kernel: np.ndarray, split: np.ndarray,
+          padding: str, cfg: TrainConfig, seed: int,
+          report: Callable[[EpochResult], None] = lambda result: None) -> keras.Model:
+    """Fit the one-layer model; returns it with the filter's padding, ready to predict.
+
+    `images` (N, S, S) and `targets` may be memory maps; `split` holds 'train' or
+    'val' per row. `report` is called once per epoch with an EpochResult.
+    """
+    keras.utils.set_random_seed(seed)
+    kernel_shape = tuple(int(n) for n in true_kernel.shape)
+    conv = choose_conv(kernel_shape, cfg.conv)
+    train_rows = np.flatnonzero(split == "train")
+    val_rows = np.flatnonzero(split == "val")[:VAL_MAX_IMAGES]
+    if len(train_rows) == 0:
+        raise UserError("no training images: data.val_fraction leaves none; lower it or add images")
+
+    probe, _ = training_dataset(images, targets, train_rows, kernel_shape, padding, cfg, seed)
+    curvature = top_curvature(next(iter(probe))[0], kernel_shape, conv, seed)
+    scale = 1.0 / math.sqrt(curvature)
+    dataset, steps = training_dataset(images, targets, train_rows, kernel_shape, padding, cfg,
+                                      seed, scale)
+    log.info("conv %s, whiten %s, %d train / %d val images, %d steps per epoch, "
+             "data scaled by %.3g for unit curvature", conv, cfg.whiten, len(train_rows),
+             len(val_rows), steps, scale)
+
+    model = build_model(kernel_shape, conv, "valid")
+    final = build_model(kernel_shape, conv, padding)
+    model.compile(optimizer=optimizer(cfg, steps * cfg.epochs), loss="mse")
+    on_epoch = EpochEnd(final, true_kernel, images, targets, val_rows, cfg, scale, report)
+    model.fit(dataset, epochs=cfg.epochs, steps_per_epoch=steps, shuffle=False, verbose=0,
+              callbacks=[on_epoch])
+    return final
