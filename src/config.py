@@ -20,7 +20,7 @@ MIT_CATEGORIES = ("coast", "forest", "highway", "insidecity", "mountain", "openc
                   "street", "tallbuilding")
 OPERATIONS = ("correlate", "convolve")
 PADDINGS = ("valid", "same")
-OPTIMIZERS = ("adam", "sgd")
+OPTIMIZERS = ("sgd", "adam")
 CONVS = ("auto", "direct", "fft")
 WHITENINGS = ("gradient", "laplacian", "none")
 
@@ -170,10 +170,10 @@ def _filter(doc: dict) -> FilterConfig:
 def _train(doc: dict) -> TrainConfig:
     s = _section(doc, "train")
     return TrainConfig(
-        epochs=_int(s, "train.", "epochs", 20, minimum=1),
+        epochs=_int(s, "train.", "epochs", 8, minimum=1),
         batch_size=_int(s, "train.", "batch_size", 16, minimum=1),
-        learning_rate=_float(s, "train.", "learning_rate", 0.01, low=0.0, low_open=True),
-        optimizer=_choice(s, "train.", "optimizer", "adam", OPTIMIZERS),
+        learning_rate=_float(s, "train.", "learning_rate", 0.5, low=0.0, low_open=True),
+        optimizer=_choice(s, "train.", "optimizer", "sgd", OPTIMIZERS),
         conv=_choice(s, "train.", "conv", "auto", CONVS),
         whiten=_choice(s, "train.", "whiten", "gradient", WHITENINGS),
         crop=_int(s, "train.", "crop", 128, minimum=0),
