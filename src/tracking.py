@@ -1,0 +1,363 @@
+"""Everything MLflow for the train and visualize stages.
+
+    with tracking.training_run(params) as run_id:     # fails fast if the store is unusable
+        for epoch in ...:
+            tracking.log_epoch(run_id, epoch, {"loss": ...}, kernel, value_range)
+        tracking.log_final(run_id, true_kernel=..., learned_kernel=..., model_path=...)
+
+    with tracking.resume_run(run_id):                  # visualize: same run, no second one
+        mlflow.log_artifact("figures/kernel.gif")
+
+The store is the one paths.tracking_uri() names. Two things a local store needs
+that MLflow does not do by itself:
+- Queued experiments run in parallel. Two processes creating a fresh SQLite
+  schema at once fail (`duplicate column name: step`), so the schema and the
+  experiment are made under a file lock next to the database.
+- A new experiment's default artifact location is relative to the cwd, which for
+  a queued run is a copy that DVC deletes. The experiment is created with its
+  artifacts under paths.artifact_root() instead. A tracking server decides its
+  own artifact location.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Iterable, Iterator
+from urllib.parse import urlparse
+
+import mlflow
+import numpy as np
+import sqlalchemy
+from filelock import FileLock, Timeout
+from matplotlib import colormaps
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException, RestException
+
+from src import config, paths
+from src.errors import UserError
+
+log = logging.getLogger(__name__)
+
+PROBE_TIMEOUT = 5           # seconds to wait for a tracking server before giving up
+LOCK_TIMEOUT = 120.0        # seconds to wait for another process creating the store
+MAX_PARAM_LENGTH = 6000     # MLflow rejects longer param values
+COLORMAP = "RdBu_r"         # diverging: negative weights blue, zero white, positive red
+EXPS_COPY = f"{os.sep}.dvc{os.sep}tmp{os.sep}exps{os.sep}"
+
+
+# --- the kernel as a picture -----------------------------------------------------
+
+def symmetric_range(kernel: np.ndarray) -> tuple[float, float]:
+    """(-m, m) with m = max |kernel|, so zero sits in the middle of the colormap."""
+    m = float(np.nanmax(np.abs(kernel))) if np.size(kernel) else 0.0
+    if not np.isfinite(m) or m == 0.0:
+        m = 1.0
+    return -m, m
+
+
+def kernel_picture(kernel: np.ndarray, value_range: tuple[float, float],
+                   min_pixels: int = 128) -> np.ndarray:
+    """The kernel as a uint8 H×W×3 picture, each weight a square block of pixels.
+
+    Colours come from a fixed value_range, the same every epoch, so the pictures
+    of successive epochs are comparable; weights outside it are clipped.
+    """
+    k = np.asarray(kernel, dtype=np.float64)
+    if k.ndim > 2 and all(s == 1 for s in k.shape[2:]):  # Conv2D weights: (h, w, 1, 1)
+        k = k.reshape(k.shape[:2])
+    if k.ndim != 2:
+        raise ValueError(f"kernel must be 2-D, got shape {np.shape(kernel)}")
+    low, high = map(float, value_range)
+    if not high > low:
+        raise ValueError(f"value_range must be (low, high) with low < high, got {value_range}")
+    scaled = np.clip((k - low) / (high - low), 0.0, 1.0)
+    rgb = np.round(colormaps[COLORMAP](scaled)[..., :3] * 255).astype(np.uint8)
+    block = -(-min_pixels // max(k.shape))  # ceil: the longer side gets at least min_pixels
+    return rgb.repeat(block, axis=0).repeat(block, axis=1)
+
+
+# --- what a run records about itself --------------------------------------------
+
+def run_name(params: config.Params) -> str:
+    return f"{params.kernel}-{os.environ.get('DVC_EXP_NAME') or 'workspace'}"
+
+
+def _git_head() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
+    except OSError:
+        return ""
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
+def run_tags(params: config.Params) -> dict[str, str]:
+    """Tags that tie the run to its DVC experiment and git commit."""
+    head = _git_head()
+    return {
+        "kernel": params.kernel,
+        "dvc.exp_name": os.environ.get("DVC_EXP_NAME") or "workspace",
+        "dvc.baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV") or head,
+        "git_commit": head,
+        "data.source": params.data.source,
+    }
+
+
+def run_params(params: config.Params) -> dict[str, str]:
+    """All of params.yaml, flattened to dotted keys, as the strings MLflow stores."""
+    return {key: str(value)[:MAX_PARAM_LENGTH] for key, value in config.flatten(params.raw).items()}
+
+
+# --- opening the store ------------------------------------------------------------
+
+def _quiet_mlflow() -> None:
+    # MLflow and alembic log every schema step and a "View run" line at INFO; those
+    # end up in `dvc queue logs`. MLFLOW_LOGGING_LEVEL, when set, still wins.
+    if "MLFLOW_LOGGING_LEVEL" not in os.environ:
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def _is_server(uri: str) -> bool:
+    scheme = urlparse(uri).scheme
+    return scheme in ("http", "https") or scheme.startswith("databricks")
+
+
+@contextlib.contextmanager
+def _one_quick_try(uri: str) -> Iterator[None]:
+    """For a server, one HTTP try with a short timeout: MLflow's default retries take
+    minutes to give up. MLflow's own auth and TLS settings still apply."""
+    if not _is_server(uri):
+        yield
+        return
+    knobs = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+             "MLFLOW_HTTP_REQUEST_TIMEOUT": str(PROBE_TIMEOUT)}
+    saved = {name: os.environ.get(name) for name in knobs}
+    os.environ.update(knobs)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _unreachable(uri: str, exc: Exception) -> UserError:
+    errno = re.search(r"\[Errno -?\d+\] ([^'\")]+)", str(exc))
+    reason = (errno.group(1).strip() if errno else
+              f"no answer within {PROBE_TIMEOUT} s" if "timeout" in str(exc).lower() else
+              type(exc.__cause__ or exc).__name__)
+    return UserError(f"MLflow server {uri} is not reachable ({reason}); start it, or set "
+                     "MLFLOW_TRACKING_URI to a running server (unset it to log to mlflow.db "
+                     "at the repo root)")
+
+
+def _store_lock(uri: str) -> contextlib.AbstractContextManager:
+    """A file lock next to a SQLite database; no lock for any other store."""
+    if not uri.startswith("sqlite:"):
+        return contextlib.nullcontext()
+    database = sqlalchemy.engine.make_url(uri).database
+    if not database or database == ":memory:":
+        return contextlib.nullcontext()
+    db = Path(database).absolute()
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(f"{db}.lock", timeout=LOCK_TIMEOUT)
+
+
+def _store_error(uri: str, exc: Exception) -> UserError:
+    message = str(getattr(exc, "message", None) or exc)
+    schema = re.search(r"out-of-date database schema \(found version (\w+), but expected (\w+)",
+                       message)
+    if schema:
+        found, expected = schema.groups()
+        return UserError(f"{uri} has MLflow schema {found}, but MLflow {mlflow.__version__} "
+                         f"needs {expected}; back it up, then run `mlflow db upgrade {uri}` "
+                         "(or, if a newer MLflow made it, use that version)")
+    first = message.strip().splitlines()[0] if message.strip() else type(exc).__name__
+    return UserError(f"MLflow store {uri} can't be used: {first}; fix it, or point "
+                     "MLFLOW_TRACKING_URI at another store")
+
+
+def _experiment_id(client: MlflowClient, uri: str, name: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        location = None if _is_server(uri) else (paths.artifact_root() / name).as_uri()
+        try:
+            return client.create_experiment(name, artifact_location=location)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            experiment = client.get_experiment_by_name(name)  # another process made it first
+    if experiment.lifecycle_stage == "deleted":
+        raise UserError(f"MLflow experiment {name!r} is deleted; restore it with `mlflow "
+                        f"experiments restore --experiment-id {experiment.experiment_id}`, or "
+                        "set mlflow.experiment in params.yaml to a new name")
+    if EXPS_COPY in experiment.artifact_location:
+        log.warning("MLflow experiment %r keeps its artifacts in %s, inside a DVC experiment "
+                    "copy that is deleted after the run; set mlflow.experiment to a new name",
+                    name, experiment.artifact_location)
+    return experiment.experiment_id
+
+
+def _open_store(experiment: str | None = None) -> tuple[MlflowClient, str | None]:
+    """Point MLflow at paths.tracking_uri() and check it works; optionally get or create
+    the experiment. Store problems become one-line UserErrors."""
+    uri = paths.tracking_uri()
+    _quiet_mlflow()
+    mlflow.set_tracking_uri(uri)
+    try:
+        with _store_lock(uri):
+            with _one_quick_try(uri):
+                client = MlflowClient(uri)  # opens the store: makes or checks the schema
+                client.search_experiments(max_results=1)  # reaches the server
+            experiment_id = _experiment_id(client, uri, experiment) if experiment else None
+    except Timeout as exc:
+        raise UserError(f"waited {LOCK_TIMEOUT:g} s for {exc.lock_file}: another process is "
+                        "creating the MLflow store; wait for it, or stop it") from exc
+    except RestException as exc:  # a server answered, with an error
+        raise _store_error(uri, exc) from exc
+    except MlflowException as exc:
+        raise (_unreachable if _is_server(uri) else _store_error)(uri, exc) from exc
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        raise _store_error(uri, exc) from exc
+    return client, experiment_id
+
+
+# --- run lifetime ---------------------------------------------------------------
+
+@contextlib.contextmanager
+def interrupt_on_sigterm() -> Iterator[None]:
+    """Within the block, SIGTERM raises KeyboardInterrupt in the main thread.
+
+    So `kill`, `timeout` or a container stop unwinds like Ctrl-C (SIGINT, which
+    is also what `dvc queue kill` sends) and the MLflow run is marked KILLED.
+    A second SIGTERM acts as before. SIGKILL (`dvc queue kill --force`) can't be
+    caught. Outside the main thread signals can't be handled: this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is None:  # installed from C: restoring it is not possible, default is closest
+        previous = signal.SIG_DFL
+
+    def interrupt(signum, frame):
+        signal.signal(signal.SIGTERM, previous)
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _end_run(status: str) -> None:
+    try:
+        mlflow.end_run(status)
+    except Exception:  # keep the error that ended the block; the run may stay RUNNING
+        log.exception("could not mark the MLflow run %s", status)
+
+
+@contextlib.contextmanager
+def training_run(params: config.Params) -> Iterator[str]:
+    """Start the MLflow run of one training and yield its run id.
+
+    Enter it before loading data, so an unusable store fails the stage at once.
+    The run is ended FINISHED, KILLED (KeyboardInterrupt, SIGTERM, SystemExit) or
+    FAILED (any other exception); SIGTERM is turned into KeyboardInterrupt inside.
+    Tags go in with the run's creation, all params in one log_batch.
+    """
+    client, experiment_id = _open_store(params.mlflow_experiment)
+    with interrupt_on_sigterm():
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name(params),
+                               tags=run_tags(params))
+        run_id = run.info.run_id
+        try:
+            log.info("MLflow run %s (%s) in experiment %r at %s", run.info.run_name, run_id,
+                     params.mlflow_experiment, mlflow.get_tracking_uri())
+            client.log_batch(run_id, params=[Param(k, v) for k, v in run_params(params).items()])
+            yield run_id
+        except Exception:
+            _end_run("FAILED")
+            raise
+        except BaseException:
+            _end_run("KILLED")
+            raise
+        mlflow.end_run("FINISHED")
+
+
+@contextlib.contextmanager
+def resume_run(run_id: str) -> Iterator[str]:
+    """Reopen a finished training run so a later stage adds artifacts to it.
+
+    Fluent calls (mlflow.log_artifact, ...) inside the block go to this run, not
+    to a new one. The run's status is left as training ended it, whatever happens.
+    """
+    client, _ = _open_store()
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise _store_error(mlflow.get_tracking_uri(), exc) from exc
+        raise UserError(f"MLflow run {run_id} is not in {mlflow.get_tracking_uri()}; the store "
+                        "changed since training: rerun it with `dvc repro -f train`") from exc
+    if run.info.lifecycle_stage == "deleted":
+        raise UserError(f"MLflow run {run_id} is deleted; restore it with `mlflow runs restore "
+                        f"--run-id {run_id}`, or rerun training with `dvc repro -f train`")
+    with interrupt_on_sigterm():
+        mlflow.start_run(run_id=run_id)
+        try:
+            yield run_id
+        finally:
+            _end_run(run.info.status)
+
+
+# --- what gets logged -------------------------------------------------------------
+
+def log_epoch(run_id: str, epoch: int, metrics: dict[str, float], kernel: np.ndarray,
+              value_range: tuple[float, float]) -> None:
+    """Log one epoch at step=epoch: all metrics in one write, plus the kernel's picture.
+
+    The pictures go under images/ with key "kernel": the run page shows them as
+    an image grid with a step slider.
+    """
+    client = MlflowClient()
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, epoch) for k, v in metrics.items()])
+    client.log_image(run_id, kernel_picture(kernel, value_range), key="kernel", step=epoch)
+
+
+def log_final(run_id: str, *, true_kernel: np.ndarray, learned_kernel: np.ndarray,
+              model_path: str | Path | None = None, files: Iterable[str | Path] = (),
+              value_range: tuple[float, float] | None = None) -> None:
+    """Log the end of training: both kernels as pictures and .npy, the model, extra files.
+
+    Pictures share value_range (default: symmetric around the true kernel). The
+    model goes under model/; each of `files` (a file or a folder) at the top.
+    """
+    client = MlflowClient()
+    value_range = value_range or symmetric_range(true_kernel)
+    for name, kernel in (("true_kernel", true_kernel), ("learned_kernel", learned_kernel)):
+        client.log_image(run_id, kernel_picture(kernel, value_range), artifact_file=f"{name}.png")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, kernel in (("true_kernel", true_kernel), ("learned_kernel", learned_kernel)):
+            np.save(Path(tmp) / f"{name}.npy", np.asarray(kernel))
+        client.log_artifacts(run_id, tmp)
+    if model_path is not None:
+        client.log_artifact(run_id, str(model_path), artifact_path="model")
+    for path in map(Path, files):
+        if path.is_dir():
+            client.log_artifacts(run_id, str(path), artifact_path=path.name)
+        else:
+            client.log_artifact(run_id, str(path))

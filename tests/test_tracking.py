@@ -1,0 +1,373 @@
+"""src/tracking.py against real MLflow: a SQLite store in tmp_path, parallel
+processes on a fresh store, and a real `mlflow server` on 127.0.0.1."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import requests
+from mlflow import MlflowClient
+from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+from src import config, tracking
+from src.errors import UserError
+from src.tracking import log_epoch, log_final, resume_run, training_run
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENT = "tracking-test"
+SOBEL_RANGE = (-2.0, 2.0)
+
+
+def make_params(**data) -> config.Params:
+    return config.parse({
+        "kernel": "sobel_x",
+        "seed": 3,
+        "kernels": {"gaussian": {"size": 7, "covariance": None}},
+        "data": {"categories": [], **data},
+        "train": {"epochs": 3, "learning_rate": 0.01},
+        "mlflow": {"experiment": EXPERIMENT},
+    })
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def kernel_images(client: MlflowClient, run_id: str) -> list[str]:
+    return [f.path for f in client.list_artifacts(run_id, "images")
+            if Path(f.path).name.startswith("kernel+step+") and f.path.endswith(".png")]
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch) -> str:
+    """A fresh SQLite store with DVC_ROOT = tmp_path, as `dvc exp run` would set it."""
+    for var in ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "MLFLOW_RUN_ID",
+                "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    return uri
+
+
+# --- kernel pictures ------------------------------------------------------------
+
+def test_kernel_picture_is_upscaled_rgb():
+    assert tracking.kernel_picture(np.ones((3, 3)), SOBEL_RANGE).shape == (129, 129, 3)
+    assert tracking.kernel_picture(np.ones((32, 32)), SOBEL_RANGE).shape == (128, 128, 3)
+    picture = tracking.kernel_picture(np.ones((3, 3, 1, 1)), SOBEL_RANGE, min_pixels=30)
+    assert picture.shape == (30, 30, 3) and picture.dtype == np.uint8
+
+
+def test_kernel_picture_colours_come_from_the_fixed_range():
+    small = tracking.kernel_picture(np.array([[0.0, 1.0]]), SOBEL_RANGE, min_pixels=2)
+    large = tracking.kernel_picture(np.array([[0.0, 50.0]]), SOBEL_RANGE, min_pixels=2)
+    top = tracking.kernel_picture(np.array([[2.0, -2.0]]), SOBEL_RANGE, min_pixels=2)
+    assert (small[0, 0] == large[0, 0]).all()          # zero looks the same, whatever else
+    assert (small[0, 0] > 230).all()                    # and is near white
+    assert (large[0, 1] == top[0, 0]).all()             # above the range is clipped
+    assert top[0, 0, 0] > top[0, 0, 2] and top[0, 1, 2] > top[0, 1, 0]  # + red, − blue
+
+
+def test_kernel_picture_rejects_bad_input():
+    with pytest.raises(ValueError, match="2-D"):
+        tracking.kernel_picture(np.ones(3), SOBEL_RANGE)
+    with pytest.raises(ValueError, match="value_range"):
+        tracking.kernel_picture(np.ones((3, 3)), (1.0, 1.0))
+
+
+def test_symmetric_range():
+    assert tracking.symmetric_range(np.array([[-1.0, 0.0, 2.0]])) == (-2.0, 2.0)
+    assert tracking.symmetric_range(np.zeros((3, 3))) == (-1.0, 1.0)
+
+
+def test_param_values_are_strings_that_fit_mlflow():
+    values = tracking.run_params(make_params(source="/" + "x" * 7000))
+    assert values["data.source"] == ("/" + "x" * 7000)[:6000]
+    assert values["kernels.gaussian.covariance"] == "None" and values["train.epochs"] == "3"
+
+
+# --- runs on a SQLite store -----------------------------------------------------
+
+@pytest.mark.parametrize("in_dvc_exp", [True, False], ids=["dvc-exp", "workspace"])
+def test_run_has_name_tags_and_flattened_params(store, tmp_path, monkeypatch, in_dvc_exp):
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com"]
+    subprocess.run(git + ["init", "-q"], check=True)
+    subprocess.run(git + ["commit", "-q", "--allow-empty", "-m", "base"], check=True)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    if in_dvc_exp:
+        monkeypatch.setenv("DVC_EXP_NAME", "brisk-lamb")
+        monkeypatch.setenv("DVC_EXP_BASELINE_REV", "0123abc")
+    params = make_params()
+
+    with training_run(params) as run_id:
+        pass
+
+    run = MlflowClient(store).get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == ("sobel_x-brisk-lamb" if in_dvc_exp else "sobel_x-workspace")
+    assert {k: run.data.tags[k] for k in tracking.run_tags(params)} == {
+        "kernel": "sobel_x",
+        "dvc.exp_name": "brisk-lamb" if in_dvc_exp else "workspace",
+        "dvc.baseline_rev": "0123abc" if in_dvc_exp else head,
+        "git_commit": head,
+        "data.source": "synthetic",
+    }
+    assert run.data.params == {k: str(v) for k, v in config.flatten(params.raw).items()}
+    assert run.data.params["train.epochs"] == "3"
+    assert run.data.params["data.categories"] == "[]"
+
+
+def test_epochs_and_final_artifacts(store, tmp_path):
+    params = make_params()
+    true_kernel = params.true_kernel()
+    model = tmp_path / "model.keras"
+    model.write_bytes(b"not really a model")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("extra file\n")
+
+    with training_run(params) as run_id:
+        for epoch in (1, 2, 3):
+            learned = true_kernel * epoch / 3
+            log_epoch(run_id, epoch, {"loss": 1.0 / epoch, "val_loss": np.float32(2.0 / epoch)},
+                      learned[:, :, None, None], SOBEL_RANGE)
+        log_final(run_id, true_kernel=true_kernel, learned_kernel=learned, model_path=model,
+                  files=[notes])
+
+    client = MlflowClient(store)
+    for key in ("loss", "val_loss"):
+        history = client.get_metric_history(run_id, key)
+        assert sorted(m.step for m in history) == [1, 2, 3]
+    assert {m.step: m.value for m in client.get_metric_history(run_id, "loss")}[2] == 0.5
+    assert len(kernel_images(client, run_id)) == 3
+
+    artifacts = tmp_path / "mlartifacts" / EXPERIMENT / run_id / "artifacts"
+    assert client.get_run(run_id).info.artifact_uri == artifacts.as_uri()
+    for name in ("true_kernel.png", "learned_kernel.png", "model/model.keras", "notes.txt"):
+        assert (artifacts / name).is_file(), name
+    np.testing.assert_array_equal(np.load(artifacts / "learned_kernel.npy"), learned)
+    np.testing.assert_array_equal(np.load(artifacts / "true_kernel.npy"), true_kernel)
+
+
+def test_resume_run_adds_to_the_same_run(store, tmp_path):
+    params = make_params()
+    with training_run(params) as run_id:
+        pass
+    figure = tmp_path / "kernel.gif"
+    figure.write_bytes(b"GIF89a")
+
+    with resume_run(run_id) as resumed:
+        assert resumed == run_id
+        mlflow.log_artifact(str(figure), "figures")  # fluent: goes to the resumed run
+    with pytest.raises(RuntimeError):
+        with resume_run(run_id):
+            raise RuntimeError("visualize broke")
+
+    client = MlflowClient(store)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    runs = client.search_runs([experiment.experiment_id])
+    assert [r.info.run_id for r in runs] == [run_id]
+    assert runs[0].info.status == "FINISHED"            # training's status, kept
+    assert [f.path for f in client.list_artifacts(run_id, "figures")] == ["figures/kernel.gif"]
+    assert mlflow.active_run() is None
+
+
+def test_resume_run_of_an_unknown_run_is_a_user_error(store):
+    with training_run(make_params()):
+        pass
+    with pytest.raises(UserError, match="dvc repro -f train"):
+        with resume_run("0" * 32):
+            pytest.fail("resumed a run that does not exist")
+
+
+@pytest.mark.parametrize("dvc_root_set", [True, False], ids=["DVC_ROOT", "cwd-only"])
+def test_artifacts_stay_under_the_main_root_from_an_experiment_copy(store, tmp_path,
+                                                                   monkeypatch, dvc_root_set):
+    copy = tmp_path / ".dvc" / "tmp" / "exps" / "tmpabc"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    if not dvc_root_set:  # run by hand inside the copy: the default store must still be the root's
+        monkeypatch.delenv("DVC_ROOT")
+        monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    params = make_params()
+
+    with training_run(params) as run_id:
+        log_epoch(run_id, 1, {"loss": 1.0}, params.true_kernel(), SOBEL_RANGE)
+
+    client = MlflowClient(store)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    assert experiment.artifact_location == (tmp_path / "mlartifacts" / EXPERIMENT).as_uri()
+    assert len(kernel_images(client, run_id)) == 1
+    assert (tmp_path / "mlartifacts" / EXPERIMENT / run_id / "artifacts" / "images").is_dir()
+    assert sorted(p.name for p in copy.iterdir()) == []  # nothing written into the copy
+
+
+# --- parallel runs: `dvc queue start -j 3` on a fresh store ---------------------
+
+WORKER = """
+import sys, time
+from pathlib import Path
+from src import config, tracking
+ready, go = map(Path, sys.argv[1:])
+ready.touch()  # imports done: start the store work together
+while not go.exists():
+    time.sleep(0.002)
+params = config.parse({"kernel": "sobel_x", "mlflow": {"experiment": "parallel"}})
+kernel = params.true_kernel()
+with tracking.training_run(params) as run_id:
+    for epoch in range(1, 21):
+        tracking.log_epoch(run_id, epoch, {"loss": 1.0 / epoch, "val_loss": 2.0 / epoch},
+                           kernel * epoch / 20, (-2.0, 2.0))
+"""
+
+
+def test_parallel_runs_on_a_fresh_store(store, tmp_path):
+    workers, go = 3, tmp_path / "go"
+    procs = []
+    for i in range(workers):
+        env = {**os.environ, "PYTHONPATH": str(REPO), "DVC_EXP_NAME": f"exp-{i}"}
+        procs.append(subprocess.Popen(
+            [sys.executable, "-c", WORKER, str(tmp_path / f"ready-{i}"), str(go)],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        deadline = time.monotonic() + 60
+        while not all((tmp_path / f"ready-{i}").exists() for i in range(workers)):
+            assert time.monotonic() < deadline, "workers did not start"
+            assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+            time.sleep(0.01)
+        assert not (tmp_path / "mlflow.db").exists()
+        go.touch()
+        results = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0] * workers, [err for _, err in results]
+
+    client = MlflowClient(store)
+    runs = client.search_runs([client.get_experiment_by_name("parallel").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == [f"sobel_x-exp-{i}" for i in range(workers)]
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    for run in runs:
+        for key in ("loss", "val_loss"):
+            steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
+            assert steps == list(range(1, 21))
+        assert len(kernel_images(client, run.info.run_id)) == 20
+
+
+# --- a real tracking server -----------------------------------------------------
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """`mlflow server` on a free 127.0.0.1 port; its whole process group ends afterwards."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 's.db'}",
+         "--default-artifact-root", str(tmp_path / "art")],
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "mlflow server did not answer /health in 60 s"
+            try:
+                if requests.get(f"{url}/health", timeout=1).ok:
+                    break
+            except requests.RequestException:
+                time.sleep(0.3)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+@pytest.mark.mlflow_server
+def test_tracking_server(store, tmp_path, monkeypatch, mlflow_server):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    params = make_params()
+
+    with training_run(params) as run_id:
+        log_epoch(run_id, 1, {"loss": 0.25}, params.true_kernel(), SOBEL_RANGE)
+
+    client = MlflowClient(mlflow_server)
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [(1, 0.25)]
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert len(kernel_images(client, run_id)) == 1
+    # the server, not the client, decides where a server's artifacts go
+    location = client.get_experiment_by_name(EXPERIMENT).artifact_location
+    assert location.startswith(str(tmp_path / "art")), location
+
+
+@pytest.mark.parametrize("server", ["closed-port", "silent"])
+def test_unreachable_server_fails_fast(store, monkeypatch, server):
+    with socket.socket() as silent:  # accepts connections into its backlog, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1] if server == "silent" else free_port()
+        url = f"http://127.0.0.1:{port}"
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        start = time.monotonic()
+        with pytest.raises(UserError, match="MLFLOW_TRACKING_URI") as error:
+            with training_run(make_params()):
+                pytest.fail("trained without a tracking server")
+    assert time.monotonic() - start < 10
+    assert f"MLflow server {url} is not reachable" in str(error.value)
+
+
+# --- store problems -------------------------------------------------------------
+
+def test_old_schema_asks_for_db_upgrade(store, tmp_path):
+    db = tmp_path / "mlflow.db"
+    # A current schema made outside MLflow's per-URI store cache, then marked as older.
+    # (A database that lacks newer tables is migrated by MLflow itself, silently.)
+    SqlAlchemyStore(store, (tmp_path / "unused").as_uri())
+    with sqlite3.connect(db) as con:
+        con.execute("UPDATE alembic_version SET version_num = '0c779009ac13'")
+    con.close()
+
+    with pytest.raises(UserError, match="mlflow db upgrade") as error:
+        with training_run(make_params()):
+            pytest.fail("trained on an old schema")
+    assert f"`mlflow db upgrade {store}`" in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("stop, status", [(KeyboardInterrupt, "KILLED"),
+                                          (signal.SIGTERM, "KILLED"),
+                                          (RuntimeError, "FAILED")])
+def test_run_status_when_training_stops(store, stop, status):
+    sigterm_before = signal.getsignal(signal.SIGTERM)
+    started = []
+    with pytest.raises(RuntimeError if status == "FAILED" else KeyboardInterrupt):
+        with training_run(make_params()) as run_id:
+            started.append(run_id)
+            if stop is signal.SIGTERM:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)
+                pytest.fail("SIGTERM did not interrupt the run")
+            raise stop("stopped")
+
+    assert MlflowClient(store).get_run(started[0]).info.status == status
+    assert mlflow.active_run() is None
+    assert signal.getsignal(signal.SIGTERM) is sigterm_before
