@@ -172,7 +172,7 @@ def _train(doc: dict) -> TrainConfig:
     return TrainConfig(
         epochs=_int(s, "train.", "epochs", 8, minimum=1),
         batch_size=_int(s, "train.", "batch_size", 16, minimum=1),
-        learning_rate=_float(s, "train.", "learning_rate", 0.5, low=0.0, low_open=True),
+        learning_rate=_float(s, "train.", "learning_rate", 0.8, low=0.0, low_open=True),
         optimizer=_choice(s, "train.", "optimizer", "sgd", OPTIMIZERS),
         conv=_choice(s, "train.", "conv", "auto", CONVS),
         whiten=_choice(s, "train.", "whiten", "gradient", WHITENINGS),

@@ -35,6 +35,7 @@ log = logging.getLogger("train")
 DIRECT_MAX_TAPS = 49   # auto: direct Conv2D up to 7×7, FFT above (see BENCHMARKS.md)
 VAL_MAX_IMAGES = 128   # per-epoch val_loss uses at most this many held-out images
 POWER_ITERATIONS = 30
+PROBE_BATCHES = 4
 
 
 # --- the layer -----------------------------------------------------------------
@@ -271,7 +272,9 @@ class EpochEnd(keras.callbacks.Callback):
 def optimizer(cfg: TrainConfig, total_steps: int) -> keras.optimizers.Optimizer:
     rate = keras.optimizers.schedules.CosineDecay(cfg.learning_rate, total_steps, alpha=0.01)
     if cfg.optimizer == "sgd":
-        return keras.optimizers.SGD(rate, momentum=0.9, nesterov=True)
+        # momentum 0.5, not 0.9: batches differ in curvature, and heavy momentum carries
+        # one batch's step into the next; measured faster and steadier (BENCHMARKS.md)
+        return keras.optimizers.SGD(rate, momentum=0.5, nesterov=True)
     return keras.optimizers.Adam(rate)
 
 
@@ -291,8 +294,10 @@ def train(images: np.ndarray, targets: np.ndarray, true_kernel: np.ndarray, spli
     if len(train_rows) == 0:
         raise UserError("no training images: data.val_fraction leaves none; lower it or add images")
 
+    # the steepest of a few batches: a step must be stable on every batch, not the average
     probe, _ = training_dataset(images, targets, train_rows, kernel_shape, padding, cfg, seed)
-    curvature = top_curvature(next(iter(probe))[0], kernel_shape, conv, seed)
+    curvature = max(top_curvature(x, kernel_shape, conv, seed)
+                    for x, _ in probe.take(PROBE_BATCHES))
     scale = 1.0 / math.sqrt(curvature)
     dataset, steps = training_dataset(images, targets, train_rows, kernel_shape, padding, cfg,
                                       seed, scale)

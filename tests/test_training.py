@@ -30,7 +30,7 @@ def pink_images(count: int, size: int, seed: int = 0) -> np.ndarray:
 
 
 def config(**overrides) -> TrainConfig:
-    base = dict(epochs=8, batch_size=2, learning_rate=0.5, optimizer="sgd", conv="auto",
+    base = dict(epochs=8, batch_size=2, learning_rate=0.8, optimizer="sgd", conv="auto",
                 whiten="gradient", crop=32)
     return TrainConfig(**{**base, **overrides})
 
