@@ -1,0 +1,358 @@
+"""The experiment's pictures, from arrays: the kernel converging, learned vs true, one
+validation image through the model, and the training curves.
+
+Every function takes arrays and returns a matplotlib Figure (or, for the animation,
+the frames as uint8 arrays); writing files is the caller's job, except write_gif.
+Figures are built with matplotlib.figure.Figure, never pyplot: no global state,
+no GUI backend, nothing left open. They render with Agg.
+
+Kernels are drawn in the diverging RdBu_r colormap on a range symmetric about
+zero, so a weight of 0 is white, positive weights red and negative ones blue.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from PIL import Image
+
+KERNEL_CMAP = "RdBu_r"   # as src/tracking.py draws the per-epoch kernels in MLflow
+IMAGE_CMAP = "gray"
+MAX_FRAMES = 60          # more epochs than this are subsampled, first and last kept
+MAX_LABELLED = 5         # kernels up to 5×5 get their values written in the cells
+MIN_FONTSIZE = 6.5       # ... if the values fit at this size (pt) or larger
+DPI = 120                # for the PNGs
+FRAME_SIZE = (5.6, 3.2)  # inches at FRAME_DPI: 560×320 px GIF frames
+FRAME_DPI = 100
+GIF_CMAP_COLOURS = 48    # GIF palette: this many colours of the kernel colormap ...
+GIF_GRAYS = 16           # ... and this many grays, black to white, for text and axes
+GIF_SECONDS = 6.0        # the whole animation, before the last frame's hold
+LAST_FRAME_MS = 2000
+
+
+# --- shared pieces ----------------------------------------------------------------
+
+def symmetric_limit(*arrays: np.ndarray) -> float:
+    """max |value| over the arrays (NaN ignored), or 1 if that is 0 or not finite."""
+    values = [np.nanmax(np.abs(a)) for a in map(np.asarray, arrays) if a.size]
+    m = float(max(values)) if values else 0.0
+    return m if np.isfinite(m) and m > 0 else 1.0
+
+
+def value_format(limit: float) -> str:
+    """A format with three significant digits at the scale of `limit`: 2 → '{:.2f}'."""
+    decimals = int(np.clip(2 - math.floor(math.log10(limit)), 0, 6))
+    return f"{{:.{decimals}f}}"
+
+
+def _label(value: float, fmt: str) -> str:
+    text = fmt.format(value)
+    return "0" if float(text) == 0 else text  # no "-0.00"
+
+
+def _cell_fontsize(panel_inches: float, cells: int, fmt: str) -> float:
+    """The largest font (pt) whose widest label fills ~85 % of a cell; digits are ~0.6 em."""
+    chars = len(fmt.format(-0.0))
+    return panel_inches * 72 / cells * 0.85 / (0.6 * chars)
+
+
+def _write_values(ax, kernel: np.ndarray, norm: Normalize, fmt: str, fontsize: float) -> list:
+    """Each weight as text in its cell, black on light colours and white on dark ones."""
+    cmap = colormaps[KERNEL_CMAP]
+    texts = []
+    for (row, col), value in np.ndenumerate(kernel):
+        texts.append(ax.text(col, row, _label(value, fmt), ha="center", va="center",
+                             fontsize=fontsize, color=_text_colour(cmap(norm(value)))))
+    return texts
+
+
+def _text_colour(rgba) -> str:
+    luminance = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2]
+    return "black" if luminance > 0.5 else "white"
+
+
+def _kernel_axes(ax, shape: tuple[int, int]) -> None:
+    ax.set_xlabel("column")
+    ax.set_ylabel("row")
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_locator(MaxNLocator(nbins=min(max(shape), 6), integer=True))
+
+
+def _as_kernel(kernel: np.ndarray) -> np.ndarray:
+    k = np.asarray(kernel, dtype=np.float64)
+    if k.ndim == 4 and k.shape[2:] == (1, 1):  # Conv2D weights (kh, kw, 1, 1)
+        k = k[:, :, 0, 0]
+    if k.ndim != 2:
+        raise ValueError(f"a kernel must be 2-D, got shape {np.shape(kernel)}")
+    return k
+
+
+# --- 1. the kernel converging, epoch by epoch -------------------------------------
+
+def frame_epochs(n_epochs: int, max_frames: int = MAX_FRAMES) -> np.ndarray:
+    """0-based indices of the epochs to animate: all of them, or max_frames spread
+    evenly with the first and last always kept."""
+    if n_epochs < 1:
+        raise ValueError("there are no epochs to animate")
+    if max_frames < 2:
+        raise ValueError(f"max_frames must be at least 2, got {max_frames}")
+    if n_epochs <= max_frames:
+        return np.arange(n_epochs)
+    return np.unique(np.round(np.linspace(0, n_epochs - 1, max_frames)).astype(int))
+
+
+def convergence_frames(kernels: np.ndarray, rel_errors: Sequence[float],
+                       true_kernel: np.ndarray,
+                       max_frames: int = MAX_FRAMES) -> tuple[list[np.ndarray], np.ndarray]:
+    """Frames of the learned kernel (left) converging to the true one (right).
+
+    kernels is (E, kh, kw), the learned kernel after epochs 1..E; rel_errors its
+    kernel_rel_error per epoch. Every frame uses the same colour range,
+    ±max|true kernel|, so colours are comparable between frames (weights beyond it
+    are clipped, which the colour bar's pointed ends show). Returns the frames as
+    uint8 (H, W, 3) arrays, all the same size, and the 1-based epoch of each.
+    """
+    kernels = np.asarray(kernels, dtype=np.float64)
+    true = _as_kernel(true_kernel)
+    rel_errors = np.asarray(rel_errors, dtype=np.float64)
+    if kernels.ndim != 3 or kernels.shape[1:] != true.shape:
+        raise ValueError(f"kernels must be (epochs, {true.shape[0]}, {true.shape[1]}), "
+                         f"got {kernels.shape}")
+    if len(rel_errors) != len(kernels):
+        raise ValueError(f"{len(rel_errors)} kernel_rel_error values for {len(kernels)} epochs")
+    picked = frame_epochs(len(kernels), max_frames)
+    limit = symmetric_limit(true)
+    norm = Normalize(-limit, limit)
+    fmt = value_format(limit)
+
+    fig = Figure(figsize=FRAME_SIZE, dpi=FRAME_DPI, layout="constrained")
+    canvas = FigureCanvasAgg(fig)
+    ax_learned, ax_true = fig.subplots(1, 2, sharey=True)
+    style = dict(cmap=KERNEL_CMAP, norm=norm, interpolation="nearest")
+    learned_image = ax_learned.imshow(kernels[picked[0]], **style)
+    ax_true.imshow(true, **style)
+    # the epoch goes in the learned panel's title, not a suptitle: then only the left
+    # half of the frame changes, and the GIF stores only that
+    title = ax_learned.set_title(" \n ")
+    ax_true.set_title("true kernel\n ")
+    for ax in (ax_learned, ax_true):
+        _kernel_axes(ax, true.shape)
+    ax_true.set_ylabel("")
+    fig.colorbar(learned_image, ax=[ax_learned, ax_true], extend="both", shrink=0.9,
+                 label="weight")
+    texts = []
+    size = min(_cell_fontsize(FRAME_SIZE[0] * 0.33, max(true.shape), fmt), 12)
+    if max(true.shape) <= MAX_LABELLED and size >= MIN_FONTSIZE:
+        texts = _write_values(ax_learned, kernels[picked[0]], norm, fmt, size)
+        _write_values(ax_true, true, norm, fmt, size)
+
+    frames = []
+    width = len(str(len(kernels)))
+    for n, index in enumerate(picked):
+        kernel = kernels[index]
+        learned_image.set_data(kernel)
+        for text, value in zip(texts, kernel.ravel()):
+            text.set_text(_label(value, fmt))
+            text.set_color(_text_colour(colormaps[KERNEL_CMAP](norm(value))))
+        epoch = str(index + 1).rjust(width, "\u2007")  # figure space: as wide as a digit
+        title.set_text(f"learned, epoch {epoch}/{len(kernels)}\n"
+                       f"kernel_rel_error {rel_errors[index]:.2e}")
+        canvas.draw()
+        if n == 0:  # freeze the layout: the axes must not move between frames
+            fig.set_layout_engine("none")
+        frames.append(np.asarray(canvas.buffer_rgba())[..., :3].copy())
+    return frames, picked + 1
+
+
+def gif_palette(cmap_colours: int = GIF_CMAP_COLOURS, grays: int = GIF_GRAYS) -> Image.Image:
+    """A palette image of the kernel colormap's colours plus grays for text and axes.
+
+    Fixed, not fitted to the frames: a fitted palette spends its colours on what
+    is common, so a kernel with few negative weights came out with a grey, not
+    blue, lower colour bar.
+    """
+    colours = np.array(colormaps[KERNEL_CMAP](np.linspace(0, 1, cmap_colours)))[:, :3]
+    levels = np.linspace(0, 1, grays)[:, None].repeat(3, axis=1)
+    rgb = np.round(np.vstack([colours, levels]) * 255).astype(np.uint8)
+    palette = Image.new("P", (1, 1))
+    palette.putpalette(rgb.ravel().tolist())
+    return palette
+
+
+def write_gif(frames: Sequence[np.ndarray], path: str | Path,
+              seconds: float = GIF_SECONDS, last_frame_ms: int = LAST_FRAME_MS) -> None:
+    """Write RGB frames as a looping GIF, the last frame held longer.
+
+    Every frame is mapped, without dithering, onto the same gif_palette(): colours
+    stay steady between frames and Pillow stores only what changed.
+    """
+    if not frames:
+        raise ValueError("no frames to write")
+    palette = gif_palette()
+    indexed = [Image.fromarray(np.asarray(f, dtype=np.uint8)).quantize(
+        palette=palette, dither=Image.Dither.NONE) for f in frames]
+    step_ms = int(np.clip(seconds * 1000 / len(frames), 80, 500))
+    durations = [step_ms] * (len(frames) - 1) + [max(last_frame_ms, step_ms)]
+    indexed[0].save(path, format="GIF", save_all=True, append_images=indexed[1:],
+                    duration=durations, loop=0, optimize=True)
+
+
+# --- 2. learned vs true -----------------------------------------------------------
+
+def comparison(true_kernel: np.ndarray, learned_kernel: np.ndarray,
+               rel_error: float | None = None) -> Figure:
+    """Ground truth | learned | difference (learned − true), on one colour scale.
+
+    The shared range is symmetric about zero and covers all three panels, so a
+    small difference looks small. Kernels up to 5×5 have their values written in.
+    """
+    true = _as_kernel(true_kernel)
+    learned = _as_kernel(learned_kernel)
+    if true.shape != learned.shape:
+        raise ValueError(f"true kernel {true.shape} and learned kernel {learned.shape} differ")
+    difference = learned - true
+    limit = symmetric_limit(true, learned, difference)
+    norm = Normalize(-limit, limit)
+    fmt = value_format(limit)
+    panel = 3.0
+
+    fig = Figure(figsize=(3 * panel + 1.2, panel + 0.9), layout="constrained")
+    axes = fig.subplots(1, 3)
+    titles = ("ground truth", "learned", "difference (learned − truth)\n"
+              f"max |difference| {np.max(np.abs(difference)):.2e}")
+    for ax, kernel, title in zip(axes, (true, learned, difference), titles):
+        image = ax.imshow(kernel, cmap=KERNEL_CMAP, norm=norm, interpolation="nearest")
+        ax.set_title(title)
+        _kernel_axes(ax, true.shape)
+        if max(true.shape) <= MAX_LABELLED:
+            size = np.clip(_cell_fontsize(panel * 0.85, max(true.shape), fmt), MIN_FONTSIZE, 12)
+            _write_values(ax, kernel, norm, fmt, size)
+    fig.colorbar(image, ax=axes, shrink=0.85, label="weight (one scale for all three)")
+    heading = f"{true.shape[0]}×{true.shape[1]} kernel"
+    if rel_error is not None:
+        heading += f": kernel_rel_error ‖w − k‖² / ‖k‖² = {rel_error:.2e}"
+    fig.suptitle(heading)
+    return fig
+
+
+# --- 3. one validation image through the model ------------------------------------
+
+def target_range(target: np.ndarray) -> tuple[float, float]:
+    """Display range of a target: symmetric about 0 if it has both signs (zero is mid
+    grey), else its own span; 0.5 % tails clipped so a few pixels don't wash it out."""
+    t = np.asarray(target, dtype=np.float64)
+    low, high = np.percentile(t, [0.5, 99.5])
+    if low < 0 < high:
+        m = max(-low, high)
+        return -m, m
+    return (float(low), float(high)) if high > low else (float(low) - 1, float(low) + 1)
+
+
+def sample_strip(grayscale: np.ndarray, target: np.ndarray, prediction: np.ndarray,
+                 original: np.ndarray | None = None,
+                 offset: tuple[float, float] = (0.0, 0.0), title: str | None = None) -> Figure:
+    """[original |] grayscale input | target | prediction | residual (target − prediction).
+
+    All panels are drawn in the input's pixel coordinates: `offset` (row, column)
+    is where target pixel (0, 0)'s window is centred in the input, so a 'valid'
+    target sits inside the input's frame, lined up with it. Target and prediction
+    share a grey scale; the residual has its own, symmetric about zero.
+    """
+    gray = np.asarray(grayscale, dtype=np.float64)
+    target = np.asarray(target, dtype=np.float64)
+    prediction = np.asarray(prediction, dtype=np.float64)
+    if gray.ndim != 2 or target.ndim != 2 or prediction.shape != target.shape:
+        raise ValueError(f"need a 2-D grayscale and equal 2-D target and prediction, got "
+                         f"{gray.shape}, {target.shape}, {prediction.shape}")
+    residual = target - prediction
+    size = gray.shape
+    top, left = offset
+    input_extent = (-0.5, size[1] - 0.5, size[0] - 0.5, -0.5)
+    target_extent = (left - 0.5, left + target.shape[1] - 0.5,
+                     top + target.shape[0] - 0.5, top - 0.5)
+
+    panels = 4 + (original is not None)
+    fig = Figure(figsize=(3.1 * panels + 0.6, 3.9), layout="constrained")
+    axes = list(fig.subplots(1, panels, sharex=True, sharey=True))
+    if original is not None:
+        ax = axes.pop(0)
+        ax.imshow(np.asarray(original), extent=input_extent, interpolation="nearest")
+        ax.set_title("original")
+    ax_gray, ax_target, ax_prediction, ax_residual = axes
+    image = ax_gray.imshow(gray, cmap=IMAGE_CMAP, extent=input_extent, interpolation="nearest")
+    ax_gray.set_title("input: grayscale")
+    fig.colorbar(image, ax=ax_gray, shrink=0.8, label="intensity")
+
+    low, high = target_range(target)
+    for ax, array, name in ((ax_target, target, "target: filtered"),
+                            (ax_prediction, prediction, "model prediction")):
+        image = ax.imshow(array, cmap=IMAGE_CMAP, vmin=low, vmax=high, extent=target_extent,
+                          interpolation="nearest")
+        ax.set_title(name)
+    fig.colorbar(image, ax=[ax_target, ax_prediction], shrink=0.8, extend="both",
+                 label="filter response (shared)")
+
+    limit = symmetric_limit(residual)
+    image = ax_residual.imshow(residual, cmap=KERNEL_CMAP, vmin=-limit, vmax=limit,
+                               extent=target_extent, interpolation="nearest")
+    rms = float(np.sqrt(np.mean(residual ** 2)))
+    target_rms = float(np.sqrt(np.mean(target ** 2)))
+    share = f" ({rms / target_rms:.1%} of target)" if target_rms > 0 else ""
+    ax_residual.set_title(f"residual: target − prediction\nRMS {rms:.2e}{share}")
+    fig.colorbar(image, ax=ax_residual, shrink=0.8, label="residual")
+
+    image_axes = fig.axes[:panels]  # the colour bars come after
+    for ax in image_axes:
+        ax.set_xlabel("column (input pixels)")
+        ax.set_facecolor("#f0f0f0")  # what a 'valid' target does not cover
+    image_axes[0].set_ylabel("row (input pixels)")
+    image_axes[0].set_xlim(input_extent[:2])  # shared by all panels
+    image_axes[0].set_ylim(input_extent[2:])
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+# --- 4. training curves -----------------------------------------------------------
+
+CURVES = (
+    ("kernel_rel_error", "kernel_rel_error\n‖w − k‖² / ‖k‖²"),
+    ("kernel_mse", "kernel_mse\nmean (w − k)² over the weights"),
+    ("loss", "loss: training MSE\n(whitened, scaled data)"),
+    ("val_loss", "val_loss: validation MSE\n(held-out whole images)"),
+)
+
+
+def curves(history: Mapping[str, Sequence[float]]) -> Figure:
+    """The four per-epoch metrics against epoch, one log-scale panel each.
+
+    loss and val_loss are in different units (training sees whitened, rescaled
+    crops), so every metric gets its own axes rather than sharing one.
+    """
+    epochs = np.asarray(history["epoch"], dtype=np.float64)
+    fig = Figure(figsize=(9.0, 6.4), layout="constrained")
+    axes = fig.subplots(2, 2, sharex=True)
+    for ax, (key, label) in zip(axes.ravel(), CURVES):
+        values = np.asarray(history[key], dtype=np.float64)
+        shown = np.isfinite(values) & (values > 0)
+        ax.set_title(label)
+        ax.set_ylabel(key)
+        ax.grid(True, which="both", alpha=0.3)
+        if shown.any():
+            ax.plot(epochs[shown], values[shown], marker="o", markersize=3)
+            ax.set_yscale("log")
+        else:
+            ax.text(0.5, 0.5, f"no positive {key} values", transform=ax.transAxes,
+                    ha="center", va="center", color="0.4")
+    for ax in axes[1]:
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.suptitle(f"training history, {len(epochs)} epochs")
+    return fig

@@ -1,0 +1,143 @@
+"""Visualize stage: the kernel converging, learned vs true, one validation image through
+the model, and the training curves; all four also go into the training's MLflow run.
+
+Reads model/ (kernels.npy, kernel.npy, model.keras, run.json), metrics/history.csv,
+data/filtered (the true kernel and the targets), data/gray and, for the colour
+original, data/raw/images. Writes figures/:
+  convergence.gif  the learned kernel after every epoch beside the true one
+  comparison.png   true | learned | difference on one colour scale
+  sample.png       the first validation image: original, grayscale, target, prediction, residual
+  curves.png       kernel_rel_error, kernel_mse, loss and val_loss per epoch
+"""
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import csv  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+
+import keras  # noqa: E402
+import mlflow  # noqa: E402
+import numpy as np  # noqa: E402
+
+# importing src.training registers FFTConv2D, which loading model.keras needs
+from src import figures, images, paths, tracking, training  # noqa: E402
+from src.atomic import atomic_dir  # noqa: E402
+from src.errors import UserError, run_stage  # noqa: E402
+
+log = logging.getLogger("visualize")
+
+KERNELS = paths.MODEL / "kernels.npy"
+LEARNED = paths.MODEL / "kernel.npy"
+MODEL = paths.MODEL / "model.keras"
+RUN = paths.MODEL / "run.json"
+HISTORY = paths.METRICS / "history.csv"
+INPUTS = (KERNELS, LEARNED, MODEL, RUN, HISTORY, paths.KERNEL, paths.TARGETS,
+          paths.GRAY_IMAGES, paths.GRAY_INDEX)
+HISTORY_COLUMNS = ("epoch", "loss", "val_loss", "kernel_mse", "kernel_rel_error")
+
+
+def read_history() -> dict[str, np.ndarray]:
+    with open(HISTORY, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    missing = [c for c in HISTORY_COLUMNS if not rows or c not in rows[0]]
+    if missing:
+        raise UserError(f"{HISTORY} has no rows or lacks {', '.join(missing)}; "
+                        "rerun training with `dvc repro -f train`")
+    return {c: np.array([float(r[c]) for r in rows]) for c in HISTORY_COLUMNS}
+
+
+def read_index() -> tuple[list[str], list[str]]:
+    with open(paths.GRAY_INDEX, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return [r["name"] for r in rows], [r["split"] for r in rows]
+
+
+def sample_row(splits: list[str]) -> int:
+    """The first validation image; the first image if there is none."""
+    if "val" in splits:
+        return splits.index("val")
+    log.warning("no validation images (data.val_fraction is 0); showing a training image")
+    return 0
+
+
+def window_centre(kernel_shape: tuple[int, int], padding: str) -> tuple[float, float]:
+    """Where target pixel (0, 0)'s kernel window is centred in the input, (row, column)."""
+    top, left = training.target_offset(kernel_shape, padding)
+    return (kernel_shape[0] - 1) / 2 - top, (kernel_shape[1] - 1) / 2 - left
+
+
+def read_original(name: str, size: int) -> np.ndarray | None:
+    """The raw image fitted as the grayscale stage fits it, or None if it is not in
+    colour (then the grayscale says it all) or is gone."""
+    path = paths.RAW_IMAGES / name
+    if not path.is_file():
+        log.warning("%s is missing; the sample figure goes without the original", path)
+        return None
+    rgb = np.asarray(images.read_rgb_fitted(path, size))
+    return rgb if np.ptp(rgb, axis=-1).any() else None
+
+
+def load_model() -> keras.Model:
+    try:
+        return keras.saving.load_model(MODEL)
+    except (ValueError, OSError, TypeError) as exc:
+        raise UserError(f"{MODEL} could not be loaded ({type(exc).__name__}); rerun training "
+                        "with `dvc repro -f train`") from None
+
+
+def main() -> None:
+    for needed in INPUTS:
+        if not needed.exists():
+            raise UserError(f"{needed} is missing; run the earlier stages with `dvc repro`")
+    run = json.loads(RUN.read_text())
+    if run.get("tracking_uri") and run["tracking_uri"] != paths.tracking_uri():
+        log.warning("training logged to %s, but the tracking URI is now %s",
+                    run["tracking_uri"], paths.tracking_uri())
+
+    with tracking.resume_run(run["run_id"]):  # before the work: a bad store fails at once
+        kernels = np.load(KERNELS, allow_pickle=False)
+        true_kernel = np.load(paths.KERNEL, allow_pickle=False).astype(np.float64)
+        learned = np.load(LEARNED, allow_pickle=False)
+        history = read_history()
+        if len(kernels) != len(history["epoch"]) or kernels.shape[1:] != true_kernel.shape:
+            raise UserError(f"{KERNELS} {kernels.shape}, {HISTORY} ({len(history['epoch'])} "
+                            f"epochs) and {paths.KERNEL} {true_kernel.shape} don't match; "
+                            "rerun training with `dvc repro -f train`")
+
+        names, splits = read_index()
+        row = sample_row(splits)
+        gray = np.asarray(np.load(paths.GRAY_IMAGES, mmap_mode="r")[row], dtype=np.float32)
+        target = np.asarray(np.load(paths.TARGETS, mmap_mode="r")[row], dtype=np.float32)
+        padding = "same" if target.shape == gray.shape else "valid"
+        prediction = load_model()(gray[None, :, :, None], training=False).numpy()[0, :, :, 0]
+        if prediction.shape != target.shape:
+            raise UserError(f"the model outputs {prediction.shape} for {names[row]}, but its "
+                            f"target is {target.shape}; rerun with `dvc repro -f train`")
+        original = read_original(names[row], gray.shape[0])
+
+        with atomic_dir(paths.FIGURES) as out:
+            frames, epochs = figures.convergence_frames(kernels, history["kernel_rel_error"],
+                                                        true_kernel)
+            figures.write_gif(frames, out / "convergence.gif")
+            pictures = {
+                "comparison.png": figures.comparison(true_kernel, learned,
+                                                     history["kernel_rel_error"][-1]),
+                "sample.png": figures.sample_strip(
+                    gray, target, prediction, original, window_centre(true_kernel.shape, padding),
+                    title=f"{names[row]} ({splits[row]}), {padding} padding"),
+                "curves.png": figures.curves(history),
+            }
+            for name, fig in pictures.items():
+                fig.savefig(out / name, dpi=figures.DPI)
+        mlflow.log_artifacts(str(paths.FIGURES), artifact_path="figures")
+
+    gif_kb = (paths.FIGURES / "convergence.gif").stat().st_size / 1024
+    log.info("%s: convergence.gif (%d frames of %d epochs, %.0f KB), %s; sample image %s",
+             paths.FIGURES, len(epochs), len(kernels), gif_kb, ", ".join(pictures), names[row])
+    log.info("logged them under figures/ in MLflow run %s", run["run_id"])
+
+
+if __name__ == "__main__":
+    run_stage(main)

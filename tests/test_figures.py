@@ -1,0 +1,218 @@
+"""src/figures.py on tiny synthetic arrays: what each figure holds, and that it fits."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.image import AxesImage
+from PIL import Image
+
+from src import figures, kernels
+
+SOBEL = kernels.SOBEL_X
+DARKEST_RED = tuple(np.round(np.array(colormaps["RdBu_r"](1.0)[:3]) * 255).astype(np.uint8))
+
+
+def panels(fig):
+    """The plotting axes, without the colour bars."""
+    return [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+
+
+def colour_bars(fig):
+    return [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+
+
+def image(ax) -> AxesImage:
+    (found,) = [a for a in ax.get_images()]
+    return found
+
+
+def assert_fits(fig):
+    """Everything drawn lies inside the figure: no clipped titles, labels or colour bars."""
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    drawn = fig.get_tightbbox(renderer)
+    size = fig.get_size_inches()
+    assert drawn.x0 >= -0.01 and drawn.y0 >= -0.01
+    assert drawn.x1 <= size[0] + 0.01 and drawn.y1 <= size[1] + 0.01
+
+
+def converging(true: np.ndarray, epochs: int) -> tuple[np.ndarray, np.ndarray]:
+    """Kernels t·true for t rising to 1 at the last epoch, and their kernel_rel_error."""
+    t = np.linspace(0.2, 1.0, epochs)[:, None, None]
+    stack = t * true
+    return stack, np.sum((stack - true) ** 2, axis=(1, 2)) / np.sum(true ** 2)
+
+
+# --- the animation --------------------------------------------------------------
+
+def test_frame_epochs_keeps_every_epoch_up_to_the_limit():
+    np.testing.assert_array_equal(figures.frame_epochs(1), [0])
+    np.testing.assert_array_equal(figures.frame_epochs(8), np.arange(8))
+    np.testing.assert_array_equal(figures.frame_epochs(60), np.arange(60))
+
+
+def test_frame_epochs_subsamples_evenly_keeping_first_and_last():
+    picked = figures.frame_epochs(1000)
+    assert len(picked) == figures.MAX_FRAMES
+    assert picked[0] == 0 and picked[-1] == 999
+    assert np.all(np.diff(picked) > 0)
+    assert len(figures.frame_epochs(61)) == figures.MAX_FRAMES
+
+
+def test_one_frame_per_epoch_all_the_same_size(tmp_path):
+    stack, rel = converging(SOBEL, 5)
+    frames, epochs = figures.convergence_frames(stack, rel, SOBEL)
+    np.testing.assert_array_equal(epochs, [1, 2, 3, 4, 5])
+    assert len(frames) == 5
+    assert {f.shape for f in frames} == {frames[0].shape} and frames[0].dtype == np.uint8
+    assert frames[0].shape[2] == 3
+
+    path = tmp_path / "convergence.gif"
+    figures.write_gif(frames, path)
+    with Image.open(path) as gif:
+        assert gif.n_frames == 5 and gif.info["loop"] == 0
+        sizes, durations = set(), []
+        for i in range(gif.n_frames):
+            gif.seek(i)
+            sizes.add(gif.size)
+            durations.append(gif.info["duration"])
+    assert sizes == {(frames[0].shape[1], frames[0].shape[0])}
+    assert durations[-1] > durations[0]  # the converged kernel is held
+
+
+def test_many_epochs_are_subsampled_with_first_and_last_kept(tmp_path):
+    stack, rel = converging(SOBEL, 25)
+    frames, epochs = figures.convergence_frames(stack, rel, SOBEL, max_frames=10)
+    assert len(frames) == 10 and epochs[0] == 1 and epochs[-1] == 25
+    figures.write_gif(frames, tmp_path / "k.gif")
+    with Image.open(tmp_path / "k.gif") as gif:
+        assert gif.n_frames == 10
+
+
+def test_frames_share_one_fixed_colour_range():
+    """±max|true|, every frame: a learned weight of 0.4 is pale and only 2.0 is darkest red.
+    Autoscaling each frame would paint the largest weight darkest red in every frame."""
+    stack, rel = converging(SOBEL, 3)
+    frames, _ = figures.convergence_frames(stack, rel, SOBEL)
+
+    def darkest_red(frame):
+        return int(np.all(frame == DARKEST_RED, axis=-1).sum())
+
+    first, last = darkest_red(frames[0]), darkest_red(frames[-1])
+    assert first > 0        # the true kernel's +2 cells and the colour bar's top
+    assert last > 1.5 * first  # at the end the learned +2 cells join them
+
+
+def test_large_kernel_frames_and_a_small_gif(tmp_path):
+    """90 epochs of a 32×32 kernel: 60 frames, and a GIF of a few hundred KB at most.
+    The kernel moves a little each epoch, as under gradient descent."""
+    smiley = kernels.smiley()
+    start = np.random.default_rng(0).normal(0, 0.03, smiley.shape)
+    stack = smiley + start * np.exp(-np.linspace(0, 5, 90))[:, None, None]
+    rel = np.sum((stack - smiley) ** 2, axis=(1, 2)) / np.sum(smiley ** 2)
+    frames, epochs = figures.convergence_frames(stack, rel, smiley)
+    assert len(frames) == figures.MAX_FRAMES and epochs[-1] == 90
+    figures.write_gif(frames, tmp_path / "smiley.gif")
+    assert (tmp_path / "smiley.gif").stat().st_size < 300_000
+
+
+def test_convergence_rejects_mismatched_inputs():
+    with pytest.raises(ValueError, match="kernels must be"):
+        figures.convergence_frames(np.zeros((2, 5, 5)), [1, 1], SOBEL)
+    with pytest.raises(ValueError, match="kernel_rel_error"):
+        figures.convergence_frames(np.zeros((2, 3, 3)), [1], SOBEL)
+
+
+# --- learned vs true ----------------------------------------------------------------
+
+def test_comparison_of_a_3x3_kernel():
+    learned = SOBEL + 0.01
+    fig = figures.comparison(SOBEL, learned, rel_error=1.2e-3)
+    axes = panels(fig)
+    assert [ax.get_title().split("\n")[0] for ax in axes] == [
+        "ground truth", "learned", "difference (learned − truth)"]
+    assert len(colour_bars(fig)) == 1
+    assert {image(ax).get_clim() for ax in axes} == {(-2.01, 2.01)}  # one shared scale
+    for ax in axes:
+        assert len(ax.texts) == 9
+        assert ax.get_xlabel() == "column" and ax.get_ylabel() == "row"
+    truth_labels = {t.get_text(): t.get_color() for t in axes[0].texts}
+    assert truth_labels["2.00"] == "white" and truth_labels["0"] == "black"  # readable contrast
+    assert [t.get_text() for t in axes[2].texts] == ["0.01"] * 9
+    assert "1.20e-03" in fig._suptitle.get_text()
+    assert_fits(fig)
+
+
+@pytest.mark.parametrize("shape, labels", [((5, 5), 25), ((5, 2), 10), ((6, 6), 0),
+                                           ((32, 32), 0)])
+def test_comparison_writes_values_only_in_small_kernels(shape, labels):
+    true = np.random.default_rng(1).normal(size=shape)
+    fig = figures.comparison(true, true * 0.9)
+    assert [len(ax.texts) for ax in panels(fig)] == [labels] * 3
+    assert_fits(fig)
+
+
+def test_value_format_has_three_significant_digits():
+    assert figures.value_format(2.0).format(-1.987) == "-1.99"
+    assert figures.value_format(0.162).format(0.0981) == "0.098"
+    assert figures.value_format(40.0).format(12.34) == "12.3"
+
+
+# --- one image through the model ----------------------------------------------------
+
+def test_sample_strip_with_a_colour_original():
+    rng = np.random.default_rng(2)
+    gray = rng.random((20, 20))
+    target = rng.normal(size=(18, 18))
+    prediction = target + rng.normal(0, 0.01, target.shape)
+    original = (rng.random((20, 20, 3)) * 255).astype(np.uint8)
+    fig = figures.sample_strip(gray, target, prediction, original, offset=(1, 1), title="x.png")
+    axes = panels(fig)
+    assert [ax.get_title().split("\n")[0] for ax in axes] == [
+        "original", "input: grayscale", "target: filtered", "model prediction",
+        "residual: target − prediction"]
+    assert len(colour_bars(fig)) == 3      # grayscale, target+prediction, residual
+    assert image(axes[2]).get_clim() == image(axes[3]).get_clim()
+    low, high = image(axes[4]).get_clim()
+    assert low == -high and high == pytest.approx(np.abs(target - prediction).max())
+    # the 'valid' target sits inside the input's frame, one pixel in
+    assert image(axes[2]).get_extent() == [0.5, 18.5, 18.5, 0.5]
+    for ax in axes:
+        assert ax.get_xlim() == (-0.5, 19.5) and ax.get_xlabel()
+    assert axes[0].get_ylabel()
+    assert_fits(fig)
+
+
+def test_sample_strip_without_an_original_has_four_panels():
+    gray = np.linspace(0, 1, 256).reshape(16, 16)
+    fig = figures.sample_strip(gray, gray, gray)
+    assert len(panels(fig)) == 4
+    assert "RMS 0.00e+00" in panels(fig)[3].get_title()
+    assert_fits(fig)
+
+
+# --- curves ----------------------------------------------------------------------
+
+def test_curves_one_log_panel_per_metric():
+    epochs = np.arange(1, 6)
+    history = {"epoch": epochs, "loss": 1.0 / epochs, "val_loss": 2.0 / epochs,
+               "kernel_mse": 0.1 / epochs ** 2, "kernel_rel_error": 0.5 / epochs ** 2}
+    fig = figures.curves(history)
+    axes = panels(fig)
+    assert [ax.get_ylabel() for ax in axes] == ["kernel_rel_error", "kernel_mse", "loss",
+                                                "val_loss"]
+    assert all(ax.get_yscale() == "log" for ax in axes)
+    assert [ax.get_xlabel() for ax in axes[2:]] == ["epoch", "epoch"]
+    np.testing.assert_array_equal(axes[0].lines[0].get_xdata(), epochs)
+    assert_fits(fig)
+
+
+def test_curves_without_validation_images():
+    history = {"epoch": [1, 2], "loss": [1.0, 0.5], "val_loss": [np.nan, np.nan],
+               "kernel_mse": [0.1, 0.01], "kernel_rel_error": [0.2, 0.02]}
+    fig = figures.curves(history)
+    val = panels(fig)[3]
+    assert not val.lines and "no positive val_loss" in val.texts[0].get_text()
+    assert_fits(fig)
