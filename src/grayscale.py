@@ -1,0 +1,120 @@
+"""Turn the downloaded images into one (N, S, S) float32 grayscale stack.
+
+Each image is decoded, converted to luma and fitted to S×S (src/images.py),
+then appended straight to the .npy on disk: memory stays at one image however
+many there are. (A writable memmap would not do: the pages it writes count
+against the process until the kernel flushes them.) Unreadable images are
+skipped and named, up to data.max_bad_fraction of them.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from src import images
+from src.errors import UserError
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val")
+WARN_MAX = 10  # skipped files named one by one; the rest are counted
+
+
+@dataclass
+class Conversion:
+    """What `convert` kept (rows of the stack, in order) and what it skipped, with why."""
+    kept: list[tuple[str, str]] = field(default_factory=list)      # (name, split)
+    skipped: list[tuple[str, str]] = field(default_factory=list)   # (name, reason)
+
+
+def read_manifest(path: Path) -> list[tuple[str, str]]:
+    """(name, split) rows of data/raw/manifest.csv."""
+    fix = "rerun `dvc repro download`"
+    try:
+        with open(path, newline="") as handle:
+            reader = csv.DictReader(handle)
+            if reader.fieldnames is None or not {"name", "split"} <= set(reader.fieldnames):
+                raise UserError(f"{path} must have the columns name,split; {fix}")
+            rows = [(row["name"], row["split"]) for row in reader]
+    except FileNotFoundError:
+        raise UserError(f"{path} not found; {fix}") from None
+    wrong = [split for _, split in rows if split not in SPLITS]
+    if wrong:
+        raise UserError(f"{path}: split must be train or val, found {wrong[0]!r}; {fix}")
+    if not rows:
+        raise UserError(f"{path} lists no images; {fix}")
+    return rows
+
+
+def write_stack(path: Path, arrays: Iterable[np.ndarray], capacity: int,
+                shape: tuple[int, ...]) -> int:
+    """Write float32 arrays of `shape` one after another as an .npy of up to `capacity`
+    rows; return how many were written. Fewer than `capacity` shrinks the file to fit."""
+    header = {"descr": "<f4", "fortran_order": False, "shape": (capacity, *shape)}
+    row_bytes = int(np.prod(shape)) * 4
+    count = 0
+    with open(path, "wb") as out:
+        np.lib.format.write_array_header_1_0(out, header)
+        data_start = out.tell()
+        for array in arrays:
+            if count == capacity or array.shape != shape:
+                raise ValueError(f"row {count} has shape {array.shape}, not {shape}, or "
+                                 f"exceeds the capacity {capacity}")
+            out.write(np.ascontiguousarray(array, dtype="<f4").data)
+            count += 1
+        if count < capacity:
+            # numpy pads the header so the row count can change without moving the data.
+            out.seek(0)
+            np.lib.format.write_array_header_1_0(out, {**header, "shape": (count, *shape)})
+            if out.tell() != data_start:
+                raise RuntimeError("the .npy header changed length; cannot shrink in place")
+            out.truncate(data_start + count * row_bytes)
+    return count
+
+
+def convert(rows: list[tuple[str, str]], images_dir: Path, size: int, out_path: Path,
+            max_bad_fraction: float) -> Conversion:
+    """Grayscale every manifest row into `out_path` (N_kept, size, size), skipping the
+    unreadable; UserError as soon as more than max_bad_fraction of all rows are."""
+    result = Conversion()
+
+    def grays() -> Iterator[np.ndarray]:
+        for number, (name, split) in enumerate(rows, 1):
+            try:
+                gray = images.read_gray_fitted(images_dir / name, size)
+            except images.BadImage as exc:
+                result.skipped.append((name, str(exc)))
+                if len(result.skipped) <= WARN_MAX:
+                    log.warning("skipping %s", exc)
+                if len(result.skipped) > max_bad_fraction * len(rows):
+                    raise too_many_bad(result.skipped, number, len(rows), max_bad_fraction)
+                continue
+            result.kept.append((name, split))
+            yield gray
+
+    write_stack(out_path, grays(), len(rows), (size, size))
+    if not result.kept:
+        raise UserError(f"none of the {len(rows)} images could be read; check data.source")
+    return result
+
+
+def too_many_bad(skipped: list[tuple[str, str]], seen: int, total: int,
+                 max_bad_fraction: float) -> UserError:
+    count = "" if seen == total else "at least "
+    return UserError(f"{count}{len(skipped)} of {total} images ({len(skipped) / total:.1%}) "
+                     f"cannot be read, more than data.max_bad_fraction={max_bad_fraction:g} "
+                     f"allows (first: {skipped[0][1]}); replace or remove them in data.source, "
+                     "or raise data.max_bad_fraction")
+
+
+def write_index(path: Path, kept: list[tuple[str, str]]) -> None:
+    """index.csv: `name,split` of each row of images.npy, in order."""
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["name", "split"])
+        writer.writerows(kept)

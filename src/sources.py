@@ -1,0 +1,229 @@
+"""Where the images come from, and the seeded train/val split.
+
+data.source is one of
+  synthetic   data.count dead-leaves images (src/dead_leaves.py), no network
+  mit_scenes  the 2688 outdoor scenes of Oliva & Torralba (2001), downloaded once
+              into .cache/downloads/; data.categories picks a subset
+  a path      a folder (searched recursively) or a .zip of your own images
+
+`gather` copies the chosen images into an images/ folder and returns their names
+relative to it, sorted. data.limit keeps a seeded subset; the split is made
+afterwards, by image, so the manifest shows exactly which images are held out.
+The MIT archive URL can be overridden with the LLF_MIT_URL environment
+variable, e.g. to point at a mirror or, in tests, at a local server.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import shutil
+import zipfile
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit
+
+import numpy as np
+from PIL import Image
+
+from src import dead_leaves, fetch, paths
+from src.config import MIT_CATEGORIES, DataConfig
+from src.errors import UserError
+from src.images import IMAGE_SUFFIXES
+
+log = logging.getLogger(__name__)
+
+MIT_URL = ("https://people.csail.mit.edu/torralba/code/spatialenvelope/"
+           "spatial_envelope_256x256_static_8outdoorcategories.zip")
+MIT_URL_ENV = "LLF_MIT_URL"
+SYNTHETIC_SIZE = 256  # as the MIT scenes; the grayscale stage fits both to data.size
+
+# Own streams: params.seed also drives the dead leaves (101) and the target noise (1).
+SUBSET_STREAM = 102
+SPLIT_STREAM = 103
+
+SOURCE_HINT = "synthetic, mit_scenes, or a path to a folder or .zip of images"
+
+
+# --- the split and the subset: pure functions of counts and the seed ---------------
+
+def val_count(count: int, val_fraction: float) -> int:
+    """Images held out: count × val_fraction rounded half up, at least 1 (when
+    val_fraction > 0 and there are 2 or more images), always leaving 1 to train on."""
+    if count < 2 or val_fraction <= 0:
+        return 0
+    return min(count - 1, max(1, int(np.floor(count * val_fraction + 0.5))))
+
+
+def split(count: int, val_fraction: float, seed: int) -> list[str]:
+    """'train' or 'val' for each of `count` images, from a seeded permutation."""
+    held_out = np.random.default_rng([seed, SPLIT_STREAM]).permutation(count)
+    held_out = held_out[:val_count(count, val_fraction)]
+    labels = np.full(count, "train", dtype=object)
+    labels[held_out] = "val"
+    return labels.tolist()
+
+
+def subset(count: int, limit: int, seed: int) -> np.ndarray:
+    """Sorted indices of the images data.limit keeps: all when limit is 0 or ≥ count,
+    else a seeded choice of `limit` of them."""
+    if limit <= 0 or limit >= count:
+        return np.arange(count)
+    rng = np.random.default_rng([seed, SUBSET_STREAM])
+    return np.sort(rng.choice(count, size=limit, replace=False))
+
+
+# --- the sources ---------------------------------------------------------------------
+
+def gather(data: DataConfig, seed: int, images_dir: Path) -> list[str]:
+    """Put the images data.source names into `images_dir`; return their sorted relative names."""
+    images_dir = Path(images_dir)
+    images_dir.mkdir(parents=True, exist_ok=True)
+    if data.categories and data.source != "mit_scenes":
+        log.warning("data.categories only applies to mit_scenes; ignoring it for %s", data.source)
+    if data.source == "synthetic":
+        return synthetic(data.count, data.limit, seed, images_dir)
+    if data.source == "mit_scenes":
+        return mit_scenes(data.categories, data.limit, seed, data.sha256, images_dir)
+    path = local_path(data.source)
+    if path.is_dir():
+        return from_folder(path, data.limit, seed, images_dir)
+    if path.is_file() and path.suffix.lower() == ".zip":
+        return from_zip(path, data.limit, seed, images_dir)
+    if path.is_file():
+        raise UserError(f"data.source: {data.source} is a file but not a .zip; "
+                        f"use {SOURCE_HINT}")
+    raise UserError(f"data.source: {data.source!r} is not synthetic, mit_scenes, or an existing "
+                    f"folder or .zip of images; set it to one of these")
+
+
+def local_path(source: str) -> Path:
+    """data.source as a path: from the working directory, or else from the main repo
+    root, which a queued experiment (run in a temporary copy) still sees."""
+    path = Path(source).expanduser()
+    if path.is_absolute() or path.exists():
+        return path
+    from_root = paths.repo_root() / path
+    return from_root if from_root.exists() else path
+
+
+def _usable_cpus() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _leaf_name(index: int, count: int) -> str:
+    return f"leaves_{index:0{max(5, len(str(count - 1)))}d}.png"
+
+
+def _write_leaves(job: tuple[int, int, int, Path]) -> None:
+    index, seed, count, images_dir = job
+    pixels = dead_leaves.render(index, SYNTHETIC_SIZE, seed)
+    # Level 1: PNG stays lossless, and writing it costs less than drawing the leaves.
+    Image.fromarray(pixels).save(images_dir / _leaf_name(index, count), compress_level=1)
+
+
+def synthetic(count: int, limit: int, seed: int, images_dir: Path) -> list[str]:
+    """Write dead-leaves images as PNGs named by their index, so a data.limit subset
+    holds exactly the images the full set would."""
+    indices = subset(count, limit, seed).tolist()
+    jobs = [(i, seed, count, images_dir) for i in indices]
+    workers = min(_usable_cpus(), max(1, len(jobs) // 64))
+    if workers > 1:
+        # Image i depends only on (seed, i), so the cores can share them out.
+        with ProcessPoolExecutor(workers) as pool:
+            list(pool.map(_write_leaves, jobs, chunksize=16))
+    else:
+        for job in jobs:
+            _write_leaves(job)
+    return [_leaf_name(i, count) for i in indices]
+
+
+def _is_image(name: str) -> bool:
+    # Hidden files and folders (.DS_Store, macOS "._x.jpg" forks, .git) are never images.
+    parts = PurePosixPath(name).parts
+    return (bool(parts) and PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES
+            and not any(p.startswith(".") or p == "__MACOSX" for p in parts))
+
+
+def _none_found(where: Path) -> UserError:
+    return UserError(f"data.source: {where} holds no images ({', '.join(IMAGE_SUFFIXES)}); "
+                     "add some, or set data.source to synthetic or mit_scenes")
+
+
+def from_folder(root: Path, limit: int, seed: int, images_dir: Path) -> list[str]:
+    """Copy the images under `root` (recursively) into `images_dir`, keeping their
+    relative paths, so names stay unique and say where each image came from."""
+    if images_dir.resolve().is_relative_to(root.resolve()):
+        raise UserError(f"data.source: {root} holds the pipeline's own output folder; point "
+                        "it at a folder of images outside data/")
+    names = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                   if p.is_file() and _is_image(p.relative_to(root).as_posix()))
+    if not names:
+        raise _none_found(root)
+    names = [names[i] for i in subset(len(names), limit, seed)]
+    for name in names:
+        target = images_dir / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(root / name, target)
+    return names
+
+
+def zip_images(archive: Path) -> list[str]:
+    """The image entries of a zip archive, sorted."""
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            return sorted(info.filename for info in zf.infolist()
+                          if not info.is_dir() and _is_image(info.filename))
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise UserError(f"{archive} is not a readable zip archive ({exc}); delete it and "
+                        "re-run, or point data.source at a valid .zip") from None
+
+
+def from_zip(archive: Path, limit: int, seed: int, images_dir: Path) -> list[str]:
+    """Safely unpack the images of a .zip into `images_dir`, keeping their paths."""
+    names = zip_images(archive)
+    if not names:
+        raise _none_found(archive)
+    names = [names[i] for i in subset(len(names), limit, seed)]
+    wanted = set(names)
+    fetch.extract_zip(archive, images_dir, members=wanted.__contains__)
+    return [name.replace("\\", "/") for name in names]  # as extract_zip lays them out
+
+
+def mit_scenes(categories: tuple[str, ...], limit: int, seed: int, sha256: str,
+               images_dir: Path) -> list[str]:
+    """Download the MIT outdoor scenes once, then unpack `categories` (all when empty)
+    flat into `images_dir` as <category>_<id>.jpg."""
+    url = os.environ.get(MIT_URL_ENV) or MIT_URL
+    # Under the main root, so queued experiments (in temporary copies) share one download.
+    cache = paths.repo_root() / paths.DOWNLOADS / PurePosixPath(urlsplit(url).path).name
+    archive = fetch.download(url, cache, sha256=sha256)
+    wanted = categories or MIT_CATEGORIES
+    entries: dict[str, str] = {}  # flat name -> archive entry; the first of a repeated name wins
+    for entry in zip_images(archive):
+        name = PurePosixPath(entry).name
+        if name.split("_", 1)[0] in wanted:
+            entries.setdefault(name, entry)
+    if not entries:
+        raise UserError(f"{archive} holds no images of {', '.join(wanted)}; delete it and "
+                        "re-run to download it again")
+    names = sorted(entries)
+    names = [names[i] for i in subset(len(names), limit, seed)]
+    unpack = images_dir.parent / f".{images_dir.name}.unpack"
+    try:
+        fetch.extract_zip(archive, unpack, members={entries[n] for n in names}.__contains__)
+        for name in names:
+            os.replace(unpack.joinpath(*PurePosixPath(entries[name]).parts), images_dir / name)
+    finally:
+        shutil.rmtree(unpack, ignore_errors=True)
+    return names
+
+
+def write_manifest(path: Path, names: list[str], splits: list[str]) -> None:
+    """manifest.csv: one `name,split` row per image, names relative to images/."""
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["name", "split"])
+        writer.writerows(zip(names, splits))

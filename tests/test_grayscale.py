@@ -1,0 +1,163 @@
+"""The grayscale stack: streamed row by row into an .npy of exactly the readable images,
+with the unreadable ones skipped and counted, up to data.max_bad_fraction."""
+from __future__ import annotations
+
+import csv
+import json
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from src import grayscale, images
+from src.errors import UserError
+from stages import grayscale as stage
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_raw(root: Path, good: int, bad: int = 0) -> list[tuple[str, str]]:
+    """data/raw with `good` images of mixed sizes and formats, then `bad` broken files."""
+    rng = np.random.default_rng(0)
+    folder = root / "data/raw/images"
+    (folder / "sub").mkdir(parents=True)
+    rows = []
+    shapes = [(48, 64, 3), (40, 40), (70, 30, 3), (32, 32, 3)]
+    for i in range(good):
+        shape = shapes[i % len(shapes)]
+        pixels = rng.integers(0, 256, shape, dtype=np.uint8)
+        name = f"sub/good{i:03d}.jpg" if i % 2 else f"good{i:03d}.png"
+        Image.fromarray(pixels).save(folder / name)
+        rows.append((name, "val" if i % 4 == 0 else "train"))
+    broken = [b"", b"this is text, not a picture", b"\x89PNG\r\n\x1a\n" + b"\0" * 20]
+    for i in range(bad):
+        name = f"bad{i:03d}.jpg"
+        (folder / name).write_bytes(broken[i % len(broken)])
+        rows.append((name, "train"))
+    rows.sort()
+    with open(root / "data/raw/manifest.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["name", "split"])
+        writer.writerows(rows)
+    return rows
+
+
+def read_index(root: Path) -> list[tuple[str, str]]:
+    with open(root / "data/gray/index.csv", newline="") as handle:
+        return [(r["name"], r["split"]) for r in csv.DictReader(handle)]
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def write_params(root: Path, **data) -> None:
+    doc = yaml.safe_load((REPO / "params.yaml").read_text())
+    doc["data"].update(data)
+    (root / "params.yaml").write_text(yaml.safe_dump(doc))
+
+
+# --- write_stack ------------------------------------------------------------------
+
+@pytest.mark.parametrize("written", [5, 3, 0])
+def test_write_stack_holds_exactly_the_rows_written(tmp_path, written):
+    rows = np.random.default_rng(1).random((written, 4, 6)).astype(np.float32)
+    path = tmp_path / "stack.npy"
+    assert grayscale.write_stack(path, iter(rows), capacity=5, shape=(4, 6)) == written
+    loaded = np.load(path, mmap_mode="r")
+    assert loaded.shape == (written, 4, 6) and loaded.dtype == np.float32
+    assert np.array_equal(loaded, rows)
+    assert path.stat().st_size == loaded.offset + rows.nbytes
+
+
+def test_write_stack_refuses_a_wrong_shape(tmp_path):
+    with pytest.raises(ValueError):
+        grayscale.write_stack(tmp_path / "s.npy", iter([np.zeros((3, 3))]), 2, (4, 4))
+
+
+# --- convert ----------------------------------------------------------------------
+
+def test_convert_streams_the_readable_images(workdir):
+    rows = make_raw(workdir, good=6, bad=2)
+    out = workdir / "images.npy"
+    result = grayscale.convert(rows, workdir / "data/raw/images", 32, out, max_bad_fraction=0.25)
+    stack = np.load(out)
+    assert stack.shape == (6, 32, 32) and stack.dtype == np.float32
+    assert 0.0 <= stack.min() and stack.max() <= 1.0
+    assert [name for name, _ in result.skipped] == ["bad000.jpg", "bad001.jpg"]
+    assert result.kept == [row for row in rows if row[0].startswith(("good", "sub/"))]
+    for i, (name, _) in enumerate(result.kept):
+        decoded = images.read_image(workdir / "data/raw/images" / name)
+        assert np.array_equal(stack[i], images.fit(images.luma(decoded), 32))
+
+
+def peak_bytes(rows, root: Path) -> int:
+    tracemalloc.start()
+    grayscale.convert(rows, root / "data/raw/images", 32, root / "s.npy", 0.0)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return peak
+
+
+def test_convert_memory_stays_flat(workdir):
+    # Ten times the images may not raise the peak by even ten rows: nothing piles up.
+    rows = make_raw(workdir, good=80)
+    few, many = peak_bytes(rows[:8], workdir), peak_bytes(rows, workdir)
+    assert many < few + 10 * 32 * 32 * 4, (few, many)
+
+
+def test_convert_too_many_bad_images(workdir):
+    rows = make_raw(workdir, good=4, bad=2)
+    with pytest.raises(UserError) as caught:
+        grayscale.convert(rows, workdir / "data/raw/images", 16, workdir / "s.npy", 0.25)
+    message = str(caught.value)
+    assert "2 of 6" in message and "33.3%" in message and "data.max_bad_fraction" in message
+    assert "\n" not in message
+
+
+def test_read_manifest_errors(tmp_path):
+    with pytest.raises(UserError, match="dvc repro download"):
+        grayscale.read_manifest(tmp_path / "missing.csv")
+    (tmp_path / "m.csv").write_text("file,part\na.png,train\n")
+    with pytest.raises(UserError, match="name,split"):
+        grayscale.read_manifest(tmp_path / "m.csv")
+    (tmp_path / "m.csv").write_text("name,split\na.png,test\n")
+    with pytest.raises(UserError, match="train or val"):
+        grayscale.read_manifest(tmp_path / "m.csv")
+
+
+# --- the stage --------------------------------------------------------------------
+
+def test_stage_writes_stack_index_and_metrics(workdir):
+    rows = make_raw(workdir, good=9, bad=1)
+    write_params(workdir, size=24, max_bad_fraction=0.1)
+    stage.main()
+    stack = np.load(workdir / "data/gray/images.npy", mmap_mode="r")
+    index = read_index(workdir)
+    assert stack.shape == (9, 24, 24) and stack.dtype == np.float32
+    assert index == [row for row in rows if row[0] != "bad000.jpg"]
+    metrics = json.loads((workdir / "metrics/grayscale.json").read_text())
+    assert metrics == {"images": 9, "train": sum(s == "train" for _, s in index),
+                       "val": sum(s == "val" for _, s in index), "skipped": 1,
+                       "skipped_names": ["bad000.jpg"]}
+    assert sorted(p.name for p in (workdir / "data").iterdir()) == ["gray", "raw"]
+
+
+def test_stage_over_the_bad_limit_leaves_no_output(workdir):
+    make_raw(workdir, good=7, bad=3)
+    write_params(workdir, size=24, max_bad_fraction=0.2)
+    with pytest.raises(UserError, match=r"3 of 10 images \(30\.0%\)"):
+        stage.main()
+    assert sorted(p.name for p in (workdir / "data").iterdir()) == ["raw"]
+    assert not (workdir / "metrics/grayscale.json").exists()
+
+
+def test_stage_without_a_manifest(workdir):
+    write_params(workdir)
+    with pytest.raises(UserError, match="manifest.csv not found"):
+        stage.main()

@@ -1,0 +1,272 @@
+"""Image sources and the seeded split: synthetic, a local folder or .zip, and mit_scenes
+against an HTTP server on 127.0.0.1 (never the real network); then the download stage."""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import io
+import shutil
+import threading
+import zipfile
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from src import config, dead_leaves, sources
+from src.errors import UserError
+from stages import download
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def data_config(**changes) -> config.DataConfig:
+    return dataclasses.replace(config.parse({}).data, **changes)
+
+
+def png_bytes(seed: int, size: tuple[int, int] = (24, 16), fmt: str = "PNG") -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def read_manifest(root: Path) -> list[dict]:
+    with open(root / "data/raw/manifest.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+# --- split and subset -------------------------------------------------------------
+
+@pytest.mark.parametrize("count, fraction, expected", [
+    (10, 0.2, 2), (11, 0.2, 2), (13, 0.5, 7), (2, 0.2, 1), (1, 0.5, 0), (10, 0.0, 0),
+    (5, 0.9, 4), (2688, 0.2, 538)])
+def test_val_count(count, fraction, expected):
+    assert sources.val_count(count, fraction) == expected
+
+
+def test_split_is_seeded_and_exact():
+    a = sources.split(50, 0.2, seed=0)
+    assert a == sources.split(50, 0.2, seed=0)
+    assert a != sources.split(50, 0.2, seed=1)
+    assert a.count("val") == 10 and a.count("train") == 40
+
+
+def test_subset():
+    assert list(sources.subset(5, 0, seed=0)) == [0, 1, 2, 3, 4]
+    assert list(sources.subset(5, 9, seed=0)) == [0, 1, 2, 3, 4]
+    keep = sources.subset(100, 7, seed=0)
+    assert len(set(keep)) == 7 and list(keep) == sorted(keep) and keep.max() < 100
+    assert np.array_equal(keep, sources.subset(100, 7, seed=0))
+    assert not np.array_equal(keep, sources.subset(100, 7, seed=1))
+
+
+# --- synthetic --------------------------------------------------------------------
+
+def test_synthetic_images_are_the_dead_leaves_of_their_index(tmp_path):
+    names = sources.gather(data_config(count=4), seed=5, images_dir=tmp_path / "all")
+    assert names == [f"leaves_0000{i}.png" for i in range(4)]
+    for i, name in enumerate(names):
+        pixels = np.asarray(Image.open(tmp_path / "all" / name))
+        assert np.array_equal(pixels, dead_leaves.render(i, sources.SYNTHETIC_SIZE, seed=5))
+    some = sources.gather(data_config(count=4, limit=2), seed=5, images_dir=tmp_path / "some")
+    assert len(some) == 2 and set(some) <= set(names)
+    for name in some:  # a subset holds the very same images
+        assert (tmp_path / "some" / name).read_bytes() == (tmp_path / "all" / name).read_bytes()
+
+
+# --- a local folder or .zip --------------------------------------------------------
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    root = tmp_path / "photos"
+    files = {"b.png": png_bytes(1), "a.JPG": png_bytes(2, fmt="JPEG"),
+             "trip/day 1/c.tiff": png_bytes(3, fmt="TIFF"), "trip/d.jpeg": png_bytes(4, fmt="JPEG"),
+             "trip/notes.txt": b"not an image", ".hidden/e.png": png_bytes(5),
+             "._b.png": b"macOS fork", "empty/.keep": b""}
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    return root
+
+
+EXPECTED = ["a.JPG", "b.png", "trip/d.jpeg", "trip/day 1/c.tiff"]
+
+
+def test_local_folder_nested_mixed_formats(folder, tmp_path):
+    names = sources.gather(data_config(source=str(folder)), seed=0, images_dir=tmp_path / "out")
+    assert names == EXPECTED
+    for name in names:
+        assert (tmp_path / "out" / name).read_bytes() == (folder / name).read_bytes()
+    assert sorted(p.relative_to(tmp_path / "out").as_posix()
+                  for p in (tmp_path / "out").rglob("*") if p.is_file()) == EXPECTED
+
+
+def test_local_folder_limit(folder, tmp_path):
+    names = sources.gather(data_config(source=str(folder), limit=2), seed=0,
+                           images_dir=tmp_path / "out")
+    assert len(names) == 2 and set(names) <= set(EXPECTED)
+
+
+def test_local_zip(folder, tmp_path):
+    archive = tmp_path / "photos.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                zf.write(path, f"photos/{path.relative_to(folder).as_posix()}")
+    names = sources.gather(data_config(source=str(archive)), seed=0, images_dir=tmp_path / "out")
+    assert names == [f"photos/{n}" for n in EXPECTED]
+    for name in EXPECTED:
+        assert (tmp_path / "out/photos" / name).read_bytes() == (folder / name).read_bytes()
+    assert not (tmp_path / "out/photos/trip/notes.txt").exists()
+
+
+def test_a_folder_holding_the_output_is_refused(folder, tmp_path):
+    with pytest.raises(UserError, match="own output"):
+        sources.gather(data_config(source=str(tmp_path)), 0, tmp_path / "data/.raw.tmp/images")
+
+
+def test_empty_folder_and_imageless_zip(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty/readme.txt").write_text("no images here")
+    with pytest.raises(UserError, match="holds no images"):
+        sources.gather(data_config(source=str(tmp_path / "empty")), 0, tmp_path / "out")
+    with zipfile.ZipFile(tmp_path / "empty.zip", "w") as zf:
+        zf.writestr("readme.txt", "no images here")
+    with pytest.raises(UserError, match="holds no images"):
+        sources.gather(data_config(source=str(tmp_path / "empty.zip")), 0, tmp_path / "out")
+
+
+def test_unknown_source_names_the_options(tmp_path):
+    with pytest.raises(UserError) as caught:
+        sources.gather(data_config(source=str(tmp_path / "nowhere")), 0, tmp_path / "out")
+    message = str(caught.value)
+    assert all(word in message for word in ("synthetic", "mit_scenes", "folder", ".zip"))
+    (tmp_path / "pics.tar").write_bytes(b"tar")
+    with pytest.raises(UserError, match="not a .zip"):
+        sources.gather(data_config(source=str(tmp_path / "pics.tar")), 0, tmp_path / "out")
+    (tmp_path / "broken.zip").write_bytes(b"PK but not really")
+    with pytest.raises(UserError, match="not a readable zip"):
+        sources.gather(data_config(source=str(tmp_path / "broken.zip")), 0, tmp_path / "out")
+
+
+# --- mit_scenes against 127.0.0.1 -----------------------------------------------------
+
+MIT_DIR = "spatial_envelope_256x256_static_8outdoorcategories"
+MIT_FILES = [f"{category}_{tag}{i}.jpg" for category, tag in
+             (("coast", "n"), ("forest", "nat"), ("street", "par"), ("tallbuilding", "a"))
+             for i in range(3)]
+
+
+class Server:
+    """A static file server on 127.0.0.1 that counts the requests it answers."""
+
+    def __init__(self, root: Path):
+        self.requests = 0
+
+        class Handler(SimpleHTTPRequestHandler):
+            def do_GET(inner):
+                self.requests += 1
+                super().do_GET()
+
+            def log_message(inner, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0),
+                                         functools.partial(Handler, directory=str(root)))
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def mit_server(tmp_path, monkeypatch):
+    served = tmp_path / "served"
+    served.mkdir()
+    with zipfile.ZipFile(served / "scenes.zip", "w") as zf:
+        zf.writestr(f"{MIT_DIR}/", "")
+        for i, name in enumerate(MIT_FILES):
+            zf.writestr(f"{MIT_DIR}/{name}", png_bytes(i, (32, 32), fmt="JPEG"))
+        zf.writestr(f"{MIT_DIR}/Thumbs.db", b"not an image")
+    server = Server(served)
+    monkeypatch.setenv(sources.MIT_URL_ENV, f"{server.url}/scenes.zip")
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)  # not a git repo: the download cache lands here
+    yield server
+    server.stop()
+
+
+def test_mit_scenes_category_subset_is_downloaded_once(mit_server, tmp_path):
+    data = data_config(source="mit_scenes", categories=("coast", "street"))
+    names = sources.gather(data, 0, tmp_path / "a")
+    assert names == sorted(n for n in MIT_FILES if n.startswith(("coast_", "street_")))
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == names  # flat, nothing else
+    assert (tmp_path / "work/.cache/downloads/scenes.zip").is_file()
+    assert mit_server.requests == 1
+    mit_server.stop()  # a second run must not need the network
+    all_names = sources.gather(data_config(source="mit_scenes", limit=5), 0, tmp_path / "b")
+    assert len(all_names) == 5 and set(all_names) <= set(MIT_FILES)
+    assert mit_server.requests == 1
+
+
+def test_mit_scenes_sha256_pin_mismatch(mit_server, tmp_path):
+    data = data_config(source="mit_scenes", sha256="0" * 64)
+    with pytest.raises(UserError, match="sha256"):
+        sources.gather(data, 0, tmp_path / "a")
+
+
+# --- the stage --------------------------------------------------------------------------
+
+def write_params(root: Path, **data) -> None:
+    doc = yaml.safe_load((REPO / "params.yaml").read_text())
+    doc["data"].update(data)
+    (root / "params.yaml").write_text(yaml.safe_dump(doc))
+
+
+def test_download_stage_records_a_reproducible_split(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_params(tmp_path, count=10, val_fraction=0.3)
+    download.main()
+    rows = read_manifest(tmp_path)
+    assert [r["name"] for r in rows] == [f"leaves_{i:05d}.png" for i in range(10)]
+    assert sum(r["split"] == "val" for r in rows) == 3
+    assert {r["split"] for r in rows} == {"train", "val"}
+    assert sorted(p.name for p in (tmp_path / "data/raw/images").iterdir()) == \
+        [r["name"] for r in rows]
+    download.main()  # again: the same split, and nothing left beside data/raw
+    assert read_manifest(tmp_path) == rows
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["raw"]
+
+
+def test_download_stage_failure_keeps_the_old_output(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_params(tmp_path, count=3)
+    download.main()
+    before = read_manifest(tmp_path)
+    write_params(tmp_path, source=str(tmp_path / "missing"))
+    with pytest.raises(UserError):
+        download.main()
+    assert read_manifest(tmp_path) == before
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["raw"]
+
+
+def test_download_stage_from_a_folder_with_limit(folder, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_params(tmp_path, source="photos", limit=3, val_fraction=0.34)
+    download.main()
+    rows = read_manifest(tmp_path)
+    assert len(rows) == 3 and {r["name"] for r in rows} <= set(EXPECTED)
+    assert [r["split"] for r in rows].count("val") == 1
+    shutil.rmtree(tmp_path / "data")
+    download.main()
+    assert read_manifest(tmp_path) == rows
