@@ -1,0 +1,134 @@
+"""End to end: the real `dvc repro`, `dvc exp run` (workspace, --temp, queued) and MLflow,
+in a temporary git copy of the repo on a tiny config (8 images of 64×64, 2 epochs)."""
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from conftest import TINY, ran_stages
+
+EPOCHS = TINY["train"]["epochs"]
+ALL_STAGES = ["download", "grayscale", "filter", "train", "visualize"]
+
+
+def runs(ws, experiment="learn-linear-filter"):
+    client = MlflowClient(ws.tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    assert found is not None, "no MLflow experiment was created"
+    return client, found, client.search_runs([found.experiment_id], order_by=["start_time ASC"])
+
+
+def assert_complete(client, run, epochs=EPOCHS):
+    assert run.info.status == "FINISHED"
+    history = client.get_metric_history(run.info.run_id, "kernel_mse")
+    assert [m.step for m in history] == list(range(1, epochs + 1))
+    for key in ("kernel_rel_error", "loss", "val_loss", "elapsed_s"):
+        assert len(client.get_metric_history(run.info.run_id, key)) == epochs, key
+    images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
+    assert len([p for p in images if p.startswith("images/kernel+step+")]) >= epochs
+    return history
+
+
+def test_repro_runs_every_stage_and_logs_one_run(workspace):
+    out = workspace.dvc("repro").stdout
+    assert ran_stages(out) == ALL_STAGES
+
+    gray = np.load(workspace.root / "data/gray/images.npy", mmap_mode="r")
+    assert gray.shape == (8, 64, 64) and gray.dtype == np.float32
+    targets = np.load(workspace.root / "data/filtered/targets.npy", mmap_mode="r")
+    assert targets.shape == (8, 62, 62)
+    metrics = json.loads((workspace.root / "metrics/train.json").read_text())
+    assert metrics["epochs"] == EPOCHS and metrics["kernel_rel_error"] < 1.0
+
+    client, experiment, found = runs(workspace)
+    assert len(found) == 1
+    history = assert_complete(client, found[0])
+    assert history[-1].value < history[0].value  # the kernel error falls
+    run = found[0]
+    assert run.data.tags["kernel"] == "sobel_x"
+    assert run.data.params["train.epochs"] == str(EPOCHS)
+    assert experiment.artifact_location.startswith((workspace.root / "mlartifacts").as_uri())
+
+    # a no-op repro runs nothing and logs nothing
+    again = workspace.dvc("repro").stdout
+    assert ran_stages(again) == []
+    assert len(runs(workspace)[2]) == 1
+
+
+def test_changing_the_kernel_reruns_filter_and_later_only(workspace):
+    workspace.dvc("repro")
+    workspace.commit("first run")
+    out = workspace.dvc("exp", "run", "-S", "kernel=sobel_y").stdout
+    ran = ran_stages(out)
+    assert "filter" in ran and "train" in ran
+    assert "download" not in ran and "grayscale" not in ran
+    kernel = np.load(workspace.root / "data/filtered/kernel.npy")
+    np.testing.assert_array_equal(kernel, [[-1, -2, -1], [0, 0, 0], [1, 2, 1]])
+
+
+def test_workspace_temp_and_queued_experiments_share_one_store(workspace):
+    workspace.dvc("repro")
+    workspace.commit("baseline")
+    workspace.dvc("exp", "run", "-S", "kernel=sobel_y")
+    workspace.dvc("exp", "run", "--temp", "-S", "kernel=prewitt_x")
+    workspace.dvc("exp", "run", "--queue", "-S", "kernel=laplacian", "-n", "queued-lap")
+    workspace.dvc("queue", "start", "-j", "1")
+    _wait_for_queue(workspace)
+
+    client, experiment, found = runs(workspace)
+    kernels = sorted(r.data.tags["kernel"] for r in found)
+    assert kernels == ["laplacian", "prewitt_x", "sobel_x", "sobel_y"]
+    for run in found:
+        assert_complete(client, run)
+        # artifacts live under the main root, not in the deleted experiment copies
+        local = client.download_artifacts(run.info.run_id, "learned_kernel.npy")
+        assert np.load(local).shape == (3, 3)
+    assert not list((workspace.root / ".dvc/tmp/exps").glob("tmp*"))
+    queued = next(r for r in found if r.data.tags["kernel"] == "laplacian")
+    assert queued.data.tags["dvc.exp_name"] == "queued-lap"
+    assert "queued-lap" in queued.info.run_name and "laplacian" in queued.info.run_name
+
+
+def _wait_for_queue(ws, timeout=900):
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = ws.dvc("queue", "status").stdout
+        if not any(word in status for word in ("Queued", "Running")):
+            assert "Failed" not in status, status
+            return status
+        time.sleep(3)
+    raise AssertionError(f"queue did not finish:\n{status}")
+
+
+def test_two_parallel_queued_experiments_on_a_fresh_store(workspace):
+    """`dvc queue start -j 2` with no mlflow.db yet: both runs land, nothing lost."""
+    workspace.dvc("exp", "run", "--queue", "-S", "kernel=sobel_x", "-n", "par-x")
+    workspace.dvc("exp", "run", "--queue", "-S", "kernel=sobel_y", "-n", "par-y")
+    assert not (workspace.root / "mlflow.db").exists()
+    workspace.dvc("queue", "start", "-j", "2")
+    _wait_for_queue(workspace)
+    client, _, found = runs(workspace)
+    assert sorted(r.data.tags["dvc.exp_name"] for r in found) == ["par-x", "par-y"]
+    for run in found:
+        assert_complete(client, run)
+
+
+def test_a_queued_experiment_runs_its_own_copy_of_the_code(workspace):
+    source = workspace.root / "src/training.py"
+    original = source.read_text()
+    marker = "queued-code-marker-5521"
+    source.write_text(original.replace('    keras.utils.set_random_seed(seed)\n',
+                                       f'    log.info("{marker}")\n    keras.utils.set_random_seed(seed)\n', 1))
+    assert marker in source.read_text()
+    workspace.dvc("exp", "run", "--queue", "-n", "marked")
+    source.write_text(original)  # the workspace no longer has the marker
+    workspace.dvc("queue", "start", "-j", "1")
+    _wait_for_queue(workspace)
+    logs = workspace.dvc("queue", "logs", "marked").stdout
+    assert marker in logs
+    assert marker not in source.read_text()
