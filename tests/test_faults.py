@@ -1,0 +1,100 @@
+"""Faults, end to end: interrupting training, a diverging run, an unreachable server.
+
+Each ends with one clear line, a non-zero exit, an MLflow run that is not left
+RUNNING, and no partial output; a rerun of `dvc repro` then completes.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import time
+
+import pytest
+from mlflow import MlflowClient
+
+from conftest import BIN, clean_env
+
+
+def epochs_logged(ws) -> int:
+    """kernel_mse points in the store so far (0 before it exists)."""
+    db = ws.root / "mlflow.db"
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(db, timeout=1) as conn:
+            return conn.execute("select count(*) from metrics where key='kernel_mse'").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+def statuses(ws) -> list[str]:
+    client = MlflowClient(ws.tracking_uri)
+    experiment = client.get_experiment_by_name("learn-linear-filter")
+    return sorted(r.info.status for r in client.search_runs([experiment.experiment_id]))
+
+
+def interrupt_training(ws, process: subprocess.Popen, signum: int, group: bool) -> str:
+    deadline = time.time() + 300
+    while epochs_logged(ws) < 2:
+        assert process.poll() is None, process.communicate()
+        assert time.time() < deadline, "training never logged an epoch"
+        time.sleep(0.2)
+    (os.killpg if group else os.kill)(process.pid, signum)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode != 0
+    return stderr
+
+
+@pytest.mark.parametrize("how", ["ctrl-c on dvc repro", "sigterm to the train stage"])
+def test_interrupted_training_is_marked_killed_and_a_rerun_completes(workspace, how):
+    workspace.set_params({"train": {"epochs": 400}})
+    env = clean_env()
+    if how == "ctrl-c on dvc repro":
+        process = subprocess.Popen([str(BIN / "dvc"), "repro"], cwd=workspace.root, env=env,
+                                   text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   start_new_session=True)
+        interrupt_training(workspace, process, signal.SIGINT, group=True)
+    else:
+        workspace.dvc("repro", "filter")
+        process = subprocess.Popen(["python", "-m", "stages.train"], cwd=workspace.root, env=env,
+                                   text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        stderr = interrupt_training(workspace, process, signal.SIGTERM, group=False)
+        assert "Traceback" not in stderr
+        assert stderr.strip().splitlines()[-1].startswith("error: interrupted")
+    assert not (workspace.root / "model").exists()  # nothing half-written for DVC to cache
+    assert statuses(workspace) == ["KILLED"]
+
+    workspace.set_params({"train": {"epochs": 2}})
+    workspace.dvc("repro")
+    assert statuses(workspace) == ["FINISHED", "KILLED"]
+    assert (workspace.root / "model/kernel.npy").is_file()
+
+
+def test_a_diverging_run_stops_with_one_line_and_is_marked_failed(workspace):
+    result = workspace.dvc("exp", "run", "-S", "train.learning_rate=1e6", check=False)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors and "training diverged" in errors[0] and "lower train.learning_rate" in errors[0]
+    assert "Traceback" not in result.stderr
+    assert statuses(workspace) == ["FAILED"]
+    assert not (workspace.root / "model").exists()
+
+
+def test_an_unreachable_tracking_server_fails_before_training(workspace):
+    workspace.dvc("repro", "filter")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again when the block ends: nothing listens
+    uri = f"http://127.0.0.1:{port}"
+    started = time.time()
+    result = workspace.run("python", "-m", "stages.train", check=False,
+                           env=clean_env(MLFLOW_TRACKING_URI=uri))
+    assert result.returncode == 2
+    assert time.time() - started < 60
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and uri in lines[0] and "MLFLOW_TRACKING_URI" in lines[0]
+    assert "Traceback" not in result.stderr
+    assert not (workspace.root / "model").exists()
