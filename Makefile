@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Stages run as `python -m stages.<name>`: the venv must come first on PATH.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install run test lock clean
+.PHONY: install run test compare docs bench lock clean
 
 install: $(VENV)/.installed
 
@@ -20,6 +20,21 @@ run: install
 
 test: install
 	python -m pytest -q tests
+
+# Queue the three headline kernels, run them two at a time, and show them side by side.
+compare: install
+	dvc exp run --queue -S 'kernel=sobel_x,sobel_y,smiley'
+	dvc exp run --run-all -j 2
+	dvc exp show --no-pager --md --drop '.*' \
+	  --keep 'Experiment|^kernel$$|kernel_mse|kernel_rel_error|val_loss|train_seconds'
+	@echo
+	@echo "Compare the runs in MLflow:  $(BIN)/mlflow ui   (then open http://127.0.0.1:5000)"
+
+docs: install  # refresh the README's pictures from real runs, in a temporary copy
+	python docs/refresh.py
+
+bench: install  # measure everything BENCHMARKS.md reports (~20 min on 2 cores)
+	python -m benchmarks.bench
 
 lock:  # re-resolve requirements.in into requirements.lock
 	rm -rf /tmp/llf-lock && $(PYTHON) -m venv /tmp/llf-lock

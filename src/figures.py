@@ -356,3 +356,26 @@ def curves(history: Mapping[str, Sequence[float]]) -> Figure:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(f"training history, {len(epochs)} epochs")
     return fig
+
+
+# --- 5. every built-in kernel, for the README ---------------------------------------
+
+def kernel_gallery(kernels: Mapping[str, np.ndarray], columns: int = 5) -> Figure:
+    """Each kernel on its own symmetric colour scale, with its name, size and values
+    (up to 3×3), so a reader sees what every `kernel:` choice looks like."""
+    rows = math.ceil(len(kernels) / columns)
+    fig = Figure(figsize=(2.6 * columns, 2.7 * rows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
+    for ax, (name, kernel) in zip(axes, kernels.items()):
+        k = _as_kernel(kernel)
+        limit = symmetric_limit(k)
+        norm = Normalize(-limit, limit)
+        image = ax.imshow(k, cmap=KERNEL_CMAP, norm=norm, interpolation="nearest")
+        ax.set_title(f"{name} ({k.shape[0]}×{k.shape[1]})", fontsize=10)
+        _kernel_axes(ax, k.shape)
+        if max(k.shape) <= 3:
+            _write_values(ax, k, norm, value_format(limit), 9)
+        fig.colorbar(image, ax=ax, shrink=0.8)
+    for ax in axes[len(kernels):]:
+        ax.set_axis_off()
+    return fig
