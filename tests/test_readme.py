@@ -1,0 +1,105 @@
+"""The README's commands, run as written on a tiny config, so it cannot drift from the code."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import requests
+
+from conftest import REPO, clean_env
+
+README = (REPO / "README.md").read_text()
+
+
+def section(title: str) -> str:
+    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## )", README, re.S | re.M)
+    assert match, f"README has no section {title!r}"
+    return match.group(1)
+
+
+def commands(text: str) -> list[str]:
+    """Command lines of the ```bash blocks, without comments."""
+    lines = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.splitlines():
+            line = line.split(" #")[0].strip()
+            if line and not line.startswith("#"):
+                lines.append(line)
+    return lines
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_setup_is_two_commands_and_ci_runs_the_test_one():
+    setup = commands(section("Setup: two commands"))
+    assert setup == ["make run", "make test"]
+    ci = [line for line in (REPO / ".ci/run").read_text().splitlines()
+          if line.strip() and not line.startswith("#") and not line.startswith(("set ", "cd "))]
+    assert ci == ["make test"]
+
+
+def test_the_walkthrough_runs_as_written(workspace):
+    walkthrough = commands(section("A five-minute walkthrough"))
+    assert walkthrough[0] == "source .venv/bin/activate"  # the tests already run in the venv
+    assert walkthrough[-1] == "mlflow ui"
+    env = clean_env()
+    for line in walkthrough[1:-1]:
+        result = subprocess.run(["bash", "-c", line], cwd=workspace.root, env=env, text=True,
+                                capture_output=True, timeout=900)
+        assert result.returncode == 0, f"{line}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        if line.startswith("dvc exp show"):
+            for kernel in ("smiley", "sobel_y", "prewitt_x", "laplacian"):
+                assert kernel in result.stdout
+            assert "kernel_rel_error" in result.stdout
+    assert (workspace.root / "dvc_plots/index.html").is_file()
+
+    # `mlflow ui`, as written, from the root; on a free port since 5000 may be taken here
+    port = free_port()
+    ui = subprocess.Popen(["bash", "-c", f"exec mlflow ui --port {port}"], cwd=workspace.root,
+                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                          start_new_session=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while True:
+            try:
+                if requests.get(f"{base}/health", timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert time.time() < deadline, "mlflow ui did not start"
+            time.sleep(1)
+        experiments = requests.post(f"{base}/api/2.0/mlflow/experiments/search",
+                                    json={"max_results": 10}, timeout=10).json()["experiments"]
+        ours = next(e for e in experiments if e["name"] == "learn-linear-filter")
+        found = requests.post(f"{base}/api/2.0/mlflow/runs/search",
+                              json={"experiment_ids": [ours["experiment_id"]]},
+                              timeout=10).json()["runs"]
+        kernels = sorted(r["data"]["tags"][i]["value"] for r in found
+                         for i in range(len(r["data"]["tags"]))
+                         if r["data"]["tags"][i]["key"] == "kernel")
+        # repro, the smiley experiment, and the three queued ones: every run in one store
+        assert kernels == sorted(["sobel_x", "smiley", "sobel_y", "prewitt_x", "laplacian"])
+    finally:
+        os.killpg(ui.pid, signal.SIGTERM)
+        ui.wait(timeout=30)
+
+
+def test_every_make_target_in_the_readme_exists():
+    makefile = (REPO / "Makefile").read_text()
+    for target in set(re.findall(r"`make (\w+)`", README)):
+        assert re.search(rf"^{target}:", makefile, re.M), target
+
+
+def test_the_readme_pictures_exist():
+    for path in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", README):
+        assert (REPO / path).is_file(), path
