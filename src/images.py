@@ -69,6 +69,9 @@ def _pixels(img: Image.Image) -> np.ndarray:
     return np.asarray(img, dtype=np.float32) / 255.0
 
 
+MIN_SIDE = 32  # the smiley, the largest built-in kernel
+
+
 def read_image(path: str | Path) -> np.ndarray:
     """Decode an image file to float32 in [0, 1]: HxW (grayscale) or HxWx3 (colour).
 
@@ -135,8 +138,17 @@ def fit(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def read_gray_fitted(path: str | Path, size: int) -> np.ndarray:
-    """The size×size float32 grayscale of an image file, as the grayscale stage stores it."""
-    return fit(luma(read_image(path)), size)
+    """The size×size float32 grayscale of an image file, as the grayscale stage stores it.
+
+    Images under MIN_SIDE pixels on a side are BadImage: smaller than the largest
+    built-in kernel, resizing them up would invent the detail a kernel learns from.
+    """
+    image = read_image(path)
+    height, width = image.shape[:2]
+    if min(height, width) < MIN_SIDE:
+        raise BadImage(f"{Path(path).name} is {width}×{height} px, smaller than {MIN_SIDE} px "
+                       "(the 32×32 smiley kernel) on a side; use larger photos")
+    return fit(luma(image), size)
 
 
 def read_rgb_fitted(path: str | Path, size: int) -> np.ndarray:

@@ -25,7 +25,7 @@ def make_raw(root: Path, good: int, bad: int = 0) -> list[tuple[str, str]]:
     folder = root / "data/raw/images"
     (folder / "sub").mkdir(parents=True)
     rows = []
-    shapes = [(48, 64, 3), (40, 40), (70, 30, 3), (32, 32, 3)]
+    shapes = [(48, 64, 3), (40, 40), (70, 36, 3), (32, 32, 3)]
     for i in range(good):
         shape = shapes[i % len(shapes)]
         pixels = rng.integers(0, 256, shape, dtype=np.uint8)

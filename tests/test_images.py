@@ -224,3 +224,12 @@ def test_rgb_fitted_has_the_same_crop_as_gray_fitted(tmp_path):
 def test_suffixes_are_lower_case_with_dot():
     assert {".jpg", ".jpeg", ".png", ".tif", ".tiff"} <= set(images.IMAGE_SUFFIXES)
     assert all(s.startswith(".") and s == s.lower() for s in images.IMAGE_SUFFIXES)
+
+
+def test_an_image_smaller_than_the_largest_kernel_is_bad(tmp_path):
+    path = tmp_path / "tiny.png"
+    Image.fromarray(np.zeros((20, 64, 3), dtype=np.uint8)).save(path)
+    with pytest.raises(images.BadImage, match=r"tiny.png is 64×20 px, smaller than 32 px"):
+        images.read_gray_fitted(path, 64)
+    Image.fromarray(np.zeros((32, 64, 3), dtype=np.uint8)).save(path)
+    assert images.read_gray_fitted(path, 64).shape == (64, 64)
