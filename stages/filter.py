@@ -66,7 +66,7 @@ def main() -> None:
         info = {"kernel": params.kernel, "shape": list(kernel.shape), "operation": op,
                 "padding": padding, "noise_std": noise_std, "images": n,
                 "target_shape": [out_h, out_w]}
-        (tmp / "filter.json").write_text(json.dumps(info, indent=2) + "\n")
+        (tmp / paths.FILTER_INFO.name).write_text(json.dumps(info, indent=2) + "\n")
     log.info("%d images %d×%d → targets %d×%d with %s %d×%d (%s, %s padding, noise %g) in %.1f s",
              n, height, width, out_h, out_w, params.kernel, *kernel.shape, op, padding,
              noise_std, time.perf_counter() - start)

@@ -32,7 +32,7 @@ def main() -> None:
         grayscale.write_index(tmp / paths.GRAY_INDEX.name, result.kept)
     counts = Counter(split for _, split in result.kept)
     skipped = [name for name, _ in result.skipped]
-    write_json(paths.METRICS / "grayscale.json",
+    write_json(paths.GRAYSCALE_METRICS,
                {"images": len(result.kept), "train": counts["train"], "val": counts["val"],
                 "skipped": len(skipped), "skipped_names": skipped[:NAMES_MAX]})
     if skipped:

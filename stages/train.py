@@ -47,23 +47,24 @@ def main() -> None:
                                params.train, params.seed, report)
 
         with atomic_dir(paths.MODEL) as out:
-            np.save(out / "kernel.npy", training.learned_kernel(model))
-            np.save(out / "kernels.npy", np.stack([r.kernel for r in history]))
-            model.save(out / "model.keras")
-            write_json(out / "run.json", {"run_id": run_id, "tracking_uri": paths.tracking_uri(),
-                                          "experiment": params.mlflow_experiment})
-        with atomic_file(paths.METRICS / "history.csv") as handle:
+            np.save(out / paths.LEARNED_KERNEL.name, training.learned_kernel(model))
+            np.save(out / paths.KERNEL_HISTORY.name, np.stack([r.kernel for r in history]))
+            model.save(out / paths.MODEL_FILE.name)
+            write_json(out / paths.RUN_INFO.name, {
+                "run_id": run_id, "tracking_uri": paths.tracking_uri(),
+                "experiment": params.mlflow_experiment})
+        with atomic_file(paths.HISTORY) as handle:
             writer = csv.writer(handle)
             writer.writerow(HISTORY_FIELDS)
             for r in history:
                 writer.writerow([r.epoch] + [f"{getattr(r, name):.6g}" for name in HISTORY_FIELDS[1:]])
         last = history[-1]
-        write_json(paths.METRICS / "train.json", {
+        write_json(paths.TRAIN_METRICS, {
             "kernel_mse": last.kernel_mse, "kernel_rel_error": last.kernel_rel_error,
             "val_loss": last.val_loss, "loss": last.loss, "epochs": last.epoch,
             "train_seconds": round(last.elapsed_s, 2)})
         tracking.log_final(run_id, true_kernel=true_kernel, learned_kernel=history[-1].kernel,
-                           model_path=paths.MODEL / "model.keras", value_range=value_range)
+                           model_path=paths.MODEL_FILE, value_range=value_range)
         log.info("kernel_rel_error %.3e after %d epochs in %.1f s", last.kernel_rel_error,
                  last.epoch, last.elapsed_s)
 

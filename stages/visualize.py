@@ -28,22 +28,18 @@ from src.errors import UserError, run_stage  # noqa: E402
 
 log = logging.getLogger("visualize")
 
-KERNELS = paths.MODEL / "kernels.npy"
-LEARNED = paths.MODEL / "kernel.npy"
-MODEL = paths.MODEL / "model.keras"
-RUN = paths.MODEL / "run.json"
-HISTORY = paths.METRICS / "history.csv"
-INPUTS = (KERNELS, LEARNED, MODEL, RUN, HISTORY, paths.KERNEL, paths.TARGETS,
+INPUTS = (paths.KERNEL_HISTORY, paths.LEARNED_KERNEL, paths.MODEL_FILE, paths.RUN_INFO,
+          paths.HISTORY, paths.KERNEL, paths.TARGETS,
           paths.GRAY_IMAGES, paths.GRAY_INDEX)
 HISTORY_COLUMNS = ("epoch", "loss", "val_loss", "kernel_mse", "kernel_rel_error")
 
 
 def read_history() -> dict[str, np.ndarray]:
-    with open(HISTORY, newline="") as handle:
+    with open(paths.HISTORY, newline="") as handle:
         rows = list(csv.DictReader(handle))
     missing = [c for c in HISTORY_COLUMNS if not rows or c not in rows[0]]
     if missing:
-        raise UserError(f"{HISTORY} has no rows or lacks {', '.join(missing)}; "
+        raise UserError(f"{paths.HISTORY} has no rows or lacks {', '.join(missing)}; "
                         "rerun training with `dvc repro -f train`")
     return {c: np.array([float(r[c]) for r in rows]) for c in HISTORY_COLUMNS}
 
@@ -81,29 +77,30 @@ def read_original(name: str, size: int) -> np.ndarray | None:
 
 def load_model() -> keras.Model:
     try:
-        return keras.saving.load_model(MODEL)
+        return keras.saving.load_model(paths.MODEL_FILE)
     except (ValueError, OSError, TypeError) as exc:
-        raise UserError(f"{MODEL} could not be loaded ({type(exc).__name__}); rerun training "
-                        "with `dvc repro -f train`") from None
+        raise UserError(f"{paths.MODEL_FILE} could not be loaded ({type(exc).__name__}); "
+                        "rerun training with `dvc repro -f train`") from None
 
 
 def main() -> None:
     for needed in INPUTS:
         if not needed.exists():
             raise UserError(f"{needed} is missing; run the earlier stages with `dvc repro`")
-    run = json.loads(RUN.read_text())
+    run = json.loads(paths.RUN_INFO.read_text())
     if run.get("tracking_uri") and run["tracking_uri"] != paths.tracking_uri():
         log.warning("training logged to %s, but the tracking URI is now %s",
                     run["tracking_uri"], paths.tracking_uri())
 
     with tracking.resume_run(run["run_id"]):  # before the work: a bad store fails at once
-        kernels = np.load(KERNELS, allow_pickle=False)
+        kernels = np.load(paths.KERNEL_HISTORY, allow_pickle=False)
         true_kernel = np.load(paths.KERNEL, allow_pickle=False).astype(np.float64)
-        learned = np.load(LEARNED, allow_pickle=False)
+        learned = np.load(paths.LEARNED_KERNEL, allow_pickle=False)
         history = read_history()
         if len(kernels) != len(history["epoch"]) or kernels.shape[1:] != true_kernel.shape:
-            raise UserError(f"{KERNELS} {kernels.shape}, {HISTORY} ({len(history['epoch'])} "
-                            f"epochs) and {paths.KERNEL} {true_kernel.shape} don't match; "
+            raise UserError(f"{paths.KERNEL_HISTORY} {kernels.shape}, {paths.HISTORY} "
+                            f"({len(history['epoch'])} epochs) and {paths.KERNEL} "
+                            f"{true_kernel.shape} don't match; "
                             "rerun training with `dvc repro -f train`")
 
         names, splits = read_index()
