@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from conftest import TINY, ran_stages
+from conftest import TINY, clean_env, ran_stages
 
 EPOCHS = TINY["train"]["epochs"]
 ALL_STAGES = ["download", "grayscale", "filter", "train", "visualize"]
@@ -94,7 +94,6 @@ def test_workspace_temp_and_queued_experiments_share_one_store(workspace):
 
 
 def _wait_for_queue(ws, timeout=900):
-
     deadline = time.time() + timeout
     while time.time() < deadline:
         status = ws.dvc("queue", "status").stdout
@@ -132,3 +131,17 @@ def test_a_queued_experiment_runs_its_own_copy_of_the_code(workspace):
     logs = workspace.dvc("queue", "logs", "marked").stdout
     assert marker in logs
     assert marker not in source.read_text()
+
+
+@pytest.mark.mlflow_server
+def test_the_pipeline_logs_to_a_real_tracking_server(workspace, mlflow_server):
+    """MLFLOW_TRACKING_URI=http://…: train and visualize log to the server, not to mlflow.db."""
+    workspace.dvc("repro", env=clean_env(MLFLOW_TRACKING_URI=mlflow_server))
+    assert not (workspace.root / "mlflow.db").exists()
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("learn-linear-filter")
+    found = client.search_runs([experiment.experiment_id])
+    assert len(found) == 1
+    assert_complete(client, found[0])
+    figures = [a.path for a in client.list_artifacts(found[0].info.run_id, "figures")]
+    assert "figures/convergence.gif" in figures

@@ -4,14 +4,13 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import requests
 
-from conftest import REPO, clean_env
+from conftest import REPO, clean_env, free_port
 
 README = (REPO / "README.md").read_text()
 
@@ -31,12 +30,6 @@ def commands(text: str) -> list[str]:
             if line and not line.startswith("#"):
                 lines.append(line)
     return lines
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_setup_is_two_commands_and_ci_runs_the_test_one():

@@ -22,6 +22,8 @@ from src import config, tracking
 from src.errors import UserError
 from src.tracking import log_epoch, log_final, resume_run, training_run
 
+from conftest import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT = "tracking-test"
 SOBEL_RANGE = (-2.0, 2.0)
@@ -36,12 +38,6 @@ def make_params(**data) -> config.Params:
         "train": {"epochs": 3, "learning_rate": 0.01},
         "mlflow": {"experiment": EXPERIMENT},
     })
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def kernel_images(client: MlflowClient, run_id: str) -> list[str]:
@@ -268,39 +264,6 @@ def test_parallel_runs_on_a_fresh_store(store, tmp_path):
 
 
 # --- a real tracking server -----------------------------------------------------
-
-@pytest.fixture
-def mlflow_server(tmp_path):
-    """`mlflow server` on a free 127.0.0.1 port; its whole process group ends afterwards."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 's.db'}",
-         "--default-artifact-root", str(tmp_path / "art")],
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "mlflow server did not answer /health in 60 s"
-            try:
-                if requests.get(f"{url}/health", timeout=1).ok:
-                    break
-            except requests.RequestException:
-                time.sleep(0.3)
-        yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
-
 
 @pytest.mark.mlflow_server
 def test_tracking_server(store, tmp_path, monkeypatch, mlflow_server):
