@@ -1,7 +1,7 @@
 """A single linear convolution layer learns the kernel from (grayscale, target) pairs.
 
 The model is the original experiment's: one Conv2D filter of the kernel's size
-with a bias, no activation, trained with a mean-squared-error loss. Three things
+with a bias, no activation, trained with a mean-squared-error loss. Four things
 make it fast and exact on 2 CPU cores:
 
 - conv: a 32×32 Conv2D is slow on a CPU, so large kernels use FFTConv2D, the
@@ -13,6 +13,10 @@ make it fast and exact on 2 CPU cores:
   the loss's largest curvature in the kernel is 1 (measured by power iteration
   before training). The optimum is unchanged, and the same learning_rate is
   stable for any whitening, kernel size and image contrast.
+- bias: whitening removes constants, so the bias has nothing to fit in whitened
+  space (and its curvature, 2 at any scale, would make the step unstable). SGD
+  trains the kernel; after each epoch the bias is set to its least-squares value
+  for that kernel, the mean residual on training images in the original space.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ log = logging.getLogger("train")
 
 DIRECT_MAX_TAPS = 49   # auto: direct Conv2D up to 7×7, FFT above (see BENCHMARKS.md)
 VAL_MAX_IMAGES = 128   # per-epoch val_loss uses at most this many held-out images
+BIAS_IMAGES = 16       # training images the bias is fitted on after each epoch
 POWER_ITERATIONS = 30
 PROBE_BATCHES = 4
 
@@ -56,31 +61,36 @@ def fft_correlate(x: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
 
 @keras.saving.register_keras_serializable(package="learn_linear_filter")
 class FFTConv2D(keras.layers.Layer):
-    """Conv2D(1 filter, kernel_size, padding, bias) computed with FFTs.
+    """Conv2D(1 filter, kernel_size, padding, use_bias) computed with FFTs.
 
     Holds its weights exactly as Conv2D does (kernel (kh, kw, 1, 1), bias (1,)),
     so the two are interchangeable with set_weights.
     """
 
-    def __init__(self, kernel_size: tuple[int, int], padding: str = "valid", **kwargs):
+    def __init__(self, kernel_size: tuple[int, int], padding: str = "valid",
+                 use_bias: bool = True, **kwargs):
         super().__init__(**kwargs)
         self.kernel_size = tuple(kernel_size)
         self.padding = padding
+        self.use_bias = use_bias
 
     def build(self, input_shape):
         self.kernel = self.add_weight(name="kernel", shape=(*self.kernel_size, 1, 1),
                                       initializer="glorot_uniform")
-        self.bias = self.add_weight(name="bias", shape=(1,), initializer="zeros")
+        if self.use_bias:
+            self.bias = self.add_weight(name="bias", shape=(1,), initializer="zeros")
 
     def call(self, inputs):
         x = inputs[..., 0]
         if self.padding == "same":
             (top, bottom), (left, right) = same_padding(*self.kernel_size)
             x = tf.pad(x, [[0, 0], [top, bottom], [left, right]])
-        return fft_correlate(x, self.kernel[:, :, 0, 0])[..., None] + self.bias
+        y = fft_correlate(x, self.kernel[:, :, 0, 0])[..., None]
+        return y + self.bias if self.use_bias else y
 
     def get_config(self):
-        return {**super().get_config(), "kernel_size": self.kernel_size, "padding": self.padding}
+        return {**super().get_config(), "kernel_size": self.kernel_size, "padding": self.padding,
+                "use_bias": self.use_bias}
 
 
 def choose_conv(kernel_shape: tuple[int, int], conv: str) -> str:
@@ -89,12 +99,14 @@ def choose_conv(kernel_shape: tuple[int, int], conv: str) -> str:
     return "direct" if kernel_shape[0] * kernel_shape[1] <= DIRECT_MAX_TAPS else "fft"
 
 
-def build_model(kernel_shape: tuple[int, int], conv: str, padding: str) -> keras.Model:
+def build_model(kernel_shape: tuple[int, int], conv: str, padding: str,
+                use_bias: bool = True) -> keras.Model:
     """One linear conv layer: one filter of the kernel's size, with a bias."""
     if choose_conv(kernel_shape, conv) == "direct":
-        layer = keras.layers.Conv2D(1, kernel_shape, padding=padding, name="conv")
+        layer = keras.layers.Conv2D(1, kernel_shape, padding=padding, use_bias=use_bias,
+                                    name="conv")
     else:
-        layer = FFTConv2D(kernel_shape, padding=padding, name="conv")
+        layer = FFTConv2D(kernel_shape, padding=padding, use_bias=use_bias, name="conv")
     return keras.Sequential([keras.Input((None, None, 1)), layer], name="linear_filter")
 
 
@@ -182,23 +194,34 @@ def training_dataset(images, targets, rows, kernel_shape, padding, cfg: TrainCon
 # --- step size -----------------------------------------------------------------
 
 def top_curvature(x: tf.Tensor, kernel_shape: tuple[int, int], conv: str, seed: int) -> float:
-    """Largest eigenvalue of the MSE loss's Hessian in the kernel, by power iteration.
+    """Largest eigenvalue of the MSE loss's Hessian in the kernel.
 
-    For the loss mean((k ⋆ x - t)²) the Hessian is 2·AᵀA/M, where A maps the
-    kernel to the M outputs; its product with v is the gradient of mean((v ⋆ x)²).
+    For the loss mean((k ⋆ x - t)²) the Hessian is 2·PᵀP/M, where the rows of P
+    are the M image patches under the kernel. For small kernels it is built
+    exactly; for large ones, power iteration multiplies by it without building
+    it: its product with v is the gradient of mean((v ⋆ x)²).
     """
-    correlate = (lambda v: fft_correlate(x[..., 0], v)) if conv == "fft" else (
-        lambda v: tf.nn.conv2d(x, v[:, :, None, None], 1, "VALID")[..., 0])
+    x = np.asarray(x, dtype=np.float32)[..., 0]
+    if conv == "direct":
+        hessian = np.zeros((kernel_shape[0] * kernel_shape[1],) * 2)
+        count = 0
+        for image in x:
+            patches = np.lib.stride_tricks.sliding_window_view(image, kernel_shape)
+            patches = patches.reshape(-1, hessian.shape[0]).astype(np.float64)
+            hessian += patches.T @ patches
+            count += len(patches)
+        return float(np.linalg.eigvalsh(2.0 * hessian / count)[-1])
+
+    images = tf.constant(x)
     v = tf.random.stateless_normal(kernel_shape, seed=[seed, 2], dtype=tf.float32)
     value = 0.0
     for _ in range(POWER_ITERATIONS):
         v = v / tf.norm(v)
         with tf.GradientTape() as tape:
             tape.watch(v)
-            energy = 0.5 * tf.reduce_mean(tf.square(correlate(v)))
-        hv = 2.0 * tape.gradient(energy, v)
-        value = float(tf.norm(hv))
-        v = hv
+            energy = tf.reduce_mean(tf.square(fft_correlate(images, v)))
+        v = tape.gradient(energy, v)
+        value = float(tf.norm(v))
     return value
 
 
@@ -221,31 +244,34 @@ def kernel_errors(learned: np.ndarray, true: np.ndarray) -> tuple[float, float]:
     return float(diff / true.size), float(diff / np.sum(true ** 2))
 
 
-def validation_loss(model: keras.Model, images: np.ndarray, targets: np.ndarray,
-                    rows: np.ndarray, batch_size: int = 16) -> float:
-    """Mean squared error on held-out whole images, un-whitened, in the filter's padding."""
+def residual_moments(model: keras.Model, images: np.ndarray, targets: np.ndarray,
+                     rows: np.ndarray, batch_size: int = 16) -> tuple[float, float]:
+    """Mean and mean square of target − prediction over whole images, un-whitened, in the
+    filter's padding: the bias's least-squares value, and the validation loss."""
     if len(rows) == 0:
-        return float("nan")
-    total, count = 0.0, 0
+        return float("nan"), float("nan")
+    total, total_sq, count = 0.0, 0.0, 0
     for start in range(0, len(rows), batch_size):
         idx = np.sort(rows[start:start + batch_size])
         x = np.asarray(images[idx], dtype=np.float32)[..., None]
         t = np.asarray(targets[idx], dtype=np.float64)
-        prediction = model(x, training=False).numpy()[..., 0].astype(np.float64)
-        total += float(np.sum((prediction - t) ** 2))
+        residual = t - model(x, training=False).numpy()[..., 0].astype(np.float64)
+        total += float(np.sum(residual))
+        total_sq += float(np.sum(residual ** 2))
         count += t.size
-    return total / count
+    return total / count, total_sq / count
 
 
 class EpochEnd(keras.callbacks.Callback):
     """Per-epoch side effects: kernel error, validation loss, divergence check, report."""
 
-    def __init__(self, final_model, true_kernel, images, targets, val_rows, cfg, scale, report):
+    def __init__(self, final_model, true_kernel, images, targets, bias_rows, val_rows, cfg,
+                 report):
         super().__init__()
-        self.scale = scale
         self.final_model = final_model
         self.true_kernel = true_kernel
-        self.images, self.targets, self.val_rows = images, targets, val_rows
+        self.images, self.targets = images, targets
+        self.bias_rows, self.val_rows = bias_rows, val_rows
         self.cfg = cfg
         self.report = report
         self.started = time.perf_counter()
@@ -257,11 +283,13 @@ class EpochEnd(keras.callbacks.Callback):
             self.model.stop_training = True
             raise UserError(f"training diverged: the loss became {loss} in epoch {epoch + 1}; "
                             f"lower train.learning_rate (now {self.cfg.learning_rate:g})")
-        # the training data was scaled, which scales the bias but not the kernel
-        self.final_model.get_layer("conv").set_weights([weights[0], weights[1] / self.scale])
+        layer = self.final_model.get_layer("conv")
+        layer.set_weights([weights[0], np.zeros(1, np.float32)])
+        bias, _ = residual_moments(self.final_model, self.images, self.targets, self.bias_rows)
+        layer.set_weights([weights[0], np.array([bias], np.float32)])
+        _, val = residual_moments(self.final_model, self.images, self.targets, self.val_rows)
         kernel = weights[0][:, :, 0, 0].astype(np.float64)
         mse, rel = kernel_errors(kernel, self.true_kernel)
-        val = validation_loss(self.final_model, self.images, self.targets, self.val_rows)
         result = EpochResult(epoch + 1, loss, val, mse, rel, time.perf_counter() - self.started,
                              kernel)
         log.info("epoch %d/%d  loss %.3e  val_loss %.3e  kernel_rel_error %.3e  %.1f s",
@@ -305,10 +333,11 @@ def train(images: np.ndarray, targets: np.ndarray, true_kernel: np.ndarray, spli
              "data scaled by %.3g for unit curvature", conv, cfg.whiten, len(train_rows),
              len(val_rows), steps, scale)
 
-    model = build_model(kernel_shape, conv, "valid")
+    model = build_model(kernel_shape, conv, "valid", use_bias=False)
     final = build_model(kernel_shape, conv, padding)
     model.compile(optimizer=optimizer(cfg, steps * cfg.epochs), loss="mse")
-    on_epoch = EpochEnd(final, true_kernel, images, targets, val_rows, cfg, scale, report)
+    on_epoch = EpochEnd(final, true_kernel, images, targets, train_rows[:BIAS_IMAGES], val_rows,
+                        cfg, report)
     model.fit(dataset, epochs=cfg.epochs, steps_per_epoch=steps, shuffle=False, verbose=0,
               callbacks=[on_epoch])
     return final

@@ -97,9 +97,11 @@ def test_top_curvature_matches_the_explicit_hessian():
         columns.append(correlate(x[..., 0], unit.reshape(shape), "valid").ravel())
     a = np.stack(columns, axis=1).astype(np.float64)
     expected = np.linalg.eigvalsh(2 * a.T @ a / a.shape[0]).max()
-    for conv in ("direct", "fft"):
-        got = training.top_curvature(tf.constant(x), shape, conv, seed=0)
-        assert got == pytest.approx(expected, rel=1e-3)
+    # direct builds the Hessian exactly; fft finds it by power iteration, from below
+    assert training.top_curvature(tf.constant(x), shape, "direct", seed=0) == pytest.approx(
+        expected, rel=1e-9)
+    assert training.top_curvature(tf.constant(x), shape, "fft", seed=0) == pytest.approx(
+        expected, rel=1e-2)
 
 
 def test_kernel_errors():
