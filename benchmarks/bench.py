@@ -1,0 +1,401 @@
+"""`make bench`: one run, one machine, one data set; writes BENCHMARKS.md and a JSON twin.
+
+    python -m benchmarks.bench            # the full run (~11 min on 2 shared cores)
+    python -m benchmarks.bench --quick    # 8 images of 64×64: a smoke run (~1 min)
+
+Sections, in the order they run:
+  stages       every stage as `python -m stages.<name>` in a temporary git + DVC copy of
+               the repo, at each --scales image count: wall time and peak memory
+  dvc          `dvc repro` from scratch and as a no-op, `dvc exp run -S kernel=smiley`,
+               disk use, and the cache link types
+  ours         src.training.train on the largest scale's stage outputs, error read between batches
+  closed_form  the least-squares kernel on the same data
+  original     the original recipe under a time budget (and, for big kernels, its projection)
+  steps        train step time against kernel size, direct vs FFT
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import psutil
+import yaml
+
+from benchmarks import report
+from benchmarks.workspace import (BIN, REPO, Workspace, disk_usage, filesystem,
+                                  repeat_median)
+
+log = logging.getLogger("bench")
+
+SECTIONS = ("stages", "dvc", "ours", "closed_form", "original", "steps")
+STAGE_KERNELS = ("smiley", "sobel_x")  # the filter stage at 32×32 and 3×3; sobel_x last, as
+                                       # params.yaml's default, so train sees its targets
+QUICK = dict(images=8, size=64, scales=[8], kernels=["sobel_x"], original_budget=3.0,
+             projection_budget=3.0, step_sizes=[3, 9], step_crop=32, step_repeats=3,
+             noop_repeats=1, dvc_images=8)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=2688,
+                        help="images in the largest run (the MIT scenes' count)")
+    parser.add_argument("--size", type=int, default=256, help="data.size of the images")
+    parser.add_argument("--scales", type=_ints, default=[256, 1024, 2688],
+                        help="image counts the stages run at (the --images count is added)")
+    parser.add_argument("--kernels", type=_names, default=["sobel_x", "sobel_y", "smiley"])
+    parser.add_argument("--data", type=Path, default=None,
+                        help="a local folder or .zip of images instead of synthetic dead leaves")
+    parser.add_argument("--original-budget", type=float, default=120.0,
+                        help="seconds the original recipe may train, per kernel")
+    parser.add_argument("--projection-budget", type=float, default=150.0,
+                        help="seconds for the FFT projection of the original, per big kernel")
+    parser.add_argument("--refinements", type=int, default=1,
+                        help="closed form: refinement passes after the Toeplitz solve")
+    parser.add_argument("--step-sizes", type=_ints, default=[3, 5, 7, 9, 11, 13, 15, 17, 32, 64])
+    parser.add_argument("--step-crop", type=int, default=128)
+    parser.add_argument("--step-repeats", type=int, default=7)
+    parser.add_argument("--noop-repeats", type=int, default=3)
+    parser.add_argument("--dvc-images", type=int, default=None,
+                        help="data.count for the dvc section (default: params.yaml's)")
+    parser.add_argument("--skip", type=_names, default=[], help=f"any of {', '.join(SECTIONS)}")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny smoke run: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="where the repo copies go (default: a new temporary directory)")
+    parser.add_argument("--keep", action="store_true", help="keep the workdir afterwards")
+    parser.add_argument("--out-md", type=Path, default=REPO / "BENCHMARKS.md")
+    parser.add_argument("--out-json", type=Path, default=REPO / "benchmarks" / "results.json")
+    parser.add_argument("--render", type=Path, default=None, metavar="JSON",
+                        help="only rewrite --out-md from a saved results JSON")
+    args = parser.parse_args(argv)
+    if args.quick:
+        for key, value in QUICK.items():
+            setattr(args, key, value)
+    unknown = set(args.skip) - set(SECTIONS)
+    if unknown:
+        parser.error(f"--skip: unknown {', '.join(sorted(unknown))}; use {', '.join(SECTIONS)}")
+    args.scales = sorted(set(args.scales) | {args.images})
+    return args
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def _names(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+# --- the machine -------------------------------------------------------------------
+
+def machine() -> dict:
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                  if line.startswith("model name")), platform.processor())
+    versions = {name: metadata.version(name) for name in
+                ("tensorflow-cpu", "keras", "dvc", "mlflow", "numpy", "scipy", "psutil")}
+    return {"cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
+            "cpu_model": model, "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+            "python": platform.python_version(), "platform": platform.platform(),
+            "versions": versions, "load_average_start": [round(v, 2) for v in os.getloadavg()]}
+
+
+def code_state() -> dict:
+    """The commit measured, and which of its files were edited but not committed."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout
+    changed = [line.split(maxsplit=1)[1] for line in git(
+        "status", "--porcelain", "--", "src", "stages", "params.yaml", "dvc.yaml").splitlines()]
+    diff = git("diff", "HEAD", "--", "src", "stages", "params.yaml", "dvc.yaml")
+    return {"commit": git("rev-parse", "--short", "HEAD").strip(), "uncommitted": changed,
+            "uncommitted_diff_sha1": hashlib.sha1(diff.encode()).hexdigest()[:12]}
+
+
+# --- sections ----------------------------------------------------------------------
+
+def data_params(args: argparse.Namespace, count: int) -> dict:
+    if args.data:
+        return {"data": {"source": str(args.data.resolve()), "limit": count, "size": args.size}}
+    return {"data": {"source": "synthetic", "count": count, "limit": 0, "size": args.size}}
+
+
+def run_stages(args, workdir: Path) -> tuple[dict, Workspace]:
+    """Every stage at every scale; the largest scale's copy is kept for the learning sections,
+    with data/filtered-<kernel>/ holding each kernel's stage-made targets."""
+    scales = {}
+    largest = None
+    for count in args.scales:
+        ws = Workspace(workdir / f"stages-{count}")
+        ws.set_params(data_params(args, count))
+        ws.commit("bench")
+        kernels = list(STAGE_KERNELS)
+        if count == args.images:
+            kernels = [k for k in args.kernels if k not in kernels] + kernels
+        stages = {"download": ws.stage("download"), "grayscale": ws.stage("grayscale")}
+        for kernel in kernels:
+            ws.set_params({"kernel": kernel})
+            stages[f"filter:{kernel}"] = ws.stage("filter", f"filter {kernel}")
+            kept = ws.root / f"data/filtered-{kernel}"
+            if kernel == kernels[-1]:
+                shutil.copytree(ws.root / "data/filtered", kept, copy_function=os.link)
+            else:
+                os.rename(ws.root / "data/filtered", kept)
+        stages["train"] = ws.stage("train")
+        stages["visualize"] = ws.stage("visualize")
+        scales[str(count)] = {name: m.as_dict() for name, m in stages.items()}
+        if count == args.images:
+            largest = ws
+        else:
+            shutil.rmtree(ws.root)
+    return {"scales": scales, "train_kernel": STAGE_KERNELS[-1]}, largest
+
+
+def run_dvc(args, workdir: Path) -> dict:
+    """The default pipeline from scratch, as a no-op, with a second kernel, and relinked."""
+    ws = Workspace(workdir / "dvc")
+    data = {"size": args.size}
+    if args.data:
+        data["source"] = str(args.data.resolve())
+    if args.dvc_images is not None:
+        data["limit" if args.data else "count"] = args.dvc_images
+    ws.set_params({"data": data})
+    ws.commit("bench")
+    dvc = str(BIN / "dvc")
+    result = {"data_params": yaml.safe_load((ws.root / "params.yaml").read_text())["data"]}
+    result["full_repro"] = ws.dvc("repro").as_dict()
+    ws.commit("first run")
+    median, runs = repeat_median(lambda: ws.dvc("repro"), args.noop_repeats)
+    result["noop_repro"] = {"median_s": round(median, 3), "runs_s": [round(s, 3) for s in runs]}
+    result["disk_after_run"] = disk(ws.root)
+    result["exp_run_smiley"] = ws.dvc("exp", "run", "-S", "kernel=smiley").as_dict()
+    result["disk_after_second_kernel"] = disk(ws.root)
+    result["filesystem"] = filesystem(ws.root)
+    result["cache_type_default"] = (ws.run(dvc, "config", "cache.type", check=False).stdout.strip()
+                                    or "unset: reflink, else copy")
+    ws.run(dvc, "config", "cache.type", "hardlink,symlink")
+    result["relink_hardlink"] = ws.dvc("checkout", "--relink").as_dict()
+    result["disk_hardlink"] = disk(ws.root)
+    result["noop_repro_hardlink"] = ws.dvc("repro").as_dict()
+    ws.commit("second kernel")
+    result["exp_run_hardlink"] = ws.dvc("exp", "run", "-S", "kernel=sobel_y").as_dict()
+    result["disk_hardlink_third_kernel"] = disk(ws.root)
+    shutil.rmtree(ws.root)
+    return result
+
+
+def disk(root: Path) -> dict:
+    """MB on disk of each part of a workspace, and of all of it (hard links counted once)."""
+    outputs = [root / p for p in ("data", "model", "figures", "metrics")]
+    return {"workspace_outputs": disk_usage(*outputs),
+            "dvc_cache": disk_usage(root / ".dvc" / "cache"),
+            "mlflow": disk_usage(root / "mlflow.db", root / "mlartifacts"),
+            "git": disk_usage(root / ".git"),
+            "outputs_and_cache": disk_usage(*outputs, root / ".dvc" / "cache"),
+            "total": disk_usage(root)}
+
+
+def read_stack(path: Path):
+    """An (N, H, W) .npy read as the train stage reads it: through src.stack.Stack (rows
+    read with pread) where the checkout has it, else memory-mapped as before it."""
+    try:
+        from src.stack import Stack
+    except ImportError:
+        return np.load(path, mmap_mode="r")
+    return Stack(path)
+
+
+class Data:
+    """The largest scale's stage outputs, read as the train stage reads them."""
+
+    def __init__(self, ws: Workspace):
+        from src import config
+        self.root = ws.root
+        self.params = config.load(ws.root / "params.yaml")
+        self.images = read_stack(ws.root / "data/gray/images.npy")
+        with open(ws.root / "data/gray/index.csv", newline="") as handle:
+            self.split = np.array([row["split"] for row in csv.DictReader(handle)])
+        self.train_rows = np.flatnonzero(self.split == "train")
+
+    def targets(self, kernel: str) -> tuple[np.ndarray, np.ndarray]:
+        folder = self.root / f"data/filtered-{kernel}"
+        return (read_stack(folder / "targets.npy"),
+                np.load(folder / "kernel.npy").astype(np.float64))
+
+
+def run_ours(args, data: Data) -> dict:
+    from benchmarks import learning
+    results = {}
+    for kernel in args.kernels:
+        targets, true_kernel = data.targets(kernel)
+        log.info("ours: %s", kernel)
+        results[kernel] = learning.ours(data.images, targets, true_kernel, data.split,
+                                        data.params.filter.padding, data.params.train,
+                                        data.params.seed)
+    return results
+
+
+def run_closed_form(args, data: Data) -> dict:
+    from benchmarks import learning
+    results = {}
+    for kernel in args.kernels:
+        targets, true_kernel = data.targets(kernel)
+        results[kernel] = learning.closed_form(data.images, targets, data.train_rows,
+                                               true_kernel, args.refinements)
+    return results
+
+
+def run_original(args, data: Data, workdir: Path) -> dict:
+    from benchmarks import learning
+    from src import training
+    results = {}
+    rows = data.train_rows
+    for kernel in args.kernels:
+        _, true_kernel = data.targets(kernel)
+        path = workdir / f"same-{kernel}.npy"
+        start = time.perf_counter()
+        same = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32,
+                                         shape=(len(rows), *data.images.shape[1:]))
+        learning.same_targets(data.images, rows, true_kernel, same)
+        same.flush()
+        prep = time.perf_counter() - start
+        same = np.load(path, mmap_mode="r")
+        log.info("original: %s ('same' targets of %d images in %.1f s)", kernel, len(rows), prep)
+        run = learning.original(data.images, rows, same, true_kernel, args.original_budget,
+                                data.params.seed)
+        initial = run.pop("_initial")
+        entry = {"same_targets_s": round(prep, 3), "measured": run}
+        short = run["stopped_by"] == "budget"
+        if short and training.choose_conv(true_kernel.shape, "auto") == "fft":
+            log.info("original: %s projection with FFTConv2D", kernel)
+            fft_run = learning.original(data.images, rows, same, true_kernel,
+                                        args.projection_budget, data.params.seed, conv="fft",
+                                        initial=initial)
+            fft_run.pop("_initial")
+            entry["projection_run"] = fft_run
+            entry["projection"] = learning.project(run, fft_run)
+        results[kernel] = entry
+        del same
+        path.unlink()
+    return results
+
+
+def run_steps(args, data: Data) -> dict:
+    from benchmarks import steps
+    from src import training
+    rows = steps.step_times(data.images, args.step_sizes, data.params.train, args.step_crop,
+                            args.step_repeats, data.params.seed)
+    return {"rows": rows, "batch_size": data.params.train.batch_size, "crop": args.step_crop,
+            "repeats": args.step_repeats, "direct_max_taps": training.DIRECT_MAX_TAPS}
+
+
+def warm_up(data: "Data") -> None:
+    """The first training in a process pays one-time start-up costs (seen: ~1.5 s); the
+    contenders then share a warm process. One epoch on a few images, untimed."""
+    import dataclasses
+    from src import training
+    targets, true_kernel = data.targets(STAGE_KERNELS[-1])
+    cfg = dataclasses.replace(data.params.train, epochs=1)
+    rows = np.sort(np.concatenate([data.train_rows[:6], np.flatnonzero(data.split == "val")[:2]]))
+    training.train(data.images[rows], targets[rows], true_kernel, data.split[rows],
+                   data.params.filter.padding, cfg, data.params.seed)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    args = parse_args(argv)
+    if args.render:
+        render(args.render, args.out_md)
+        return json.loads(args.render.read_text())
+    started = time.perf_counter()
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="llf-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    results: dict = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python -m benchmarks.bench", *(argv if argv is not None
+                                                              else sys.argv[1:])]),
+        "machine": machine(),
+        "code": code_state(),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "sections": {},
+        "section_seconds": {},
+    }
+    sections = results["sections"]
+
+    def timed(name: str, run) -> None:
+        if name in args.skip:
+            sections[name] = {"skipped": True}
+            return
+        start = time.perf_counter()
+        log.info("== %s", name)
+        sections[name] = run()
+        results["section_seconds"][name] = round(time.perf_counter() - start, 1)
+
+    try:
+        largest: list[Workspace] = []
+
+        def stages() -> dict:
+            result, ws = run_stages(args, workdir)
+            largest.append(ws)
+            return result
+
+        timed("stages", stages)
+        timed("dvc", lambda: run_dvc(args, workdir))
+        if set(SECTIONS[2:]) - set(args.skip):
+            if not largest:  # stages skipped: make only the data the learning sections use
+                only = argparse.Namespace(**{**vars(args), "scales": [args.images]})
+                largest.append(run_stages(only, workdir)[1])
+            data = Data(largest[0])
+            warm_up(data)
+            timed("ours", lambda: run_ours(args, data))
+            timed("closed_form", lambda: run_closed_form(args, data))
+            timed("original", lambda: run_original(args, data, workdir))
+            timed("steps", lambda: run_steps(args, data))
+    finally:
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    results["total_s"] = round(time.perf_counter() - started, 1)
+    results["machine"]["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
+    results["code_changed_during_run"] = code_state() != results["code"]
+    args.out_json.parent.mkdir(parents=True, exist_ok=True)
+    args.out_json.write_text(json.dumps(results, indent=1, default=_plain) + "\n")
+    results = render(args.out_json, args.out_md)
+    log.info("wrote %s and %s in %.0f s", args.out_md, args.out_json, results["total_s"])
+    return results
+
+
+def render(json_path: Path, md_path: Path) -> dict:
+    """Check the targets and write the markdown from a results JSON (also after the fact:
+    `python -m benchmarks.bench --render benchmarks/results.json`)."""
+    results = json.loads(json_path.read_text())
+    results["targets"] = report.targets(results)
+    json_path.write_text(json.dumps(results, indent=1) + "\n")
+    md_path.write_text(report.markdown(results))
+    return results
+
+
+def _plain(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON: {type(value).__name__}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,227 @@
+"""A git + DVC copy of the repo in a temporary directory, with stages run and measured there.
+
+Each stage runs as the real `python -m stages.<name>` subprocess. A thread polls the
+whole process tree (the download stage forks workers) for its resident memory:
+
+  rss   VmRSS summed over the tree: what `top` shows. It also counts the resident pages
+        of memory-mapped files, which the kernel can drop (clean) or must write back
+        (dirty) before it reclaims them.
+  anon  RssAnon summed over the tree: the private heap, what the stage really holds.
+  uss   psutil's unique set size (private pages, file-backed included), sampled less often.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import psutil
+import yaml
+
+log = logging.getLogger("bench.workspace")
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+POLL_S = 0.05       # rss/anon sampling period
+USS_EVERY = 4       # one uss sample per this many polls: smaps_rollup is slower to read
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """A user's shell: the venv first on PATH, no inherited DVC or MLflow variables."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("DVC_", "MLFLOW_")) and k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.update(DVC_NO_ANALYTICS="1", TF_CPP_MIN_LOG_LEVEL="2", **extra)
+    return env
+
+
+def merge(doc: dict, changes: dict) -> dict:
+    for key, value in changes.items():
+        if isinstance(value, dict):
+            merge(doc.setdefault(key, {}), value)
+        else:
+            doc[key] = value
+    return doc
+
+
+@dataclass
+class Measured:
+    """One subprocess: wall time and the peaks of its process tree's memory, in MB."""
+    command: str
+    seconds: float
+    peak_rss_mb: float
+    peak_anon_mb: float
+    peak_uss_mb: float
+    returncode: int
+
+    def as_dict(self) -> dict:
+        return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+def _status_kb(pid: int) -> tuple[int, int]:
+    """(VmRSS, RssAnon) of one process in kB, from /proc/<pid>/status (cheap to read)."""
+    rss = anon = 0
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                if line.startswith("VmRSS:"):
+                    rss = int(line.split()[1])
+                elif line.startswith("RssAnon:"):
+                    anon = int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        pass
+    return rss, anon
+
+
+class TreeMemory:
+    """Polls a process and its descendants until stopped; keeps the peaks of the sums."""
+
+    def __init__(self, pid: int):
+        self.root = psutil.Process(pid)
+        self.peak_rss = self.peak_anon = self.peak_uss = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def __enter__(self) -> "TreeMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _tree(self) -> list[psutil.Process]:
+        try:
+            return [self.root, *self.root.children(recursive=True)]
+        except psutil.Error:
+            return []
+
+    def _poll(self) -> None:
+        polls = 0
+        while not self._stop.is_set():
+            tree = self._tree()
+            sums = [_status_kb(p.pid) for p in tree]
+            self.peak_rss = max(self.peak_rss, sum(r for r, _ in sums) * 1024)
+            self.peak_anon = max(self.peak_anon, sum(a for _, a in sums) * 1024)
+            if polls % USS_EVERY == 0:
+                uss = 0
+                for p in tree:
+                    try:
+                        uss += p.memory_full_info().uss
+                    except psutil.Error:
+                        pass
+                self.peak_uss = max(self.peak_uss, uss)
+            polls += 1
+            self._stop.wait(POLL_S)
+
+
+class Workspace:
+    """A copy of this repo's files (tracked, and untracked but not ignored) in `root`,
+    as a fresh git repo, its MLflow store a SQLite file inside it."""
+
+    def __init__(self, root: Path, source: Path = REPO):
+        self.root = Path(root)
+        names = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard",
+                                "-z"], cwd=source, capture_output=True, text=True,
+                               check=True).stdout
+        for name in filter(None, names.split("\0")):
+            if (source / name).is_file():  # a deleted, not yet committed file is listed too
+                (self.root / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source / name, self.root / name)
+        self.env = clean_env(MLFLOW_TRACKING_URI=f"sqlite:///{self.root / 'mlflow.db'}")
+        self.run("git", "init", "-q", "-b", "main")
+        self.run("git", "config", "user.email", "bench@example.invalid")
+        self.run("git", "config", "user.name", "bench")
+
+    def run(self, *args: str, check: bool = True,
+            timeout: float = 1800) -> subprocess.CompletedProcess:
+        result = subprocess.run(list(args), cwd=self.root, env=self.env, text=True,
+                                capture_output=True, timeout=timeout)
+        if check and result.returncode != 0:
+            raise RuntimeError(f"{' '.join(args)} exited {result.returncode} in {self.root}\n"
+                               f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        return result
+
+    def measure(self, *args: str, timeout: float = 1800) -> Measured:
+        """Run a command; its wall time and its process tree's memory peaks. Fails loudly."""
+        start = time.perf_counter()
+        with subprocess.Popen(list(args), cwd=self.root, env=self.env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+            with TreeMemory(proc.pid) as memory:
+                output, _ = proc.communicate(timeout=timeout)
+        seconds = time.perf_counter() - start
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(args)} exited {proc.returncode} in {self.root}\n"
+                               f"{output[-4000:]}")
+        mb = 1024 * 1024
+        return Measured(" ".join(args), seconds, memory.peak_rss / mb, memory.peak_anon / mb,
+                        memory.peak_uss / mb, proc.returncode)
+
+    def stage(self, name: str, label: str = "") -> Measured:
+        measured = self.measure(str(BIN / "python"), "-m", f"stages.{name}")
+        log.info("stage %-16s %6.1f s  peak rss %6.0f MB, anon %5.0f MB  (%s)", label or name,
+                 measured.seconds, measured.peak_rss_mb, measured.peak_anon_mb, self.root.name)
+        return measured
+
+    def dvc(self, *args: str) -> Measured:
+        measured = self.measure(str(BIN / "dvc"), *args)
+        log.info("dvc %-22s %6.1f s", " ".join(args), measured.seconds)
+        return measured
+
+    def set_params(self, changes: dict) -> None:
+        path = self.root / "params.yaml"
+        doc = merge(yaml.safe_load(path.read_text()), changes)
+        path.write_text(yaml.safe_dump(doc, sort_keys=False))
+
+    def commit(self, message: str) -> None:
+        self.run("git", "add", "-A")
+        self.run("git", "commit", "-qm", message)
+
+
+def repeat_median(run, times: int) -> tuple[float, list[float]]:
+    seconds = [run().seconds for _ in range(times)]
+    return statistics.median(seconds), seconds
+
+
+def filesystem(path: Path) -> str:
+    """The type of the filesystem holding `path`, from /proc/mounts (ext4, xfs, btrfs...)."""
+    path = Path(path).resolve()
+    best, kind = "", "unknown"
+    with open("/proc/mounts") as handle:
+        for line in handle:
+            fields = line.split()
+            mount = fields[1]
+            inside = path == Path(mount) or Path(mount) in path.parents
+            if inside and len(mount) > len(best):
+                best, kind = mount, fields[2]
+    return kind
+
+
+def disk_usage(*paths: Path) -> dict[str, float]:
+    """MB on disk (allocated blocks) and apparent, over all `paths` together; a file
+    hard-linked from several places counts once, as `du` counts it."""
+    seen: set[tuple[int, int]] = set()
+    blocks = apparent = 0
+    for top in paths:
+        if not top.exists():
+            continue
+        for folder, _, files in os.walk(top):
+            for name in files:
+                try:
+                    st = os.lstat(os.path.join(folder, name))
+                except FileNotFoundError:
+                    continue
+                if (st.st_dev, st.st_ino) in seen:
+                    continue
+                seen.add((st.st_dev, st.st_ino))
+                blocks += st.st_blocks * 512
+                apparent += st.st_size
+    mb = 1024 * 1024
+    return {"on_disk_mb": round(blocks / mb, 1), "apparent_mb": round(apparent / mb, 1)}
