@@ -11,6 +11,8 @@ zero-pads first, split exactly as TensorFlow/Keras split it.
 """
 from __future__ import annotations
 
+from typing import Iterator
+
 import numpy as np
 from scipy import ndimage, signal
 
@@ -110,23 +112,20 @@ def add_noise(targets: np.ndarray, std: float, rng: np.random.Generator) -> np.n
     return (targets.astype(np.float64) + std * noise).astype(np.float32)
 
 
-def make_targets(images: np.ndarray, conv_kernel: np.ndarray, padding: str, out: np.ndarray, *,
-                 noise_std: float = 0.0, rng: np.random.Generator | None = None,
-                 chunk: int = CHUNK, method: str = "auto") -> np.ndarray:
-    """Fill `out` (N, H', W') with the noisy targets of `images`, `chunk` images at a time.
+def make_targets(images, conv_kernel: np.ndarray, padding: str, *, noise_std: float = 0.0,
+                 rng: np.random.Generator | None = None, chunk: int = CHUNK,
+                 method: str = "auto") -> Iterator[np.ndarray]:
+    """Yield the (H', W') noisy target of each (H, W) image in `images`, in order,
+    computed `chunk` images at a time.
 
-    `images` and `out` may be memory maps; only one chunk is in memory at once.
-    The result does not depend on `chunk`: noise is drawn in image order from one
-    generator.
+    `images` is an (N, H, W) array or a src.stack.Stack, read a chunk of rows at a
+    time; only one chunk is in memory at once. The result does not depend on
+    `chunk`: noise is drawn in image order from one generator.
     """
-    n = len(images)
-    if len(out) != n:
-        raise ValueError(f"out holds {len(out)} targets for {n} images")
     if noise_std > 0 and rng is None:
         raise ValueError("noise_std > 0 needs a seeded rng")
-    for start in range(0, n, chunk):
+    for start in range(0, len(images), chunk):
         block = correlate(images[start:start + chunk], conv_kernel, padding, method=method)
         if noise_std > 0:
             block = add_noise(block, noise_std, rng)
-        out[start:start + chunk] = block
-    return out
+        yield from block

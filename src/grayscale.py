@@ -1,10 +1,9 @@
 """Turn the downloaded images into one (N, S, S) float32 grayscale stack.
 
 Each image is decoded, converted to luma and fitted to S×S (src/images.py),
-then appended straight to the .npy on disk: memory stays at one image however
-many there are. (A writable memmap would not do: the pages it writes count
-against the process until the kernel flushes them.) Unreadable images are
-skipped and named, up to data.max_bad_fraction of them.
+then appended straight to the .npy on disk (src/stack.py): memory stays at one
+image however many there are. Unreadable images are skipped and named, up to
+data.max_bad_fraction of them.
 """
 from __future__ import annotations
 
@@ -12,12 +11,13 @@ import csv
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import numpy as np
 
 from src import images
 from src.errors import UserError
+from src.stack import write_stack
 
 log = logging.getLogger(__name__)
 
@@ -49,32 +49,6 @@ def read_manifest(path: Path) -> list[tuple[str, str]]:
     if not rows:
         raise UserError(f"{path} lists no images; {fix}")
     return rows
-
-
-def write_stack(path: Path, arrays: Iterable[np.ndarray], capacity: int,
-                shape: tuple[int, ...]) -> int:
-    """Write float32 arrays of `shape` one after another as an .npy of up to `capacity`
-    rows; return how many were written. Fewer than `capacity` shrinks the file to fit."""
-    header = {"descr": "<f4", "fortran_order": False, "shape": (capacity, *shape)}
-    row_bytes = int(np.prod(shape)) * 4
-    count = 0
-    with open(path, "wb") as out:
-        np.lib.format.write_array_header_1_0(out, header)
-        data_start = out.tell()
-        for array in arrays:
-            if count == capacity or array.shape != shape:
-                raise ValueError(f"row {count} has shape {array.shape}, not {shape}, or "
-                                 f"exceeds the capacity {capacity}")
-            out.write(np.ascontiguousarray(array, dtype="<f4").data)
-            count += 1
-        if count < capacity:
-            # numpy pads the header so the row count can change without moving the data.
-            out.seek(0)
-            np.lib.format.write_array_header_1_0(out, {**header, "shape": (count, *shape)})
-            if out.tell() != data_start:
-                raise RuntimeError("the .npy header changed length; cannot shrink in place")
-            out.truncate(data_start + count * row_bytes)
-    return count
 
 
 def convert(rows: list[tuple[str, str]], images_dir: Path, size: int, out_path: Path,

@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from src import config, filtering, paths
+from src import config, filtering, paths, stack
 from src.atomic import atomic_dir
 from src.errors import UserError, run_stage
 
@@ -24,19 +24,16 @@ log = logging.getLogger("filter")
 NOISE_STREAM = 1  # own noise stream: the same params.seed also drives other stages' draws
 
 
-def load_images() -> np.ndarray:
-    """The grayscale stack, memory-mapped so only the chunk being filtered is in memory."""
+def load_images() -> stack.Stack:
+    """The grayscale stack, read a chunk of rows at a time as the targets are made."""
     if not paths.GRAY_IMAGES.is_file() or not paths.GRAY_INDEX.is_file():
         raise UserError(f"{paths.GRAY_IMAGES} or {paths.GRAY_INDEX} is missing; "
                         "run `dvc repro grayscale` first")
-    try:
-        images = np.load(paths.GRAY_IMAGES, mmap_mode="r", allow_pickle=False)
-    except ValueError as exc:
-        raise UserError(f"{paths.GRAY_IMAGES} is not a readable array ({exc}); "
-                        "rerun `dvc repro -f grayscale`") from None
     with open(paths.GRAY_INDEX, newline="") as handle:
         rows = sum(1 for _ in csv.DictReader(handle))
-    if images.ndim != 3 or len(images) == 0 or len(images) != rows:
+    images = stack.Stack(paths.GRAY_IMAGES, fix="rerun `dvc repro -f grayscale`")
+    if len(images) == 0 or len(images) != rows:
+        images.close()
         raise UserError(f"{paths.GRAY_IMAGES} holds shape {images.shape} but "
                         f"{paths.GRAY_INDEX} lists {rows} images; rerun `dvc repro -f grayscale`")
     return images
@@ -45,28 +42,26 @@ def load_images() -> np.ndarray:
 def main() -> None:
     params = config.load()
     op, padding, noise_std = params.filter.operation, params.filter.padding, params.filter.noise_std
-    images = load_images()
-    n, height, width = images.shape
-    # Targets come from the float32 kernel that is saved, so kernel.npy gives them back as is.
-    kernel = filtering.conv2d_kernel(params.true_kernel(), op).astype(np.float32)
-    if kernel.shape[0] > height or kernel.shape[1] > width:
-        raise UserError(f"kernel: {params.kernel} is {kernel.shape[0]}×{kernel.shape[1]}, larger "
-                        f"than the {height}×{width} grayscale images; rerun `dvc repro grayscale`")
-    out_h, out_w = filtering.output_shape(height, width, kernel.shape, padding)
-    rng = np.random.default_rng([params.seed, NOISE_STREAM])
+    with load_images() as images:
+        n, height, width = images.shape
+        # Targets come from the float32 kernel that is saved, so kernel.npy gives them back as is.
+        kernel = filtering.conv2d_kernel(params.true_kernel(), op).astype(np.float32)
+        if kernel.shape[0] > height or kernel.shape[1] > width:
+            raise UserError(f"kernel: {params.kernel} is {kernel.shape[0]}×{kernel.shape[1]}, "
+                            f"larger than the {height}×{width} grayscale images; "
+                            "rerun `dvc repro grayscale`")
+        out_h, out_w = filtering.output_shape(height, width, kernel.shape, padding)
+        rng = np.random.default_rng([params.seed, NOISE_STREAM])
 
-    start = time.perf_counter()
-    with atomic_dir(paths.FILTERED) as tmp:
-        targets = np.lib.format.open_memmap(tmp / paths.TARGETS.name, mode="w+",
-                                            dtype=np.float32, shape=(n, out_h, out_w))
-        filtering.make_targets(images, kernel, padding, targets, noise_std=noise_std, rng=rng)
-        targets.flush()
-        del targets
-        np.save(tmp / paths.KERNEL.name, kernel)
-        info = {"kernel": params.kernel, "shape": list(kernel.shape), "operation": op,
-                "padding": padding, "noise_std": noise_std, "images": n,
-                "target_shape": [out_h, out_w]}
-        (tmp / paths.FILTER_INFO.name).write_text(json.dumps(info, indent=2) + "\n")
+        start = time.perf_counter()
+        with atomic_dir(paths.FILTERED) as tmp:
+            targets = filtering.make_targets(images, kernel, padding, noise_std=noise_std, rng=rng)
+            stack.write_stack(tmp / paths.TARGETS.name, targets, n, (out_h, out_w))
+            np.save(tmp / paths.KERNEL.name, kernel)
+            info = {"kernel": params.kernel, "shape": list(kernel.shape), "operation": op,
+                    "padding": padding, "noise_std": noise_std, "images": n,
+                    "target_shape": [out_h, out_w]}
+            (tmp / paths.FILTER_INFO.name).write_text(json.dumps(info, indent=2) + "\n")
     log.info("%d images %d×%d → targets %d×%d with %s %d×%d (%s, %s padding, noise %g) in %.1f s",
              n, height, width, out_h, out_w, params.kernel, *kernel.shape, op, padding,
              noise_std, time.perf_counter() - start)

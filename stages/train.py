@@ -1,8 +1,8 @@
 """Train stage: a single linear conv layer learns the kernel; every epoch goes to MLflow.
 
-Reads data/gray and data/filtered (memory-mapped), writes model/ (the learned
-kernel, its per-epoch history, the Keras model, the MLflow run id),
-metrics/train.json and the per-epoch metrics/history.csv.
+Reads data/gray and data/filtered (only the rows each batch needs, src/stack.py),
+writes model/ (the learned kernel, its per-epoch history, the Keras model, the
+MLflow run id), metrics/train.json and the per-epoch metrics/history.csv.
 """
 import os
 
@@ -13,7 +13,7 @@ import logging  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from src import config, paths, tracking, training  # noqa: E402
+from src import config, paths, stack, tracking, training  # noqa: E402
 from src.atomic import atomic_dir, atomic_file, write_json  # noqa: E402
 from src.errors import UserError, run_stage  # noqa: E402
 
@@ -31,9 +31,9 @@ def main() -> None:
     for needed in (paths.GRAY_IMAGES, paths.GRAY_INDEX, paths.TARGETS, paths.KERNEL):
         if not needed.exists():
             raise UserError(f"{needed} is missing; run the earlier stages with `dvc repro`")
-    with tracking.training_run(params) as run_id:  # before the data: a bad store fails at once
-        images = np.load(paths.GRAY_IMAGES, mmap_mode="r", allow_pickle=False)
-        targets = np.load(paths.TARGETS, mmap_mode="r", allow_pickle=False)
+    with (tracking.training_run(params) as run_id,  # before the data: a bad store fails at once
+          stack.Stack(paths.GRAY_IMAGES, fix="rerun `dvc repro -f grayscale`") as images,
+          stack.Stack(paths.TARGETS, fix="rerun `dvc repro -f filter`") as targets):
         true_kernel = np.load(paths.KERNEL, allow_pickle=False).astype(np.float64)
         value_range = tracking.symmetric_range(true_kernel)
         history: list[training.EpochResult] = []

@@ -22,7 +22,7 @@ import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 
 # importing src.training registers FFTConv2D, which loading model.keras needs
-from src import figures, images, paths, tracking, training  # noqa: E402
+from src import figures, images, paths, stack, tracking, training  # noqa: E402
 from src.atomic import atomic_dir  # noqa: E402
 from src.errors import UserError, run_stage  # noqa: E402
 
@@ -105,8 +105,10 @@ def main() -> None:
 
         names, splits = read_index()
         row = sample_row(splits)
-        gray = np.asarray(np.load(paths.GRAY_IMAGES, mmap_mode="r")[row], dtype=np.float32)
-        target = np.asarray(np.load(paths.TARGETS, mmap_mode="r")[row], dtype=np.float32)
+        with stack.Stack(paths.GRAY_IMAGES, fix="rerun `dvc repro -f grayscale`") as grays:
+            gray = grays[row]
+        with stack.Stack(paths.TARGETS, fix="rerun `dvc repro -f filter`") as targets:
+            target = targets[row]
         padding = "same" if target.shape == gray.shape else "valid"
         prediction = load_model()(gray[None, :, :, None], training=False).numpy()[0, :, :, 0]
         if prediction.shape != target.shape:

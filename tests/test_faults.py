@@ -30,10 +30,17 @@ def epochs_logged(ws) -> int:
         return 0
 
 
-def statuses(ws) -> list[str]:
+def statuses(ws, settle_s: float = 60) -> list[str]:
+    """The runs' statuses, once none is RUNNING: Ctrl-C reaches dvc and the stage at once,
+    and dvc may exit before the stage has marked its run KILLED."""
     client = MlflowClient(ws.tracking_uri)
     experiment = client.get_experiment_by_name("learn-linear-filter")
-    return sorted(r.info.status for r in client.search_runs([experiment.experiment_id]))
+    deadline = time.time() + settle_s
+    while True:
+        found = sorted(r.info.status for r in client.search_runs([experiment.experiment_id]))
+        if "RUNNING" not in found or time.time() > deadline:
+            return found
+        time.sleep(0.5)
 
 
 def interrupt_training(ws, process: subprocess.Popen, signum: int, group: bool) -> str:

@@ -118,6 +118,17 @@ def test_missing_grayscale_says_which_stage_to_run(workdir):
     assert not paths.FILTERED.exists()
 
 
+@pytest.mark.parametrize("bad", [b"not an array", np.float64])
+def test_grayscale_that_is_not_a_float32_stack_is_a_user_error(workdir, bad):
+    if isinstance(bad, bytes):
+        paths.GRAY_IMAGES.write_bytes(bad)
+    else:
+        np.save(paths.GRAY_IMAGES, workdir.astype(bad))
+    with pytest.raises(UserError, match=r"not a stack of float32 images .*dvc repro -f grayscale"):
+        filter_stage.main()
+    assert not paths.FILTERED.exists()
+
+
 def test_index_that_disagrees_with_the_images_is_a_user_error(workdir):
     paths.GRAY_INDEX.write_text("name,split\nimg0.png,train\n")
     with pytest.raises(UserError, match="index.csv"):

@@ -8,6 +8,7 @@ import pytest
 from scipy import ndimage, signal
 
 from src import filtering, kernels
+from src.stack import Stack, write_stack
 
 SOBEL_X = kernels.make("sobel_x")
 RNG = np.random.default_rng(1234)
@@ -271,32 +272,44 @@ def test_chunking_does_not_change_the_targets(noise_std, padding):
     k = ASYMMETRIC[(4, 4)]
     results = []
     for chunk in (1, 3, 7, 64):
-        out = np.full((7, *filtering.output_shape(20, 20, k.shape, padding)), np.nan, np.float32)
-        filtering.make_targets(images, k, padding, out, noise_std=noise_std,
-                               rng=np.random.default_rng(5), chunk=chunk)
-        results.append(out)
-    for out in results:
-        assert np.all(np.isfinite(out))
-        np.testing.assert_array_equal(out, results[0])
+        targets = np.stack(list(filtering.make_targets(
+            images, k, padding, noise_std=noise_std, rng=np.random.default_rng(5), chunk=chunk)))
+        assert targets.shape == (7, *filtering.output_shape(20, 20, k.shape, padding))
+        results.append(targets)
+    for targets in results:
+        assert np.all(np.isfinite(targets))
+        np.testing.assert_array_equal(targets, results[0])
     if noise_std == 0:
         np.testing.assert_array_equal(results[0], filtering.correlate(images, k, padding))
 
 
-def test_make_targets_streams_between_memory_maps(tmp_path):
-    images = np.lib.format.open_memmap(tmp_path / "images.npy", mode="w+", dtype=np.float32,
-                                       shape=(5, 40, 40))
-    images[:] = RNG.random((5, 40, 40))
+class Recorded:
+    """A stack that notes which rows it is asked for."""
+
+    def __init__(self, stack):
+        self.stack, self.keys = stack, []
+
+    def __len__(self):
+        return len(self.stack)
+
+    def __getitem__(self, key):
+        self.keys.append(key)
+        return self.stack[key]
+
+
+def test_make_targets_streams_from_stack_to_stack(tmp_path):
+    images = RNG.random((5, 40, 40)).astype(np.float32)
+    write_stack(tmp_path / "images.npy", iter(images), 5, (40, 40))
     k = kernels.make("smiley")
-    out = np.lib.format.open_memmap(tmp_path / "targets.npy", mode="w+", dtype=np.float32,
-                                    shape=(5, 9, 9))
-    filtering.make_targets(images, k, "valid", out, chunk=2)
-    out.flush()
+    with Stack(tmp_path / "images.npy") as stack:
+        recorded = Recorded(stack)
+        targets = filtering.make_targets(recorded, k, "valid", chunk=2)
+        assert write_stack(tmp_path / "targets.npy", targets, 5, (9, 9)) == 5
+    assert recorded.keys == [slice(0, 2), slice(2, 4), slice(4, 6)]  # one chunk at a time
     np.testing.assert_allclose(np.load(tmp_path / "targets.npy"),
-                               filtering.correlate(np.asarray(images), k, "valid"), atol=0)
+                               filtering.correlate(images, k, "valid"), atol=0)
 
 
-def test_make_targets_needs_an_rng_for_noise_and_a_matching_out():
+def test_make_targets_needs_an_rng_for_noise():
     with pytest.raises(ValueError, match="rng"):
-        filtering.make_targets(IMAGES, SOBEL_X, "valid", np.empty((3, 38, 34)), noise_std=0.1)
-    with pytest.raises(ValueError, match="out"):
-        filtering.make_targets(IMAGES, SOBEL_X, "valid", np.empty((2, 38, 34)))
+        next(filtering.make_targets(IMAGES, SOBEL_X, "valid", noise_std=0.1))

@@ -1,5 +1,6 @@
 """The grayscale stack: streamed row by row into an .npy of exactly the readable images,
-with the unreadable ones skipped and counted, up to data.max_bad_fraction."""
+with the unreadable ones skipped and counted, up to data.max_bad_fraction.
+(write_stack itself is tested in test_stack.py.)"""
 from __future__ import annotations
 
 import csv
@@ -60,24 +61,6 @@ def write_params(root: Path, **data) -> None:
     doc = yaml.safe_load((REPO / "params.yaml").read_text())
     doc["data"].update(data)
     (root / "params.yaml").write_text(yaml.safe_dump(doc))
-
-
-# --- write_stack ------------------------------------------------------------------
-
-@pytest.mark.parametrize("written", [5, 3, 0])
-def test_write_stack_holds_exactly_the_rows_written(tmp_path, written):
-    rows = np.random.default_rng(1).random((written, 4, 6)).astype(np.float32)
-    path = tmp_path / "stack.npy"
-    assert grayscale.write_stack(path, iter(rows), capacity=5, shape=(4, 6)) == written
-    loaded = np.load(path, mmap_mode="r")
-    assert loaded.shape == (written, 4, 6) and loaded.dtype == np.float32
-    assert np.array_equal(loaded, rows)
-    assert path.stat().st_size == loaded.offset + rows.nbytes
-
-
-def test_write_stack_refuses_a_wrong_shape(tmp_path):
-    with pytest.raises(ValueError):
-        grayscale.write_stack(tmp_path / "s.npy", iter([np.zeros((3, 3))]), 2, (4, 4))
 
 
 # --- convert ----------------------------------------------------------------------
