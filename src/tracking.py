@@ -262,11 +262,23 @@ def interrupt_on_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _end_run(status: str) -> None:
-    try:
-        mlflow.end_run(status)
-    except Exception:  # keep the error that ended the block; the run may stay RUNNING
-        log.exception("could not mark the MLflow run %s", status)
+def _end_run(status: str, attempts: int = 3) -> None:
+    """End the active run with `status`, retrying: an interrupt that landed mid-write
+    can fail the first attempt, and a run must not be left RUNNING."""
+    active = mlflow.active_run()
+    run_id = active.info.run_id if active else None
+    for attempt in range(attempts):
+        try:
+            if mlflow.active_run() is not None:
+                mlflow.end_run(status)
+            else:  # the fluent run is gone, its status may not be written: write it
+                MlflowClient().set_terminated(run_id, status)
+            return
+        except Exception as exc:  # keep the error that ended the block
+            problem = exc
+            time.sleep(0.5 * (attempt + 1))
+    log.warning("could not mark MLflow run %s %s: %s", run_id, status,
+                str(problem).splitlines()[0] if str(problem) else type(problem).__name__)
 
 
 @contextlib.contextmanager
