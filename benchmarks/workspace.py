@@ -51,6 +51,22 @@ def merge(doc: dict, changes: dict) -> dict:
     return doc
 
 
+def copy_repo(root: Path, source: Path = REPO, who: str = "bench") -> Path:
+    """Copy the repo's files (tracked, and untracked but not ignored) into `root`, as a
+    fresh git repo with `who` as its committer. The tests and `make docs` use it too."""
+    root = Path(root)
+    names = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard",
+                            "-z"], cwd=source, capture_output=True, text=True, check=True).stdout
+    for name in filter(None, names.split("\0")):
+        if (source / name).is_file():  # a deleted, not yet committed file is listed too
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source / name, root / name)
+    for args in (["init", "-q", "-b", "main"], ["config", "user.email", f"{who}@example.invalid"],
+                 ["config", "user.name", who]):
+        subprocess.run(["git", *args], cwd=root, check=True, capture_output=True)
+    return root
+
+
 @dataclass
 class Measured:
     """One subprocess: wall time and the peaks of its process tree's memory, in MB."""
@@ -127,18 +143,8 @@ class Workspace:
     as a fresh git repo, its MLflow store a SQLite file inside it."""
 
     def __init__(self, root: Path, source: Path = REPO):
-        self.root = Path(root)
-        names = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard",
-                                "-z"], cwd=source, capture_output=True, text=True,
-                               check=True).stdout
-        for name in filter(None, names.split("\0")):
-            if (source / name).is_file():  # a deleted, not yet committed file is listed too
-                (self.root / name).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(source / name, self.root / name)
+        self.root = copy_repo(root, source)
         self.env = clean_env(MLFLOW_TRACKING_URI=f"sqlite:///{self.root / 'mlflow.db'}")
-        self.run("git", "init", "-q", "-b", "main")
-        self.run("git", "config", "user.email", "bench@example.invalid")
-        self.run("git", "config", "user.name", "bench")
 
     def run(self, *args: str, check: bool = True,
             timeout: float = 1800) -> subprocess.CompletedProcess:

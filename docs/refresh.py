@@ -6,7 +6,6 @@ alone, then copies the figures here. Takes a few minutes on 2 cores.
 """
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -17,6 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
 sys.path.insert(0, str(REPO))
 
+from benchmarks.workspace import clean_env, copy_repo  # noqa: E402
 from src import figures, kernels  # noqa: E402
 
 FIGURES = ("convergence.gif", "comparison.png", "sample.png", "curves.png")
@@ -29,27 +29,15 @@ def gallery() -> None:
     figures.kernel_gallery(shown).savefig(DOCS / "kernels.png", dpi=90)
 
 
-def run(args: list[str], cwd: Path) -> None:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    subprocess.run(args, cwd=cwd, env=env, check=True)
-
-
 def pipeline_figures() -> None:
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-                           cwd=REPO, capture_output=True, text=True, check=True).stdout
     with tempfile.TemporaryDirectory() as tmp:
-        copy = Path(tmp)
-        for name in filter(None, files.split("\0")):
-            if (REPO / name).is_file():
-                (copy / name).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(REPO / name, copy / name)
-        for args in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"],
-                     ["git", "-c", "user.name=docs", "-c", "user.email=docs@example.invalid",
-                      "commit", "-qm", "docs"]):
-            run(args, copy)
+        copy = copy_repo(Path(tmp), REPO, who="docs")
+        env = clean_env()  # MLflow goes to the copy's own mlflow.db
+        subprocess.run(["git", "add", "-A"], cwd=copy, check=True)
+        subprocess.run(["git", "commit", "-qm", "docs"], cwd=copy, check=True)
         for kernel in ("sobel_x", "smiley"):
-            run(["dvc", "exp", "run", "-S", f"kernel={kernel}"], copy)
+            subprocess.run(["dvc", "exp", "run", "-S", f"kernel={kernel}"], cwd=copy, env=env,
+                           check=True)
             (DOCS / kernel).mkdir(parents=True, exist_ok=True)
             for name in FIGURES:
                 shutil.copy2(copy / "figures" / name, DOCS / kernel / name)

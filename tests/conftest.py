@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -19,33 +18,13 @@ import pytest
 import requests
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+# one copy-the-repo helper for tests, `make bench` and `make docs`
+from benchmarks.workspace import BIN, REPO, clean_env, copy_repo, merge  # noqa: F401
 
 TINY = {
     "data": {"count": 8, "size": 64, "val_fraction": 0.25},
     "train": {"epochs": 2, "batch_size": 2, "crop": 48},
 }
-
-
-def merge(doc: dict, changes: dict) -> dict:
-    for key, value in changes.items():
-        if isinstance(value, dict):
-            merge(doc.setdefault(key, {}), value)
-        else:
-            doc[key] = value
-    return doc
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """The environment a user's shell would have: venv first, no inherited DVC/MLflow vars."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("DVC_", "MLFLOW_")) and k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env["DVC_NO_ANALYTICS"] = "1"
-    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    env.update(extra)
-    return env
 
 
 class Workspace:
@@ -85,19 +64,8 @@ class Workspace:
 def workspace(tmp_path: Path) -> Workspace:
     """This repo's files (tracked, and untracked but not ignored) in a fresh git repo,
     with the tiny config committed."""
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-                           cwd=REPO, capture_output=True, text=True, check=True).stdout
-    root = tmp_path / "repo"
-    for name in filter(None, files.split("\0")):
-        source = REPO / name
-        if source.is_file():
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, root / name)
-    ws = Workspace(root)
+    ws = Workspace(copy_repo(tmp_path / "repo", REPO, who="tests"))
     ws.set_params(TINY)
-    ws.run("git", "init", "-q", "-b", "main")
-    ws.run("git", "config", "user.email", "tests@example.invalid")
-    ws.run("git", "config", "user.name", "tests")
     ws.commit("tiny config")
     return ws
 
