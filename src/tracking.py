@@ -262,6 +262,33 @@ def interrupt_on_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def uninterrupted() -> Iterator[None]:
+    """Hold back Ctrl-C and SIGTERM until the block's store writes are done.
+
+    An interrupt raised inside a SQLite write leaves its transaction open (MLflow
+    rolls back only on Exception), and the lock it holds makes every later write,
+    marking the run KILLED included, fail with `database is locked`. Writes take
+    milliseconds, so the signal is delivered again right after, to whatever
+    handler was there. Outside the main thread this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    caught = (signal.SIGINT, signal.SIGTERM)
+    previous = {signum: signal.getsignal(signum) for signum in caught}
+    for signum in caught:
+        signal.signal(signum, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        if held:
+            signal.raise_signal(held[0])
+
+
 def _end_run(status: str, attempts: int = 3) -> None:
     """End the active run with `status`, retrying: an interrupt that landed mid-write
     can fail the first attempt, and a run must not be left RUNNING."""
@@ -269,10 +296,11 @@ def _end_run(status: str, attempts: int = 3) -> None:
     run_id = active.info.run_id if active else None
     for attempt in range(attempts):
         try:
-            if mlflow.active_run() is not None:
-                mlflow.end_run(status)
-            else:  # the fluent run is gone, its status may not be written: write it
-                MlflowClient().set_terminated(run_id, status)
+            with uninterrupted():
+                if mlflow.active_run() is not None:
+                    mlflow.end_run(status)
+                else:  # the fluent run is gone, its status may not be written: write it
+                    MlflowClient().set_terminated(run_id, status)
             return
         except Exception as exc:  # keep the error that ended the block
             problem = exc
@@ -292,13 +320,16 @@ def training_run(params: config.Params) -> Iterator[str]:
     """
     client, experiment_id = _open_store(params.mlflow_experiment)
     with interrupt_on_sigterm():
-        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name(params),
-                               tags=run_tags(params))
+        with uninterrupted():
+            run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name(params),
+                                   tags=run_tags(params))
         run_id = run.info.run_id
         try:
             log.info("MLflow run %s (%s) in experiment %r at %s", run.info.run_name, run_id,
                      params.mlflow_experiment, mlflow.get_tracking_uri())
-            client.log_batch(run_id, params=[Param(k, v) for k, v in run_params(params).items()])
+            with uninterrupted():
+                client.log_batch(run_id,
+                                 params=[Param(k, v) for k, v in run_params(params).items()])
             yield run_id
         except Exception:
             _end_run("FAILED")
@@ -306,7 +337,8 @@ def training_run(params: config.Params) -> Iterator[str]:
         except BaseException:
             _end_run("KILLED")
             raise
-        mlflow.end_run("FINISHED")
+        with uninterrupted():
+            mlflow.end_run("FINISHED")
 
 
 @contextlib.contextmanager
@@ -328,7 +360,8 @@ def resume_run(run_id: str) -> Iterator[str]:
         raise UserError(f"MLflow run {run_id} is deleted; restore it with `mlflow runs restore "
                         f"--run-id {run_id}`, or rerun training with `dvc repro -f train`")
     with interrupt_on_sigterm():
-        mlflow.start_run(run_id=run_id)
+        with uninterrupted():
+            mlflow.start_run(run_id=run_id)
         try:
             yield run_id
         finally:
@@ -346,8 +379,11 @@ def log_epoch(run_id: str, epoch: int, metrics: dict[str, float], kernel: np.nda
     """
     client = MlflowClient()
     now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(k, float(v), now, epoch) for k, v in metrics.items()])
-    client.log_image(run_id, kernel_picture(kernel, value_range), key="kernel", step=epoch)
+    picture = kernel_picture(kernel, value_range)
+    with uninterrupted():
+        client.log_batch(run_id,
+                         metrics=[Metric(k, float(v), now, epoch) for k, v in metrics.items()])
+        client.log_image(run_id, picture, key="kernel", step=epoch)
 
 
 def log_final(run_id: str, *, true_kernel: np.ndarray, learned_kernel: np.ndarray,

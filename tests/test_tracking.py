@@ -15,6 +15,7 @@ import mlflow
 import numpy as np
 import pytest
 import requests
+import sqlalchemy
 from mlflow import MlflowClient
 from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
@@ -333,4 +334,38 @@ def test_run_status_when_training_stops(store, stop, status):
 
     assert MlflowClient(store).get_run(started[0]).info.status == status
     assert mlflow.active_run() is None
+    assert signal.getsignal(signal.SIGTERM) is sigterm_before
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupt_inside_a_store_write_waits_for_it_and_the_run_is_killed(store, signum):
+    """The signal arrives while log_epoch's metric INSERT runs. Raised there, it
+    would leave the transaction open and the database locked, and marking the
+    run KILLED would fail; held back, the write completes and the run is KILLED."""
+    sigint_before, sigterm_before = map(signal.getsignal, (signal.SIGINT, signal.SIGTERM))
+    sent = []
+
+    def interrupt_the_insert(conn, cursor, statement, *args):
+        if not sent and statement.lstrip().upper().startswith("INSERT INTO METRICS"):
+            sent.append(statement)
+            os.kill(os.getpid(), signum)
+            time.sleep(0.2)  # Python runs the handler here, inside the write
+
+    sqlalchemy.event.listen(sqlalchemy.engine.Engine, "before_cursor_execute",
+                            interrupt_the_insert)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with training_run(make_params()) as run_id:
+                log_epoch(run_id, 1, {"kernel_mse": 0.5}, np.eye(3), SOBEL_RANGE)
+                pytest.fail("the interrupt was not delivered after the write")
+    finally:
+        sqlalchemy.event.remove(sqlalchemy.engine.Engine, "before_cursor_execute",
+                                interrupt_the_insert)
+
+    assert sent, "no metric INSERT ran"
+    run = MlflowClient(store).get_run(run_id)
+    assert run.info.status == "KILLED"
+    assert run.data.metrics == {"kernel_mse": 0.5}  # the interrupted write completed
+    assert mlflow.active_run() is None
+    assert signal.getsignal(signal.SIGINT) is sigint_before
     assert signal.getsignal(signal.SIGTERM) is sigterm_before
