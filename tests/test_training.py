@@ -86,22 +86,35 @@ def test_crops_cut_targets_aligned_with_their_inputs(padding):
     assert seen == 5
 
 
-def test_top_curvature_matches_the_explicit_hessian():
-    x = RNG.normal(size=(3, 12, 12, 1)).astype(np.float32)
-    shape = (3, 3)
-    # columns: outputs for each unit kernel; Hessian of mean((A k - t)²) is 2 AᵀA / M
+def explicit_top_curvature(x: np.ndarray, shape: tuple[int, int]) -> float:
+    """Top eigenvalue of the Hessian of mean((A k - t)²), 2 AᵀA / M, with A's columns
+    the outputs for each unit kernel."""
     columns = []
-    for i in range(9):
-        unit = np.zeros(9)
+    for i in range(shape[0] * shape[1]):
+        unit = np.zeros(shape[0] * shape[1])
         unit[i] = 1
         columns.append(correlate(x[..., 0], unit.reshape(shape), "valid").ravel())
     a = np.stack(columns, axis=1).astype(np.float64)
-    expected = np.linalg.eigvalsh(2 * a.T @ a / a.shape[0]).max()
-    # direct builds the Hessian exactly; fft finds it by power iteration, from below
-    assert training.top_curvature(tf.constant(x), shape, "direct", seed=0) == pytest.approx(
-        expected, rel=1e-9)
-    assert training.top_curvature(tf.constant(x), shape, "fft", seed=0) == pytest.approx(
-        expected, rel=1e-2)
+    return float(np.linalg.eigvalsh(2 * a.T @ a / a.shape[0]).max())
+
+
+def test_top_curvature_direct_is_the_explicit_hessians():
+    x = RNG.normal(size=(3, 12, 12, 1)).astype(np.float32)
+    assert training.top_curvature(tf.constant(x), (3, 3), "direct", seed=0) == pytest.approx(
+        explicit_top_curvature(x, (3, 3)), rel=1e-9)
+
+
+@pytest.mark.parametrize("side, shape, within", [(64, (16, 16), 0.05), (64, (9, 4), 0.01),
+                                                 (12, (3, 3), 0.05), (8, (1, 2), 0.05)])
+def test_top_curvature_fft_is_close_to_the_explicit_hessians_and_never_above(side, shape,
+                                                                             within):
+    # whitened smooth images, as in training; borders matter more on small crops
+    smooth = ndimage.gaussian_filter(RNG.normal(size=(4, side + 1, side + 1)), (0, 2, 2))
+    x = np.asarray(training.WHITENERS["gradient"](smooth.astype(np.float32)))[..., None]
+    expected = explicit_top_curvature(x, shape)
+    got = training.top_curvature(x, shape, "fft", seed=0)
+    assert (1 - within) * expected <= got <= expected * (1 + 1e-9)
+    assert training.top_curvature(x, shape, "fft", seed=0) == got  # seeded
 
 
 def test_kernel_errors():
