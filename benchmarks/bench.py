@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--kernels", type=_names, default=["sobel_x", "sobel_y", "smiley"])
     parser.add_argument("--data", type=Path, default=None,
                         help="a local folder or .zip of images instead of synthetic dead leaves")
-    parser.add_argument("--original-budget", type=float, default=120.0,
+    parser.add_argument("--original-budget", type=float, default=240.0,
                         help="seconds the original recipe may train, per kernel")
     parser.add_argument("--projection-budget", type=float, default=150.0,
                         help="seconds for the FFT projection of the original, per big kernel")
