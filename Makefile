@@ -33,7 +33,7 @@ compare: install
 docs: install  # refresh the README's pictures from real runs, in a temporary copy
 	python docs/refresh.py
 
-bench: install  # measure everything BENCHMARKS.md reports (~12 min on 2 cores)
+bench: install  # measure everything BENCHMARKS.md reports (~15 min on 2 cores)
 	python -m benchmarks.bench
 
 lock:  # re-resolve requirements.in into requirements.lock

@@ -1,6 +1,6 @@
 """`make bench`: one run, one machine, one data set; writes BENCHMARKS.md and a JSON twin.
 
-    python -m benchmarks.bench            # the full run (~11 min on 2 shared cores)
+    python -m benchmarks.bench            # the full run (~15 min on 2 shared cores)
     python -m benchmarks.bench --quick    # 8 images of 64×64: a smoke run (~1 min)
 
 Sections, in the order they run:
