@@ -138,7 +138,8 @@ def _data(doc: dict) -> DataConfig:
     if isinstance(categories, str):
         categories = [c for c in categories.replace(",", " ").split() if c]
     if not isinstance(categories, list):
-        raise UserError(f"data.categories must be a list of MIT scene categories, got {categories!r}")
+        raise UserError("data.categories must be a list of MIT scene categories, "
+                        f"got {categories!r}")
     unknown = [c for c in categories if c not in MIT_CATEGORIES]
     if unknown:
         raise UserError(f"data.categories: unknown {', '.join(map(str, unknown))}; "

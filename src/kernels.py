@@ -95,7 +95,8 @@ def _gaussian(settings: dict) -> np.ndarray:
     sigma = _setting(settings, "gaussian", "sigma", 1.5)
     if covariance is None:
         if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma > 0:
-            raise UserError(f"kernels.gaussian.sigma must be a number greater than 0, got {sigma!r}")
+            raise UserError("kernels.gaussian.sigma must be a number greater than 0, "
+                            f"got {sigma!r}")
         return gaussian(size, sigma=float(sigma))
     try:
         cov = np.asarray(covariance, dtype=np.float64)

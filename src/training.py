@@ -169,9 +169,10 @@ def crops(images: np.ndarray, targets: np.ndarray, rows: np.ndarray,
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
         offsets = rng.integers(0, size - side + 1, size=(len(batch), 2))
-        x = np.stack([images[i, oy:oy + side, ox:ox + side] for i, (oy, ox) in zip(batch, offsets)])
-        t = np.stack([targets[i, top + oy:top + oy + side - kh + 1, left + ox:left + ox + side - kw + 1]
-                      for i, (oy, ox) in zip(batch, offsets)])
+        windows = list(zip(batch, offsets))
+        x = np.stack([images[i, oy:oy + side, ox:ox + side] for i, (oy, ox) in windows])
+        t = np.stack([targets[i, top + oy:top + oy + side - kh + 1,
+                              left + ox:left + ox + side - kw + 1] for i, (oy, ox) in windows])
         yield x[..., None].astype(np.float32), t[..., None].astype(np.float32)
 
 

@@ -57,7 +57,8 @@ def main() -> None:
             writer = csv.writer(handle)
             writer.writerow(HISTORY_FIELDS)
             for r in history:
-                writer.writerow([r.epoch] + [f"{getattr(r, name):.6g}" for name in HISTORY_FIELDS[1:]])
+                writer.writerow([r.epoch]
+                                + [f"{getattr(r, name):.6g}" for name in HISTORY_FIELDS[1:]])
         last = history[-1]
         write_json(paths.TRAIN_METRICS, {
             "kernel_mse": last.kernel_mse, "kernel_rel_error": last.kernel_rel_error,

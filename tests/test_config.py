@@ -137,7 +137,8 @@ def test_a_stage_reports_a_bad_param_in_one_line_and_exits_non_zero(tmp_path, ch
     doc.update(yaml.safe_load(change))
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(doc))
     result = subprocess.run([sys.executable, "-m", "stages.filter"], cwd=tmp_path, text=True,
-                            capture_output=True, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+                            capture_output=True,
+                            env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines == [lines[0]] and lines[0].startswith(expected)

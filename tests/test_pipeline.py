@@ -121,8 +121,8 @@ def test_a_queued_experiment_runs_its_own_copy_of_the_code(workspace):
     source = workspace.root / "src/training.py"
     original = source.read_text()
     marker = "queued-code-marker-5521"
-    source.write_text(original.replace('    keras.utils.set_random_seed(seed)\n',
-                                       f'    log.info("{marker}")\n    keras.utils.set_random_seed(seed)\n', 1))
+    seeding = "    keras.utils.set_random_seed(seed)\n"
+    source.write_text(original.replace(seeding, f'    log.info("{marker}")\n' + seeding, 1))
     assert marker in source.read_text()
     workspace.dvc("exp", "run", "--queue", "-n", "marked")
     source.write_text(original)  # the workspace no longer has the marker

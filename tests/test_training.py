@@ -145,12 +145,14 @@ def test_training_recovers_the_kernel_and_reports_every_epoch(padding):
     # the returned model predicts in the filter's padding, un-whitened
     prediction = model(images[-2:, ..., None]).numpy()[..., 0]
     assert prediction.shape == targets[-2:].shape
-    assert np.mean((prediction - targets[-2:]) ** 2) == pytest.approx(history[-1].val_loss, rel=1e-3)
+    assert np.mean((prediction - targets[-2:]) ** 2) == pytest.approx(history[-1].val_loss,
+                                                                      rel=1e-3)
 
 
 def test_fft_training_recovers_a_large_kernel():
     _, history, *_ = train_tiny("smiley", size=96, crop=80, batch_size=4)
-    assert history[-1].kernel_rel_error < 2e-2  # 32 steps on 16 tiny images; the benchmark goes to 1e-4
+    # 32 steps on 16 tiny images; the benchmark goes to 1e-4
+    assert history[-1].kernel_rel_error < 2e-2
 
 
 def test_without_whitening_the_kernel_error_lags():
