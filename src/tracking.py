@@ -289,24 +289,15 @@ def uninterrupted() -> Iterator[None]:
             signal.raise_signal(held[0])
 
 
-def _end_run(status: str, attempts: int = 3) -> None:
-    """End the active run with `status`, retrying: an interrupt that landed mid-write
-    can fail the first attempt, and a run must not be left RUNNING."""
-    active = mlflow.active_run()
-    run_id = active.info.run_id if active else None
-    for attempt in range(attempts):
-        try:
-            with uninterrupted():
-                if mlflow.active_run() is not None:
-                    mlflow.end_run(status)
-                else:  # the fluent run is gone, its status may not be written: write it
-                    MlflowClient().set_terminated(run_id, status)
-            return
-        except Exception as exc:  # keep the error that ended the block
-            problem = exc
-            time.sleep(0.5 * (attempt + 1))
-    log.warning("could not mark MLflow run %s %s: %s", run_id, status,
-                str(problem).splitlines()[0] if str(problem) else type(problem).__name__)
+def _end_run(status: str) -> None:
+    """End the active run with `status`. A failure is one warning line, so the error
+    that ended the block stays the one the user sees."""
+    try:
+        with uninterrupted():
+            mlflow.end_run(status)
+    except Exception as exc:
+        log.warning("could not mark the MLflow run %s: %s", status,
+                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
 
 @contextlib.contextmanager
