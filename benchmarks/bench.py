@@ -38,6 +38,7 @@ import yaml
 from benchmarks import report
 from benchmarks.workspace import (BIN, REPO, Workspace, disk_usage, filesystem,
                                   repeat_median)
+from src.stack import Stack  # light: numpy only, unlike the TensorFlow modules imported late
 
 log = logging.getLogger("bench")
 
@@ -208,16 +209,6 @@ def disk(root: Path) -> dict:
             "total": disk_usage(root)}
 
 
-def read_stack(path: Path):
-    """An (N, H, W) .npy read as the train stage reads it: through src.stack.Stack (rows
-    read with pread) where the checkout has it, else memory-mapped as before it."""
-    try:
-        from src.stack import Stack
-    except ImportError:
-        return np.load(path, mmap_mode="r")
-    return Stack(path)
-
-
 class Data:
     """The largest scale's stage outputs, read as the train stage reads them."""
 
@@ -225,14 +216,14 @@ class Data:
         from src import config
         self.root = ws.root
         self.params = config.load(ws.root / "params.yaml")
-        self.images = read_stack(ws.root / "data/gray/images.npy")
+        self.images = Stack(ws.root / "data/gray/images.npy")
         with open(ws.root / "data/gray/index.csv", newline="") as handle:
             self.split = np.array([row["split"] for row in csv.DictReader(handle)])
         self.train_rows = np.flatnonzero(self.split == "train")
 
     def targets(self, kernel: str) -> tuple[np.ndarray, np.ndarray]:
         folder = self.root / f"data/filtered-{kernel}"
-        return (read_stack(folder / "targets.npy"),
+        return (Stack(folder / "targets.npy"),
                 np.load(folder / "kernel.npy").astype(np.float64))
 
 

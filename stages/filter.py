@@ -31,7 +31,7 @@ def load_images() -> stack.Stack:
                         "run `dvc repro grayscale` first")
     with open(paths.GRAY_INDEX, newline="") as handle:
         rows = sum(1 for _ in csv.DictReader(handle))
-    images = stack.Stack(paths.GRAY_IMAGES, fix="rerun `dvc repro -f grayscale`")
+    images = stack.open_gray_images()
     if len(images) == 0 or len(images) != rows:
         images.close()
         raise UserError(f"{paths.GRAY_IMAGES} holds shape {images.shape} but "

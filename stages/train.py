@@ -32,8 +32,7 @@ def main() -> None:
         if not needed.exists():
             raise UserError(f"{needed} is missing; run the earlier stages with `dvc repro`")
     with (tracking.training_run(params) as run_id,  # before the data: a bad store fails at once
-          stack.Stack(paths.GRAY_IMAGES, fix="rerun `dvc repro -f grayscale`") as images,
-          stack.Stack(paths.TARGETS, fix="rerun `dvc repro -f filter`") as targets):
+          stack.open_gray_images() as images, stack.open_targets() as targets):
         true_kernel = np.load(paths.KERNEL, allow_pickle=False).astype(np.float64)
         value_range = tracking.symmetric_range(true_kernel)
         history: list[training.EpochResult] = []

@@ -105,9 +105,9 @@ def main() -> None:
 
         names, splits = read_index()
         row = sample_row(splits)
-        with stack.Stack(paths.GRAY_IMAGES, fix="rerun `dvc repro -f grayscale`") as grays:
+        with stack.open_gray_images() as grays:
             gray = grays[row]
-        with stack.Stack(paths.TARGETS, fix="rerun `dvc repro -f filter`") as targets:
+        with stack.open_targets() as targets:
             target = targets[row]
         padding = "same" if target.shape == gray.shape else "valid"
         prediction = load_model()(gray[None, :, :, None], training=False).numpy()[0, :, :, 0]
