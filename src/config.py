@@ -1,184 +1,256 @@
-"""Read params.yaml once, validate it, and hand the stages a typed, frozen config.
+"""params.yaml as typed, frozen pydantic models: read and validated once, at the boundary.
 
-Every check raises UserError with one line that names the key, what it holds and
-what is allowed, so `dvc exp run -S train.epochs=abc` fails with a message, not a
+The models hold every default and every bound. A bad value or an unknown key
+becomes one UserError line that names the dotted key, what it holds and what is
+allowed, so `dvc exp run -S train.epochs=abc` fails with a message, not a
 traceback.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import difflib
+import re
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
 
+import numpy as np
 import yaml
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError,
+                      field_validator, model_validator)
 
 from src import kernels
 from src.errors import UserError
 
-SOURCES = ("synthetic", "mit_scenes")
 MIT_CATEGORIES = ("coast", "forest", "highway", "insidecity", "mountain", "opencountry",
                   "street", "tallbuilding")
-OPERATIONS = ("correlate", "convolve")
-PADDINGS = ("valid", "same")
-OPTIMIZERS = ("sgd", "adam")
-CONVS = ("auto", "direct", "fft")
-WHITENINGS = ("gradient", "laplacian", "none")
+Operation = Literal["correlate", "convolve"]
+Padding = Literal["valid", "same"]
+OPERATIONS = get_args(Operation)
+PADDINGS = get_args(Padding)
 
 
-@dataclass(frozen=True)
-class DataConfig:
-    source: str
-    count: int
-    limit: int
-    size: int
-    val_fraction: float
-    categories: tuple[str, ...]
-    sha256: str
-    max_bad_fraction: float
+def _integral_float_to_int(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
-@dataclass(frozen=True)
-class FilterConfig:
-    operation: str
-    padding: str
-    noise_std: float
+# Strict, so that True and "3" are refused; an integral float (3.0) is still a whole number.
+Whole = Annotated[int, BeforeValidator(_integral_float_to_int), Strict()]
+Number = Annotated[float, Strict(), Field(allow_inf_nan=False)]  # ints are accepted
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    epochs: int
-    batch_size: int
-    learning_rate: float
-    optimizer: str
-    conv: str
-    whiten: str
-    crop: int
+class Section(BaseModel):
+    """Every level of params.yaml: no unknown keys, no changes after validation."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_is_defaults(cls, value: Any) -> Any:
+        return {} if value is None else value  # `train:` with nothing under it
 
 
-@dataclass(frozen=True)
-class Params:
-    kernel: str
-    seed: int
-    kernel_settings: dict[str, dict[str, Any]]
-    data: DataConfig
-    filter: FilterConfig
-    train: TrainConfig
-    mlflow_experiment: str
-    raw: dict[str, Any]
+class BoxSettings(Section):
+    size: Whole = Field(5, ge=1)
 
-    def true_kernel(self):
+
+class GaussianSettings(Section):
+    size: Whole = Field(7, ge=1)
+    sigma: Number = 1.5
+    covariance: tuple[tuple[float, float], tuple[float, float]] | None = None  # replaces sigma
+
+    @field_validator("sigma")
+    @classmethod
+    def _positive(cls, sigma: float) -> float:
+        if not sigma > 0:
+            raise ValueError(f"kernels.gaussian.sigma must be a number greater than 0, "
+                             f"got {sigma:g}")
+        return sigma
+
+    @field_validator("covariance", mode="before")
+    @classmethod
+    def _positive_definite(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        try:
+            cov = np.asarray(value, dtype=np.float64)
+            ok = (cov.shape == (2, 2) and bool(np.all(np.isfinite(cov)))
+                  and np.allclose(cov, cov.T) and bool(np.all(np.linalg.eigvalsh(cov) > 0)))
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError("kernels.gaussian.covariance must be a symmetric positive-definite "
+                             f"[[sxx, sxy], [sxy, syy]] or null, got {value!r}")
+        return cov.tolist()
+
+
+class KernelSettings(Section):
+    box: BoxSettings = BoxSettings()
+    gaussian: GaussianSettings = GaussianSettings()
+
+
+class DataConfig(Section):
+    source: str = "synthetic"
+    count: Whole = Field(512, ge=1)
+    limit: Whole = Field(0, ge=0)
+    size: Whole = Field(256, ge=8)
+    val_fraction: Number = Field(0.2, ge=0, le=0.9)
+    categories: tuple[str, ...] = ()
+    sha256: str = ""
+    max_bad_fraction: Number = Field(0.05, ge=0, le=1)
+
+    @field_validator("source")
+    @classmethod
+    def _not_blank(cls, source: str) -> str:
+        if not source.strip():
+            raise ValueError("data.source must be synthetic, mit_scenes, or a path to a folder "
+                             f"or .zip of images; got {source!r}")
+        return source.strip()
+
+    @field_validator("categories", mode="before")
+    @classmethod
+    def _known_categories(cls, value: Any) -> tuple[str, ...]:
+        if value is None:
+            return ()
+        if isinstance(value, str):  # `-S data.categories=forest,street`
+            value = value.replace(",", " ").split()
+        if not isinstance(value, (list, tuple)):
+            raise ValueError("data.categories must be a list of MIT scene categories, "
+                             f"got {value!r}")
+        unknown = [str(c) for c in value if c not in MIT_CATEGORIES]
+        if unknown:
+            raise ValueError(f"data.categories: unknown {', '.join(unknown)}; "
+                             f"choose from {', '.join(MIT_CATEGORIES)}")
+        return tuple(value)
+
+    @field_validator("sha256", mode="before")
+    @classmethod
+    def _hex_digest(cls, value: Any) -> str:
+        value = "" if value is None else value  # `-S data.sha256=` writes null
+        digest = value.strip().lower() if isinstance(value, str) else None
+        if digest is None or (digest and not re.fullmatch(r"[0-9a-f]{64}", digest)):
+            raise ValueError(f"data.sha256 must be 64 hex digits or empty, got {value!r}")
+        return digest
+
+
+class FilterConfig(Section):
+    operation: Operation = "correlate"
+    padding: Padding = "valid"
+    noise_std: Number = Field(0.0, ge=0)
+
+
+class TrainConfig(Section):
+    epochs: Whole = Field(8, ge=1)
+    batch_size: Whole = Field(16, ge=1)
+    learning_rate: Number = Field(0.8, gt=0)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    conv: Literal["auto", "direct", "fft"] = "auto"
+    whiten: Literal["gradient", "laplacian", "none"] = "gradient"
+    crop: Whole = Field(128, ge=0)
+
+
+class MlflowConfig(Section):
+    experiment: str = Field("learn-linear-filter", min_length=1)
+
+
+class Params(Section):
+    kernel: str = "sobel_x"
+    seed: Whole = Field(0, ge=0)
+    kernels: KernelSettings = KernelSettings()
+    data: DataConfig = DataConfig()
+    filter: FilterConfig = FilterConfig()
+    train: TrainConfig = TrainConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+
+    @field_validator("kernel", mode="before")
+    @classmethod
+    def _known_kernel(cls, name: Any) -> str:
+        if isinstance(name, str) and (name in kernels.NAMES or name.startswith("file:")):
+            return name
+        raise ValueError(f"kernel: unknown kernel {name!r}; choose from "
+                         f"{', '.join(kernels.NAMES)}, or file:<path to .npy, .csv or image>")
+
+    @model_validator(mode="after")
+    def _kernel_fits(self) -> Params:
+        # A file: kernel's UserError is no ValueError, so it passes through pydantic as is.
+        shape = self.true_kernel().shape
+        side = max(shape)
+        if side > self.data.size:
+            raise ValueError(f"kernel: {self.kernel} is {shape[0]}×{shape[1]}, larger than the "
+                             f"{self.data.size}×{self.data.size} images; raise data.size or "
+                             "choose a smaller kernel")
+        if self.train.crop and self.train.crop < side + 2:
+            raise ValueError(f"train.crop must be 0 or at least the kernel size + 2 "
+                             f"({side + 2}), got {self.train.crop}")
+        return self
+
+    def true_kernel(self) -> np.ndarray:
         """The kernel named by `kernel`, as float64, before any flip for convolve."""
-        return kernels.make(self.kernel, self.kernel_settings)
+        return kernels.make(self.kernel, self.kernels)
 
 
-# --- small typed readers: each names the key it reads in its error --------------
+# --- a ValidationError as one line ------------------------------------------------
 
-def _section(doc: dict, key: str) -> dict:
-    value = doc.get(key, {})
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise UserError(f"params.yaml: '{key}' must be a mapping of settings, got {value!r}")
-    return value
+def _model_at(loc: tuple) -> type[BaseModel]:
+    model = Params
+    for name in loc:
+        model = model.model_fields[name].annotation
+    return model
 
 
-def _int(section: dict, prefix: str, key: str, default: int, minimum: int | None = None) -> int:
-    value = section.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int):
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        else:
-            raise UserError(f"{prefix}{key} must be a whole number, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise UserError(f"{prefix}{key} must be at least {minimum}, got {value}")
-    return value
+def _unknown_key(loc: tuple) -> str:
+    *parents, key = loc
+    prefix = "".join(f"{name}." for name in parents)
+    valid = list(_model_at(tuple(parents)).model_fields)
+    close = difflib.get_close_matches(str(key), valid, n=1)
+    hint = f"did you mean {prefix}{close[0]}?" if close else f"choose from {', '.join(valid)}"
+    return f"{prefix}{key}: unknown setting; {hint}"
 
 
-def _float(section: dict, prefix: str, key: str, default: float, *, low: float | None = None,
-           high: float | None = None, low_open: bool = False) -> float:
-    value = section.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise UserError(f"{prefix}{key} must be a number, got {value!r}")
-    value = float(value)
-    if value != value or value in (float("inf"), float("-inf")):
-        raise UserError(f"{prefix}{key} must be a finite number, got {value}")
-    if low is not None and (value < low or (low_open and value == low)):
-        bound = f"greater than {low:g}" if low_open else f"at least {low:g}"
-        raise UserError(f"{prefix}{key} must be {bound}, got {value:g}")
-    if high is not None and value > high:
-        raise UserError(f"{prefix}{key} must be at most {high:g}, got {value:g}")
-    return value
+def _shown(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else repr(value)
 
 
-def _choice(section: dict, prefix: str, key: str, default: str, allowed: tuple[str, ...]) -> str:
-    value = section.get(key, default)
-    if value not in allowed:
-        raise UserError(f"{prefix}{key} must be one of {', '.join(allowed)}; got {value!r}")
-    return value
+def _describe(error: dict) -> str:
+    loc, kind, value, ctx = error["loc"], error["type"], error["input"], error.get("ctx", {})
+    key = ".".join(map(str, loc))
+    if kind == "value_error":
+        return str(ctx["error"])  # our validators write the whole line, key included
+    if kind == "extra_forbidden":
+        return _unknown_key(loc)
+    if kind == "literal_error":
+        choices = get_args(_model_at(loc[:-1]).model_fields[loc[-1]].annotation)
+        return f"{key} must be one of {', '.join(choices)}; got {value!r}"
+    allowed = {
+        "int_type": "a whole number",
+        "float_type": "a number",
+        "finite_number": "a finite number",
+        "string_type": "text",
+        "string_too_short": "a non-empty name",
+        "model_type": "a mapping of settings",
+        "greater_than": f"greater than {_shown(ctx.get('gt'))}",
+        "greater_than_equal": f"at least {_shown(ctx.get('ge'))}",
+        "less_than_equal": f"at most {_shown(ctx.get('le'))}",
+    }.get(kind)
+    if allowed is None:
+        return f"{key}: {error['msg']}, got {_shown(value)}"
+    return f"{key} must be {allowed}, got {_shown(value)}"
 
 
-def _str(section: dict, prefix: str, key: str, default: str) -> str:
-    value = section.get(key, default)
-    if value is None:
-        return default
-    if not isinstance(value, str):
-        raise UserError(f"{prefix}{key} must be text, got {value!r}")
-    return value
+def _one_line(exc: ValidationError) -> str:
+    errors = exc.errors()
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return _describe(errors[0]) + more
 
 
-# --- the sections --------------------------------------------------------------
+# --- reading params.yaml --------------------------------------------------------------
 
-def _data(doc: dict) -> DataConfig:
-    s = _section(doc, "data")
-    source = s.get("source", "synthetic")
-    if not isinstance(source, str) or not source.strip():
-        raise UserError("data.source must be synthetic, mit_scenes, or a path to a folder or "
-                        f".zip of images; got {source!r}")
-    categories = s.get("categories") or []
-    if isinstance(categories, str):
-        categories = [c for c in categories.replace(",", " ").split() if c]
-    if not isinstance(categories, list):
-        raise UserError("data.categories must be a list of MIT scene categories, "
-                        f"got {categories!r}")
-    unknown = [c for c in categories if c not in MIT_CATEGORIES]
-    if unknown:
-        raise UserError(f"data.categories: unknown {', '.join(map(str, unknown))}; "
-                        f"choose from {', '.join(MIT_CATEGORIES)}")
-    sha = _str(s, "data.", "sha256", "").strip().lower()
-    if sha and (len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha)):
-        raise UserError(f"data.sha256 must be 64 hex digits or empty, got {sha!r}")
-    return DataConfig(
-        source=source.strip(),
-        count=_int(s, "data.", "count", 512, minimum=1),
-        limit=_int(s, "data.", "limit", 0, minimum=0),
-        size=_int(s, "data.", "size", 256, minimum=8),
-        val_fraction=_float(s, "data.", "val_fraction", 0.2, low=0.0, high=0.9),
-        categories=tuple(categories),
-        sha256=sha,
-        max_bad_fraction=_float(s, "data.", "max_bad_fraction", 0.05, low=0.0, high=1.0),
-    )
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML reads YAML 1.1, where `1e-05` (as `dvc exp run -S` writes it) is a string;
+    YAML 1.2, which DVC reads, makes it a float."""
 
 
-def _filter(doc: dict) -> FilterConfig:
-    s = _section(doc, "filter")
-    return FilterConfig(
-        operation=_choice(s, "filter.", "operation", "correlate", OPERATIONS),
-        padding=_choice(s, "filter.", "padding", "valid", PADDINGS),
-        noise_std=_float(s, "filter.", "noise_std", 0.0, low=0.0),
-    )
-
-
-def _train(doc: dict) -> TrainConfig:
-    s = _section(doc, "train")
-    return TrainConfig(
-        epochs=_int(s, "train.", "epochs", 8, minimum=1),
-        batch_size=_int(s, "train.", "batch_size", 16, minimum=1),
-        learning_rate=_float(s, "train.", "learning_rate", 0.8, low=0.0, low_open=True),
-        optimizer=_choice(s, "train.", "optimizer", "sgd", OPTIMIZERS),
-        conv=_choice(s, "train.", "conv", "auto", CONVS),
-        whiten=_choice(s, "train.", "whiten", "gradient", WHITENINGS),
-        crop=_int(s, "train.", "crop", 128, minimum=0),
-    )
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:(?:\.[0-9]+|[0-9]+\.[0-9]*)(?:[eE][-+]?[0-9]+)?|[0-9]+[eE][-+]?[0-9]+)$"),
+    list("-+0123456789."))
 
 
 def parse(doc: Any) -> Params:
@@ -186,32 +258,10 @@ def parse(doc: Any) -> Params:
     if not isinstance(doc, dict):
         raise UserError("params.yaml must be a mapping of keys to values; restore it from git "
                         "with `git checkout params.yaml`")
-    kernel = doc.get("kernel", "sobel_x")
-    if not isinstance(kernel, str) or not (kernel in kernels.NAMES or kernel.startswith("file:")):
-        raise UserError(f"kernel: unknown kernel {kernel!r}; choose from "
-                        f"{', '.join(kernels.NAMES)}, or file:<path to .npy, .csv or image>")
-    settings = _section(doc, "kernels")
-    params = Params(
-        kernel=kernel,
-        seed=_int(doc, "", "seed", 0, minimum=0),
-        kernel_settings={k: dict(v or {}) for k, v in settings.items()},
-        data=_data(doc),
-        filter=_filter(doc),
-        train=_train(doc),
-        mlflow_experiment=_str(_section(doc, "mlflow"), "mlflow.", "experiment",
-                               "learn-linear-filter") or "learn-linear-filter",
-        raw=doc,
-    )
-    shape = params.true_kernel().shape  # raises UserError for a bad kernel or its settings
-    if max(shape) > params.data.size:
-        raise UserError(f"kernel: {kernel} is {shape[0]}×{shape[1]}, larger than the "
-                        f"{params.data.size}×{params.data.size} images; raise data.size or "
-                        "choose a smaller kernel")
-    crop = params.train.crop
-    if crop and crop < max(shape) + 2:
-        raise UserError(f"train.crop must be 0 or at least the kernel size + 2 "
-                        f"({max(shape) + 2}), got {crop}")
-    return params
+    try:
+        return Params.model_validate(doc)
+    except ValidationError as exc:
+        raise UserError(_one_line(exc)) from None
 
 
 def load(path: str | Path = "params.yaml") -> Params:
@@ -221,7 +271,7 @@ def load(path: str | Path = "params.yaml") -> Params:
     except FileNotFoundError:
         raise UserError(f"{path} not found; run from the repository root") from None
     try:
-        doc = yaml.safe_load(text)
+        doc = yaml.load(text, Loader=_Yaml12Loader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

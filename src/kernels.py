@@ -8,12 +8,15 @@ flips them; see src/filtering.py.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from src.errors import UserError
+
+if TYPE_CHECKING:  # src.config imports this module, so only type checkers import it back
+    from src.config import KernelSettings
 
 SOBEL_X = np.array([[-1, 0, 1],
                     [-2, 0, 2],
@@ -78,37 +81,6 @@ def gaussian(size: int, sigma: float | None = None, covariance: Any = None) -> n
     return k / k.sum()
 
 
-def _setting(settings: dict, kernel: str, key: str, default: Any) -> Any:
-    return (settings.get(kernel) or {}).get(key, default)
-
-
-def _size(settings: dict, kernel: str, default: int) -> int:
-    size = _setting(settings, kernel, "size", default)
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise UserError(f"kernels.{kernel}.size must be a whole number of at least 1, got {size!r}")
-    return size
-
-
-def _gaussian(settings: dict) -> np.ndarray:
-    size = _size(settings, "gaussian", 7)
-    covariance = _setting(settings, "gaussian", "covariance", None)
-    sigma = _setting(settings, "gaussian", "sigma", 1.5)
-    if covariance is None:
-        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma > 0:
-            raise UserError("kernels.gaussian.sigma must be a number greater than 0, "
-                            f"got {sigma!r}")
-        return gaussian(size, sigma=float(sigma))
-    try:
-        cov = np.asarray(covariance, dtype=np.float64)
-        ok = cov.shape == (2, 2) and np.allclose(cov, cov.T) and np.all(np.linalg.eigvalsh(cov) > 0)
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise UserError("kernels.gaussian.covariance must be a symmetric positive-definite "
-                        f"[[sxx, sxy], [sxy, syy]] or null, got {covariance!r}")
-    return gaussian(size, covariance=cov)
-
-
 def from_file(path: str | Path) -> np.ndarray:
     """Load a kernel from .npy (no pickles), .csv, or an image read as the original read
     its smiley PNG: inverted grayscale, L2-normalised."""
@@ -155,16 +127,21 @@ BUILTIN = {
     "prewitt_x": lambda s: PREWITT_X.copy(),
     "prewitt_y": lambda s: PREWITT_X.T.copy(),
     "laplacian": lambda s: LAPLACIAN.copy(),
-    "box": lambda s: box(_size(s, "box", 5)),
-    "gaussian": _gaussian,
+    "box": lambda s: box(s.box.size),
+    "gaussian": lambda s: gaussian(s.gaussian.size, s.gaussian.sigma, s.gaussian.covariance),
     "edge": lambda s: EDGE.copy(),
 }
 NAMES = tuple(BUILTIN)
 
 
-def make(name: str, settings: dict[str, dict[str, Any]] | None = None) -> np.ndarray:
-    """The kernel called `name` (a built-in, or file:<path>), as float64."""
-    settings = settings or {}
+def make(name: str, settings: KernelSettings | None = None) -> np.ndarray:
+    """The kernel called `name` (a built-in, or file:<path>), as float64.
+
+    `settings` are the validated `kernels:` of params.yaml; None means their defaults.
+    """
+    if settings is None:
+        from src.config import KernelSettings  # here, not at the top: config imports us
+        settings = KernelSettings()
     if name.startswith("file:"):
         return from_file(name[len("file:"):])
     if name not in BUILTIN:

@@ -1,7 +1,9 @@
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pydantic
 import pytest
 import yaml
 
@@ -45,6 +47,11 @@ def test_the_committed_params_are_valid_and_typed():
     ("train.learning_rate", -0.1, "train.learning_rate must be greater than 0"),
     ("train.learning_rate", "fast", "train.learning_rate must be a number"),
     ("train.learning_rate", float("nan"), "train.learning_rate must be a finite number"),
+    ("train.learning_rate", float("inf"), "train.learning_rate must be a finite number, got inf"),
+    ("train.learning_rate", True, "train.learning_rate must be a number, got True"),
+    ("train.epochs", "3", "train.epochs must be a whole number, got '3'"),
+    ("train.epochs", True, "train.epochs must be a whole number, got True"),
+    ("train.epochs", 2.5, "train.epochs must be a whole number, got 2.5"),
     ("train.optimizer", "rmsprop", "train.optimizer must be one of sgd, adam; got 'rmsprop'"),
     ("train.conv", "winograd", "train.conv must be one of auto, direct, fft"),
     ("train.whiten", "zca", "train.whiten must be one of gradient, laplacian, none"),
@@ -59,6 +66,9 @@ def test_the_committed_params_are_valid_and_typed():
     ("seed", 1.5, "seed must be a whole number"),
     ("kernels.gaussian.sigma", 0, "kernels.gaussian.sigma must be a number greater than 0"),
     ("kernels.box.size", "big", "kernels.box.size must be a whole number"),
+    ("kernels.box", 7, "kernels.box must be a mapping of settings, got 7"),
+    ("train", 3, "train must be a mapping of settings, got 3"),
+    ("mlflow.experiment", "", "mlflow.experiment must be a non-empty name, got ''"),
 ])
 def test_a_bad_value_names_the_key_and_what_is_allowed(path, value, message):
     doc = with_change(path, value)
@@ -124,6 +134,100 @@ def test_malformed_yaml_and_a_non_mapping_are_one_line_errors(tmp_path):
         config.load(tmp_path / "absent.yaml")
 
 
+@pytest.mark.parametrize("path, message", [
+    ("kernal", "kernal: unknown setting; did you mean kernel?"),
+    ("trian", "trian: unknown setting; did you mean train?"),
+    ("data.catgories", "data.catgories: unknown setting; did you mean data.categories?"),
+    ("filter.noise", "filter.noise: unknown setting; did you mean filter.noise_std?"),
+    ("train.epoch", "train.epoch: unknown setting; did you mean train.epochs?"),
+    ("mlflow.experiment_name",
+     "mlflow.experiment_name: unknown setting; did you mean mlflow.experiment?"),
+    ("kernels.gauss", "kernels.gauss: unknown setting; did you mean kernels.gaussian?"),
+    ("kernels.box.sise", "kernels.box.sise: unknown setting; did you mean kernels.box.size?"),
+    ("kernels.gaussian.sigms",
+     "kernels.gaussian.sigms: unknown setting; did you mean kernels.gaussian.sigma?"),
+    ("kernels.gaussian.covariances",
+     "kernels.gaussian.covariances: unknown setting; did you mean kernels.gaussian.covariance?"),
+    ("train.zzz", "train.zzz: unknown setting; choose from epochs, batch_size, learning_rate, "
+                  "optimizer, conv, whiten, crop"),
+])
+def test_an_unknown_key_names_the_closest_valid_one(path, message):
+    with pytest.raises(UserError) as error:
+        config.parse(with_change(path, 1))
+    assert str(error.value) == message
+
+
+@pytest.mark.parametrize("kernel_settings, key", [
+    *[({"gaussian": {"sigma": sigma}}, "kernels.gaussian.sigma")
+      for sigma in (0, -1.0, "wide", True, float("nan"))],
+    *[({"gaussian": {"covariance": cov}}, "kernels.gaussian.covariance")
+      for cov in ([[1, 2], [2, 1]], [[1, 0.5], [0.4, 1]], [1, 2, 3], "x", [[1, 0], [0, "a"]])],
+    *[({name: {"size": size}}, f"kernels.{name}.size")
+      for name in ("box", "gaussian") for size in (0, -3, 2.5, "5", True)],
+])
+def test_kernel_settings_are_checked_even_for_a_kernel_not_selected(kernel_settings, key):
+    doc = defaults()  # kernel: sobel_x, which takes no settings
+    for name, changes in kernel_settings.items():
+        doc["kernels"][name].update(changes)
+    with pytest.raises(UserError) as error:
+        config.parse(doc)
+    message = str(error.value)
+    assert message.startswith(f"{key} must be ") and "\n" not in message
+
+
+def test_several_problems_name_the_first_and_count_the_rest():
+    doc = with_change("train.epochs", 0)
+    doc["train"]["batch_size"] = 0
+    doc["filter"]["padding"] = "full"
+    with pytest.raises(UserError) as error:
+        config.parse(doc)
+    assert str(error.value) == "filter.padding must be one of valid, same; got 'full' (and 2 more)"
+
+
+def test_whole_numbers_and_numbers_keep_their_type():
+    params = config.parse(with_change("train.epochs", 3.0))
+    assert params.train.epochs == 3 and type(params.train.epochs) is int
+    params = config.parse(with_change("train.learning_rate", 1))
+    assert params.train.learning_rate == 1.0 and type(params.train.learning_rate) is float
+    assert config.parse(with_change("data.categories", "forest, street")).data.categories == (
+        "forest", "street")
+
+
+def test_the_models_are_frozen_and_buildable_from_keywords():
+    cfg = config.TrainConfig(batch_size=2, crop=32)
+    assert (cfg.batch_size, cfg.crop, cfg.epochs) == (2, 32, 8)
+    with pytest.raises(pydantic.ValidationError, match="frozen"):
+        cfg.epochs = 3
+    assert isinstance(config.parse(defaults()).data.categories, tuple)
+
+
+@pytest.mark.parametrize("written", ["1e-05", "1E-5", "2.5e-3", ".5", "+1e2", "3.", "1.5E+2"])
+def test_numbers_read_as_yaml_1_2_like_dvc_writes_them(tmp_path, written):
+    # `dvc exp run -S train.learning_rate=1e-5` writes 1e-05, a string to YAML 1.1
+    text = (REPO / "params.yaml").read_text()
+    for key in ("learning_rate", "noise_std"):
+        text, count = re.subn(rf"^(  {key}:) \S+", rf"\1 {written}", text, flags=re.M)
+        assert count == 1
+    (tmp_path / "params.yaml").write_text(text)
+    params = config.load(tmp_path / "params.yaml")
+    assert params.train.learning_rate == params.filter.noise_std == float(written.replace("_", ""))
+    assert type(params.train.epochs) is int and params.kernel == "sobel_x"
+
+
+def test_params_yaml_holds_exactly_the_models_defaults():
+    assert defaults() == config.Params().model_dump(mode="json")
+    assert config.parse(defaults()) == config.Params()
+
+
+def test_the_readme_params_reference_states_the_models_defaults():
+    readme = (REPO / "README.md").read_text()
+    section = re.search(r"^## Params reference\n(.*?)(?=^## )", readme, re.S | re.M).group(1)
+    rows = re.findall(r"^\| `([^`]+)` \| `([^`]*)` \|", section, re.M)
+    table = {key: yaml.safe_load(default) for key, default in rows}
+    assert len(table) == len(rows), "a key is listed twice"
+    assert table == config.flatten(config.Params().model_dump(mode="json"))
+
+
 def test_flatten_names_nested_keys_with_dots():
     assert config.flatten({"a": 1, "b": {"c": 2, "d": {"e": 3}}}) == {"a": 1, "b.c": 2, "b.d.e": 3}
 
@@ -135,11 +239,23 @@ def test_flatten_names_nested_keys_with_dots():
 def test_a_stage_reports_a_bad_param_in_one_line_and_exits_non_zero(tmp_path, change, expected):
     doc = defaults()
     doc.update(yaml.safe_load(change))
+    lines = filter_stage_errors(tmp_path, doc)
+    assert lines == [lines[0]] and lines[0].startswith(expected)
+
+
+def test_a_stage_names_the_closest_key_for_a_typo(tmp_path):
+    doc = defaults()
+    doc["train"]["batch_sise"] = 4
+    assert filter_stage_errors(tmp_path, doc) == [
+        "error: train.batch_sise: unknown setting; did you mean train.batch_size?"]
+
+
+def filter_stage_errors(tmp_path, doc: dict) -> list[str]:
+    """The non-blank stderr lines of `python -m stages.filter` run on `doc` as params.yaml."""
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(doc))
     result = subprocess.run([sys.executable, "-m", "stages.filter"], cwd=tmp_path, text=True,
                             capture_output=True,
                             env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
     assert result.returncode == 2
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines == [lines[0]] and lines[0].startswith(expected)
     assert "Traceback" not in result.stderr
+    return [line for line in result.stderr.splitlines() if line.strip()]

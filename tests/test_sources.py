@@ -3,7 +3,6 @@ against an HTTP server on 127.0.0.1 (never the real network); then the download 
 from __future__ import annotations
 
 import csv
-import dataclasses
 import functools
 import io
 import shutil
@@ -25,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def data_config(**changes) -> config.DataConfig:
-    return dataclasses.replace(config.parse({}).data, **changes)
+    return config.DataConfig(**changes)
 
 
 def png_bytes(seed: int, size: tuple[int, int] = (24, 16), fmt: str = "PNG") -> bytes:
