@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
-KERNEL_CMAP = "RdBu_r"   # as src/tracking.py draws the per-epoch kernels in MLflow
+KERNEL_CMAP = "RdBu_r"   # diverging: negative weights blue, zero white, positive red
 IMAGE_CMAP = "gray"
 MAX_FRAMES = 60          # more epochs than this are subsampled, first and last kept
 MAX_LABELLED = 5         # kernels up to 5×5 get their values written in the cells
@@ -44,6 +44,33 @@ def symmetric_limit(*arrays: np.ndarray) -> float:
     values = [np.nanmax(np.abs(a)) for a in map(np.asarray, arrays) if a.size]
     m = float(max(values)) if values else 0.0
     return m if np.isfinite(m) and m > 0 else 1.0
+
+
+def symmetric_range(*arrays: np.ndarray) -> tuple[float, float]:
+    """(-m, m) with m = symmetric_limit(*arrays): zero sits in the middle of the colormap."""
+    m = symmetric_limit(*arrays)
+    return -m, m
+
+
+def kernel_picture(kernel: np.ndarray, value_range: tuple[float, float],
+                   min_pixels: int = 128) -> np.ndarray:
+    """The kernel as a uint8 H×W×3 picture, each weight a square block of pixels, for MLflow.
+
+    Colours come from a fixed value_range, the same every epoch, so the pictures
+    of successive epochs are comparable; weights outside it are clipped.
+    """
+    k = np.asarray(kernel, dtype=np.float64)
+    if k.ndim > 2 and all(s == 1 for s in k.shape[2:]):  # Conv2D weights: (h, w, 1, 1)
+        k = k.reshape(k.shape[:2])
+    if k.ndim != 2:
+        raise ValueError(f"kernel must be 2-D, got shape {np.shape(kernel)}")
+    low, high = map(float, value_range)
+    if not high > low:
+        raise ValueError(f"value_range must be (low, high) with low < high, got {value_range}")
+    scaled = np.clip((k - low) / (high - low), 0.0, 1.0)
+    rgb = np.round(colormaps[KERNEL_CMAP](scaled)[..., :3] * 255).astype(np.uint8)
+    block = -(-min_pixels // max(k.shape))  # ceil: the longer side gets at least min_pixels
+    return rgb.repeat(block, axis=0).repeat(block, axis=1)
 
 
 def value_format(limit: float) -> str:

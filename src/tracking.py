@@ -24,25 +24,22 @@ import contextlib
 import logging
 import os
 import re
-import signal
 import subprocess
 import tempfile
-import threading
 import time
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
 from urllib.parse import urlparse
 
 import mlflow
 import numpy as np
 import sqlalchemy
 from filelock import FileLock, Timeout
-from matplotlib import colormaps
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException, RestException
 
-from src import config, paths
+from src import config, figures, interrupts, paths
 from src.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -50,39 +47,7 @@ log = logging.getLogger(__name__)
 PROBE_TIMEOUT = 5           # seconds to wait for a tracking server before giving up
 LOCK_TIMEOUT = 120.0        # seconds to wait for another process creating the store
 MAX_PARAM_LENGTH = 6000     # MLflow rejects longer param values
-COLORMAP = "RdBu_r"         # diverging: negative weights blue, zero white, positive red
 EXPS_COPY = f"{os.sep}.dvc{os.sep}tmp{os.sep}exps{os.sep}"
-
-
-# --- the kernel as a picture -----------------------------------------------------
-
-def symmetric_range(kernel: np.ndarray) -> tuple[float, float]:
-    """(-m, m) with m = max |kernel|, so zero sits in the middle of the colormap."""
-    m = float(np.nanmax(np.abs(kernel))) if np.size(kernel) else 0.0
-    if not np.isfinite(m) or m == 0.0:
-        m = 1.0
-    return -m, m
-
-
-def kernel_picture(kernel: np.ndarray, value_range: tuple[float, float],
-                   min_pixels: int = 128) -> np.ndarray:
-    """The kernel as a uint8 H×W×3 picture, each weight a square block of pixels.
-
-    Colours come from a fixed value_range, the same every epoch, so the pictures
-    of successive epochs are comparable; weights outside it are clipped.
-    """
-    k = np.asarray(kernel, dtype=np.float64)
-    if k.ndim > 2 and all(s == 1 for s in k.shape[2:]):  # Conv2D weights: (h, w, 1, 1)
-        k = k.reshape(k.shape[:2])
-    if k.ndim != 2:
-        raise ValueError(f"kernel must be 2-D, got shape {np.shape(kernel)}")
-    low, high = map(float, value_range)
-    if not high > low:
-        raise ValueError(f"value_range must be (low, high) with low < high, got {value_range}")
-    scaled = np.clip((k - low) / (high - low), 0.0, 1.0)
-    rgb = np.round(colormaps[COLORMAP](scaled)[..., :3] * 255).astype(np.uint8)
-    block = -(-min_pixels // max(k.shape))  # ceil: the longer side gets at least min_pixels
-    return rgb.repeat(block, axis=0).repeat(block, axis=1)
 
 
 # --- what a run records about itself --------------------------------------------
@@ -113,7 +78,8 @@ def run_tags(params: config.Params) -> dict[str, str]:
 
 def run_params(params: config.Params) -> dict[str, str]:
     """All of params.yaml, flattened to dotted keys, as the strings MLflow stores."""
-    return {key: str(value)[:MAX_PARAM_LENGTH] for key, value in config.flatten(params.raw).items()}
+    return {key: str(value)[:MAX_PARAM_LENGTH]
+            for key, value in config.flatten(params.model_dump(mode="json")).items()}
 
 
 # --- opening the store ------------------------------------------------------------
@@ -235,65 +201,11 @@ def _open_store(experiment: str | None = None) -> tuple[MlflowClient, str | None
 
 # --- run lifetime ---------------------------------------------------------------
 
-@contextlib.contextmanager
-def interrupt_on_sigterm() -> Iterator[None]:
-    """Within the block, SIGTERM raises KeyboardInterrupt in the main thread.
-
-    So `kill`, `timeout` or a container stop unwinds like Ctrl-C (SIGINT, which
-    is also what `dvc queue kill` sends) and the MLflow run is marked KILLED.
-    A second SIGTERM acts as before. SIGKILL (`dvc queue kill --force`) can't be
-    caught. Outside the main thread signals can't be handled: this does nothing.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.getsignal(signal.SIGTERM)
-    if previous is None:  # installed from C: restoring it is not possible, default is closest
-        previous = signal.SIG_DFL
-
-    def interrupt(signum, frame):
-        signal.signal(signal.SIGTERM, previous)
-        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
-
-    signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-@contextlib.contextmanager
-def uninterrupted() -> Iterator[None]:
-    """Hold back Ctrl-C and SIGTERM until the block's store writes are done.
-
-    An interrupt raised inside a SQLite write leaves its transaction open (MLflow
-    rolls back only on Exception), and the lock it holds makes every later write,
-    marking the run KILLED included, fail with `database is locked`. Writes take
-    milliseconds, so the signal is delivered again right after, to whatever
-    handler was there. Outside the main thread this does nothing.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    held: list[int] = []
-    caught = (signal.SIGINT, signal.SIGTERM)
-    previous = {signum: signal.getsignal(signum) for signum in caught}
-    for signum in caught:
-        signal.signal(signum, lambda signum, frame: held.append(signum))
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
-        if held:
-            signal.raise_signal(held[0])
-
-
 def _end_run(status: str) -> None:
     """End the active run with `status`. A failure is one warning line, so the error
     that ended the block stays the one the user sees."""
     try:
-        with uninterrupted():
+        with interrupts.uninterrupted():
             mlflow.end_run(status)
     except Exception as exc:
         log.warning("could not mark the MLflow run %s: %s", status,
@@ -309,16 +221,16 @@ def training_run(params: config.Params) -> Iterator[str]:
     FAILED (any other exception); SIGTERM is turned into KeyboardInterrupt inside.
     Tags go in with the run's creation, all params in one log_batch.
     """
-    client, experiment_id = _open_store(params.mlflow_experiment)
-    with interrupt_on_sigterm():
-        with uninterrupted():
+    client, experiment_id = _open_store(params.mlflow.experiment)
+    with interrupts.sigterm_as_interrupt():
+        with interrupts.uninterrupted():
             run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name(params),
                                    tags=run_tags(params))
         run_id = run.info.run_id
         try:
             log.info("MLflow run %s (%s) in experiment %r at %s", run.info.run_name, run_id,
-                     params.mlflow_experiment, mlflow.get_tracking_uri())
-            with uninterrupted():
+                     params.mlflow.experiment, mlflow.get_tracking_uri())
+            with interrupts.uninterrupted():
                 client.log_batch(run_id,
                                  params=[Param(k, v) for k, v in run_params(params).items()])
             yield run_id
@@ -328,7 +240,7 @@ def training_run(params: config.Params) -> Iterator[str]:
         except BaseException:
             _end_run("KILLED")
             raise
-        with uninterrupted():
+        with interrupts.uninterrupted():
             mlflow.end_run("FINISHED")
 
 
@@ -350,8 +262,8 @@ def resume_run(run_id: str) -> Iterator[str]:
     if run.info.lifecycle_stage == "deleted":
         raise UserError(f"MLflow run {run_id} is deleted; restore it with `mlflow runs restore "
                         f"--run-id {run_id}`, or rerun training with `dvc repro -f train`")
-    with interrupt_on_sigterm():
-        with uninterrupted():
+    with interrupts.sigterm_as_interrupt():
+        with interrupts.uninterrupted():
             mlflow.start_run(run_id=run_id)
         try:
             yield run_id
@@ -370,33 +282,29 @@ def log_epoch(run_id: str, epoch: int, metrics: dict[str, float], kernel: np.nda
     """
     client = MlflowClient()
     now = int(time.time() * 1000)
-    picture = kernel_picture(kernel, value_range)
-    with uninterrupted():
+    picture = figures.kernel_picture(kernel, value_range)
+    with interrupts.uninterrupted():
         client.log_batch(run_id,
                          metrics=[Metric(k, float(v), now, epoch) for k, v in metrics.items()])
         client.log_image(run_id, picture, key="kernel", step=epoch)
 
 
 def log_final(run_id: str, *, true_kernel: np.ndarray, learned_kernel: np.ndarray,
-              model_path: str | Path | None = None, files: Iterable[str | Path] = (),
+              model_path: str | Path | None = None,
               value_range: tuple[float, float] | None = None) -> None:
-    """Log the end of training: both kernels as pictures and .npy, the model, extra files.
+    """Log the end of training: both kernels as pictures and .npy, and the model.
 
     Pictures share value_range (default: symmetric around the true kernel). The
-    model goes under model/; each of `files` (a file or a folder) at the top.
+    model goes under model/.
     """
     client = MlflowClient()
-    value_range = value_range or symmetric_range(true_kernel)
+    value_range = value_range or figures.symmetric_range(true_kernel)
     for name, kernel in (("true_kernel", true_kernel), ("learned_kernel", learned_kernel)):
-        client.log_image(run_id, kernel_picture(kernel, value_range), artifact_file=f"{name}.png")
+        client.log_image(run_id, figures.kernel_picture(kernel, value_range),
+                         artifact_file=f"{name}.png")
     with tempfile.TemporaryDirectory() as tmp:
         for name, kernel in (("true_kernel", true_kernel), ("learned_kernel", learned_kernel)):
             np.save(Path(tmp) / f"{name}.npy", np.asarray(kernel))
         client.log_artifacts(run_id, tmp)
     if model_path is not None:
         client.log_artifact(run_id, str(model_path), artifact_path="model")
-    for path in map(Path, files):
-        if path.is_dir():
-            client.log_artifacts(run_id, str(path), artifact_path=path.name)
-        else:
-            client.log_artifact(run_id, str(path))

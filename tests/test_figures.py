@@ -11,6 +11,7 @@ from PIL import Image
 from src import figures, kernels
 
 SOBEL = kernels.SOBEL_X
+SOBEL_RANGE = (-2.0, 2.0)
 DARKEST_RED = tuple(np.round(np.array(colormaps["RdBu_r"](1.0)[:3]) * 255).astype(np.uint8))
 
 
@@ -216,3 +217,34 @@ def test_curves_without_validation_images():
     val = panels(fig)[3]
     assert not val.lines and "no positive val_loss" in val.texts[0].get_text()
     assert_fits(fig)
+
+
+# --- kernel pictures ------------------------------------------------------------
+
+def test_kernel_picture_is_upscaled_rgb():
+    assert figures.kernel_picture(np.ones((3, 3)), SOBEL_RANGE).shape == (129, 129, 3)
+    assert figures.kernel_picture(np.ones((32, 32)), SOBEL_RANGE).shape == (128, 128, 3)
+    picture = figures.kernel_picture(np.ones((3, 3, 1, 1)), SOBEL_RANGE, min_pixels=30)
+    assert picture.shape == (30, 30, 3) and picture.dtype == np.uint8
+
+
+def test_kernel_picture_colours_come_from_the_fixed_range():
+    small = figures.kernel_picture(np.array([[0.0, 1.0]]), SOBEL_RANGE, min_pixels=2)
+    large = figures.kernel_picture(np.array([[0.0, 50.0]]), SOBEL_RANGE, min_pixels=2)
+    top = figures.kernel_picture(np.array([[2.0, -2.0]]), SOBEL_RANGE, min_pixels=2)
+    assert (small[0, 0] == large[0, 0]).all()          # zero looks the same, whatever else
+    assert (small[0, 0] > 230).all()                    # and is near white
+    assert (large[0, 1] == top[0, 0]).all()             # above the range is clipped
+    assert top[0, 0, 0] > top[0, 0, 2] and top[0, 1, 2] > top[0, 1, 0]  # + red, − blue
+
+
+def test_kernel_picture_rejects_bad_input():
+    with pytest.raises(ValueError, match="2-D"):
+        figures.kernel_picture(np.ones(3), SOBEL_RANGE)
+    with pytest.raises(ValueError, match="value_range"):
+        figures.kernel_picture(np.ones((3, 3)), (1.0, 1.0))
+
+
+def test_symmetric_range():
+    assert figures.symmetric_range(np.array([[-1.0, 0.0, 2.0]])) == (-2.0, 2.0)
+    assert figures.symmetric_range(np.zeros((3, 3))) == (-1.0, 1.0)

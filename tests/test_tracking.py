@@ -59,37 +59,6 @@ def store(tmp_path, monkeypatch) -> str:
     return uri
 
 
-# --- kernel pictures ------------------------------------------------------------
-
-def test_kernel_picture_is_upscaled_rgb():
-    assert tracking.kernel_picture(np.ones((3, 3)), SOBEL_RANGE).shape == (129, 129, 3)
-    assert tracking.kernel_picture(np.ones((32, 32)), SOBEL_RANGE).shape == (128, 128, 3)
-    picture = tracking.kernel_picture(np.ones((3, 3, 1, 1)), SOBEL_RANGE, min_pixels=30)
-    assert picture.shape == (30, 30, 3) and picture.dtype == np.uint8
-
-
-def test_kernel_picture_colours_come_from_the_fixed_range():
-    small = tracking.kernel_picture(np.array([[0.0, 1.0]]), SOBEL_RANGE, min_pixels=2)
-    large = tracking.kernel_picture(np.array([[0.0, 50.0]]), SOBEL_RANGE, min_pixels=2)
-    top = tracking.kernel_picture(np.array([[2.0, -2.0]]), SOBEL_RANGE, min_pixels=2)
-    assert (small[0, 0] == large[0, 0]).all()          # zero looks the same, whatever else
-    assert (small[0, 0] > 230).all()                    # and is near white
-    assert (large[0, 1] == top[0, 0]).all()             # above the range is clipped
-    assert top[0, 0, 0] > top[0, 0, 2] and top[0, 1, 2] > top[0, 1, 0]  # + red, − blue
-
-
-def test_kernel_picture_rejects_bad_input():
-    with pytest.raises(ValueError, match="2-D"):
-        tracking.kernel_picture(np.ones(3), SOBEL_RANGE)
-    with pytest.raises(ValueError, match="value_range"):
-        tracking.kernel_picture(np.ones((3, 3)), (1.0, 1.0))
-
-
-def test_symmetric_range():
-    assert tracking.symmetric_range(np.array([[-1.0, 0.0, 2.0]])) == (-2.0, 2.0)
-    assert tracking.symmetric_range(np.zeros((3, 3))) == (-1.0, 1.0)
-
-
 def test_param_values_are_strings_that_fit_mlflow():
     values = tracking.run_params(make_params(source="/" + "x" * 7000))
     assert values["data.source"] == ("/" + "x" * 7000)[:6000]
@@ -123,7 +92,7 @@ def test_run_has_name_tags_and_flattened_params(store, tmp_path, monkeypatch, in
         "git_commit": head,
         "data.source": "synthetic",
     }
-    assert run.data.params == {k: str(v) for k, v in config.flatten(params.raw).items()}
+    assert run.data.params == {k: str(v) for k, v in config.flatten(params.model_dump(mode="json")).items()}
     assert run.data.params["train.epochs"] == "3"
     assert run.data.params["data.categories"] == "[]"
 
@@ -133,16 +102,13 @@ def test_epochs_and_final_artifacts(store, tmp_path):
     true_kernel = params.true_kernel()
     model = tmp_path / "model.keras"
     model.write_bytes(b"not really a model")
-    notes = tmp_path / "notes.txt"
-    notes.write_text("extra file\n")
 
     with training_run(params) as run_id:
         for epoch in (1, 2, 3):
             learned = true_kernel * epoch / 3
             log_epoch(run_id, epoch, {"loss": 1.0 / epoch, "val_loss": np.float32(2.0 / epoch)},
                       learned[:, :, None, None], SOBEL_RANGE)
-        log_final(run_id, true_kernel=true_kernel, learned_kernel=learned, model_path=model,
-                  files=[notes])
+        log_final(run_id, true_kernel=true_kernel, learned_kernel=learned, model_path=model)
 
     client = MlflowClient(store)
     for key in ("loss", "val_loss"):
@@ -153,7 +119,7 @@ def test_epochs_and_final_artifacts(store, tmp_path):
 
     artifacts = tmp_path / "mlartifacts" / EXPERIMENT / run_id / "artifacts"
     assert client.get_run(run_id).info.artifact_uri == artifacts.as_uri()
-    for name in ("true_kernel.png", "learned_kernel.png", "model/model.keras", "notes.txt"):
+    for name in ("true_kernel.png", "learned_kernel.png", "model/model.keras"):
         assert (artifacts / name).is_file(), name
     np.testing.assert_array_equal(np.load(artifacts / "learned_kernel.npy"), learned)
     np.testing.assert_array_equal(np.load(artifacts / "true_kernel.npy"), true_kernel)
