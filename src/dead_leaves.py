@@ -17,12 +17,11 @@ comes out identical.
 """
 from __future__ import annotations
 
-from typing import Iterator
-
 import numpy as np
 from PIL import Image, ImageDraw
 
-LEAVES_STREAM = 101   # own stream: params.seed also drives the split and the target noise
+from src import streams
+
 
 R_MIN = 2.0           # smallest leaf radius, in output pixels
 R_MAX_FRACTION = 0.4  # largest leaf radius, as a share of the image side
@@ -164,7 +163,7 @@ def draw_leaves(leaves: dict[str, np.ndarray], side: int, scale: float) -> Image
 
 def render(index: int, size: int = 256, seed: int = 0) -> np.ndarray:
     """Dead-leaves image number `index` of `seed`, as uint8 size×size×3."""
-    rng = np.random.default_rng([seed, LEAVES_STREAM, index])
+    rng = np.random.default_rng([seed, streams.LEAVES, index])
     side = size * SUPERSAMPLE
     # Leaves sampled over the grown canvas per mean layer over each pixel.
     r_max = R_MAX_FRACTION * size
@@ -185,9 +184,3 @@ def render(index: int, size: int = 256, seed: int = 0) -> np.ndarray:
         floor.paste(canvas, (0, 0), canvas)
         canvas = floor
     return np.asarray(canvas.convert("RGB").reduce(SUPERSAMPLE))
-
-
-def generate(count: int, size: int = 256, seed: int = 0, start: int = 0) -> Iterator[np.ndarray]:
-    """Yield dead-leaves images start … start+count-1 of `seed`, each uint8 size×size×3."""
-    for index in range(start, start + count):
-        yield render(index, size, seed)

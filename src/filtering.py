@@ -49,6 +49,15 @@ def same_padding(kh: int, kw: int) -> tuple[tuple[int, int], tuple[int, int]]:
     return ((kh - 1) // 2, kh - 1 - (kh - 1) // 2), ((kw - 1) // 2, kw - 1 - (kw - 1) // 2)
 
 
+def target_offset(kernel_shape: tuple[int, int], padding: str) -> tuple[int, int]:
+    """Where input pixel (0, 0)'s window lands in the target: 'same' targets are
+    shifted by the padding; their interior is exactly the 'valid' correlation."""
+    if padding == "same":
+        (top, _), (left, _) = same_padding(*kernel_shape)
+        return top, left
+    return 0, 0
+
+
 def output_shape(height: int, width: int, kernel_shape: tuple[int, int],
                  padding: str) -> tuple[int, int]:
     """(H', W') of one target: the image's own for 'same', H-kh+1 × W-kw+1 for 'valid'."""

@@ -7,7 +7,6 @@ data.max_bad_fraction of them.
 """
 from __future__ import annotations
 
-import csv
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,6 @@ from src.stack import write_stack
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val")
 WARN_MAX = 10  # skipped files named one by one; the rest are counted
 
 
@@ -30,25 +28,6 @@ class Conversion:
     """What `convert` kept (rows of the stack, in order) and what it skipped, with why."""
     kept: list[tuple[str, str]] = field(default_factory=list)      # (name, split)
     skipped: list[tuple[str, str]] = field(default_factory=list)   # (name, reason)
-
-
-def read_manifest(path: Path) -> list[tuple[str, str]]:
-    """(name, split) rows of data/raw/manifest.csv."""
-    fix = "rerun `dvc repro download`"
-    try:
-        with open(path, newline="") as handle:
-            reader = csv.DictReader(handle)
-            if reader.fieldnames is None or not {"name", "split"} <= set(reader.fieldnames):
-                raise UserError(f"{path} must have the columns name,split; {fix}")
-            rows = [(row["name"], row["split"]) for row in reader]
-    except FileNotFoundError:
-        raise UserError(f"{path} not found; {fix}") from None
-    wrong = [split for _, split in rows if split not in SPLITS]
-    if wrong:
-        raise UserError(f"{path}: split must be train or val, found {wrong[0]!r}; {fix}")
-    if not rows:
-        raise UserError(f"{path} lists no images; {fix}")
-    return rows
 
 
 def convert(rows: list[tuple[str, str]], images_dir: Path, size: int, out_path: Path,
@@ -84,11 +63,3 @@ def too_many_bad(skipped: list[tuple[str, str]], seen: int, total: int,
                      f"cannot be read, more than data.max_bad_fraction={max_bad_fraction:g} "
                      f"allows (first: {skipped[0][1]}); replace or remove them in data.source, "
                      "or raise data.max_bad_fraction")
-
-
-def write_index(path: Path, kept: list[tuple[str, str]]) -> None:
-    """index.csv: `name,split` of each row of images.npy, in order."""
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["name", "split"])
-        writer.writerows(kept)

@@ -14,7 +14,6 @@ variable, e.g. to point at a mirror or, in tests, at a local server.
 """
 from __future__ import annotations
 
-import csv
 import logging
 import os
 import shutil
@@ -26,7 +25,7 @@ from urllib.parse import urlsplit
 import numpy as np
 from PIL import Image
 
-from src import dead_leaves, fetch, paths
+from src import dead_leaves, fetch, paths, streams
 from src.config import MIT_CATEGORIES, DataConfig
 from src.errors import UserError
 from src.images import IMAGE_SUFFIXES
@@ -38,9 +37,6 @@ MIT_URL = ("https://people.csail.mit.edu/torralba/code/spatialenvelope/"
 MIT_URL_ENV = "LLF_MIT_URL"
 SYNTHETIC_SIZE = 256  # as the MIT scenes; the grayscale stage fits both to data.size
 
-# Own streams: params.seed also drives the dead leaves (101) and the target noise (1).
-SUBSET_STREAM = 102
-SPLIT_STREAM = 103
 
 SOURCE_HINT = "synthetic, mit_scenes, or a path to a folder or .zip of images"
 
@@ -57,7 +53,7 @@ def val_count(count: int, val_fraction: float) -> int:
 
 def split(count: int, val_fraction: float, seed: int) -> list[str]:
     """'train' or 'val' for each of `count` images, from a seeded permutation."""
-    held_out = np.random.default_rng([seed, SPLIT_STREAM]).permutation(count)
+    held_out = streams.rng(seed, streams.SPLIT).permutation(count)
     held_out = held_out[:val_count(count, val_fraction)]
     labels = np.full(count, "train", dtype=object)
     labels[held_out] = "val"
@@ -69,7 +65,7 @@ def subset(count: int, limit: int, seed: int) -> np.ndarray:
     else a seeded choice of `limit` of them."""
     if limit <= 0 or limit >= count:
         return np.arange(count)
-    rng = np.random.default_rng([seed, SUBSET_STREAM])
+    rng = streams.rng(seed, streams.SUBSET)
     return np.sort(rng.choice(count, size=limit, replace=False))
 
 
@@ -219,11 +215,3 @@ def mit_scenes(categories: tuple[str, ...], limit: int, seed: int, sha256: str,
     finally:
         shutil.rmtree(unpack, ignore_errors=True)
     return names
-
-
-def write_manifest(path: Path, names: list[str], splits: list[str]) -> None:
-    """manifest.csv: one `name,split` row per image, names relative to images/."""
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["name", "split"])
-        writer.writerows(zip(names, splits))

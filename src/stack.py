@@ -15,7 +15,6 @@ from typing import Iterable
 
 import numpy as np
 
-from src import paths
 from src.errors import UserError
 
 DTYPE = np.dtype("<f4")  # little-endian float32, C order: what write_stack writes
@@ -151,13 +150,3 @@ class Stack:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def open_gray_images() -> Stack:
-    """The grayscale stage's (N, S, S) images."""
-    return Stack(paths.GRAY_IMAGES, fix="rerun `dvc repro -f grayscale`")
-
-
-def open_targets() -> Stack:
-    """The filter stage's targets, one per grayscale image."""
-    return Stack(paths.TARGETS, fix="rerun `dvc repro -f filter`")

@@ -11,7 +11,7 @@ import logging
 import time
 from collections import Counter
 
-from src import config, paths, sources
+from src import config, paths, sources, stage_files
 from src.atomic import atomic_dir
 from src.errors import run_stage
 
@@ -25,7 +25,7 @@ def main() -> None:
     with atomic_dir(paths.RAW) as tmp:
         names = sources.gather(data, params.seed, tmp / paths.RAW_IMAGES.name)
         splits = sources.split(len(names), data.val_fraction, params.seed)
-        sources.write_manifest(tmp / paths.MANIFEST.name, names, splits)
+        stage_files.write_manifest(tmp, names, splits)
     counts = Counter(splits)
     log.info("%d images from %s → %s: %d train, %d val, in %.1f s", len(names), data.source,
              paths.RAW, counts["train"], counts["val"], time.perf_counter() - start)

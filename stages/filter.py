@@ -8,41 +8,24 @@ Reads data/gray/images.npy (N, S, S) float32; writes data/filtered/:
 """
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import time
 
 import numpy as np
 
-from src import config, filtering, paths, stack
+from src import config, filtering, paths, stack, stage_files, streams
 from src.atomic import atomic_dir
 from src.errors import UserError, run_stage
 
 log = logging.getLogger("filter")
 
-NOISE_STREAM = 1  # own noise stream: the same params.seed also drives other stages' draws
-
-
-def load_images() -> stack.Stack:
-    """The grayscale stack, read a chunk of rows at a time as the targets are made."""
-    if not paths.GRAY_IMAGES.is_file() or not paths.GRAY_INDEX.is_file():
-        raise UserError(f"{paths.GRAY_IMAGES} or {paths.GRAY_INDEX} is missing; "
-                        "run `dvc repro grayscale` first")
-    with open(paths.GRAY_INDEX, newline="") as handle:
-        rows = sum(1 for _ in csv.DictReader(handle))
-    images = stack.open_gray_images()
-    if len(images) == 0 or len(images) != rows:
-        images.close()
-        raise UserError(f"{paths.GRAY_IMAGES} holds shape {images.shape} but "
-                        f"{paths.GRAY_INDEX} lists {rows} images; rerun `dvc repro -f grayscale`")
-    return images
-
 
 def main() -> None:
     params = config.load()
     op, padding, noise_std = params.filter.operation, params.filter.padding, params.filter.noise_std
-    with load_images() as images:
+    stage_files.require_inputs("filter")
+    images, _ = stage_files.open_gray_images_with_index()
+    with images:
         n, height, width = images.shape
         # Targets come from the float32 kernel that is saved, so kernel.npy gives them back as is.
         kernel = filtering.conv2d_kernel(params.true_kernel(), op).astype(np.float32)
@@ -51,17 +34,15 @@ def main() -> None:
                             f"larger than the {height}×{width} grayscale images; "
                             "rerun `dvc repro grayscale`")
         out_h, out_w = filtering.output_shape(height, width, kernel.shape, padding)
-        rng = np.random.default_rng([params.seed, NOISE_STREAM])
+        rng = streams.rng(params.seed, streams.TARGET_NOISE)
 
         start = time.perf_counter()
         with atomic_dir(paths.FILTERED) as tmp:
             targets = filtering.make_targets(images, kernel, padding, noise_std=noise_std, rng=rng)
             stack.write_stack(tmp / paths.TARGETS.name, targets, n, (out_h, out_w))
-            np.save(tmp / paths.KERNEL.name, kernel)
-            info = {"kernel": params.kernel, "shape": list(kernel.shape), "operation": op,
-                    "padding": padding, "noise_std": noise_std, "images": n,
-                    "target_shape": [out_h, out_w]}
-            (tmp / paths.FILTER_INFO.name).write_text(json.dumps(info, indent=2) + "\n")
+            stage_files.write_filter_outputs(tmp, kernel, stage_files.FilterInfo(
+                kernel=params.kernel, shape=kernel.shape, operation=op, padding=padding,
+                noise_std=noise_std, images=n, target_shape=(out_h, out_w)))
     log.info("%d images %d×%d → targets %d×%d with %s %d×%d (%s, %s padding, noise %g) in %.1f s",
              n, height, width, out_h, out_w, params.kernel, *kernel.shape, op, padding,
              noise_std, time.perf_counter() - start)

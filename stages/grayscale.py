@@ -12,8 +12,8 @@ import logging
 import time
 from collections import Counter
 
-from src import config, grayscale, paths
-from src.atomic import atomic_dir, write_json
+from src import config, grayscale, paths, stage_files
+from src.atomic import atomic_dir
 from src.errors import run_stage
 
 log = logging.getLogger("grayscale")
@@ -24,17 +24,17 @@ NAMES_MAX = 20  # skipped names kept in the metrics; the count is always exact
 def main() -> None:
     params = config.load()
     size = params.data.size
-    rows = grayscale.read_manifest(paths.MANIFEST)
+    rows = list(stage_files.read_manifest().itertuples(index=False, name=None))
     start = time.perf_counter()
     with atomic_dir(paths.GRAY) as tmp:
         result = grayscale.convert(rows, paths.RAW_IMAGES, size, tmp / paths.GRAY_IMAGES.name,
                                    params.data.max_bad_fraction)
-        grayscale.write_index(tmp / paths.GRAY_INDEX.name, result.kept)
+        stage_files.write_index(tmp, *map(list, zip(*result.kept)))
     counts = Counter(split for _, split in result.kept)
     skipped = [name for name, _ in result.skipped]
-    write_json(paths.GRAYSCALE_METRICS,
-               {"images": len(result.kept), "train": counts["train"], "val": counts["val"],
-                "skipped": len(skipped), "skipped_names": skipped[:NAMES_MAX]})
+    stage_files.write_grayscale_metrics(
+        {"images": len(result.kept), "train": counts["train"], "val": counts["val"],
+         "skipped": len(skipped), "skipped_names": skipped[:NAMES_MAX]})
     if skipped:
         log.warning("skipped %d unreadable of %d images: %s%s", len(skipped), len(rows),
                     ", ".join(skipped[:NAMES_MAX]), " …" if len(skipped) > NAMES_MAX else "")

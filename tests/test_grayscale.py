@@ -103,17 +103,6 @@ def test_convert_too_many_bad_images(workdir):
     assert "\n" not in message
 
 
-def test_read_manifest_errors(tmp_path):
-    with pytest.raises(UserError, match="dvc repro download"):
-        grayscale.read_manifest(tmp_path / "missing.csv")
-    (tmp_path / "m.csv").write_text("file,part\na.png,train\n")
-    with pytest.raises(UserError, match="name,split"):
-        grayscale.read_manifest(tmp_path / "m.csv")
-    (tmp_path / "m.csv").write_text("name,split\na.png,test\n")
-    with pytest.raises(UserError, match="train or val"):
-        grayscale.read_manifest(tmp_path / "m.csv")
-
-
 # --- the stage --------------------------------------------------------------------
 
 def test_stage_writes_stack_index_and_metrics(workdir):

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from src import paths, stack
 from src.errors import UserError
 from src.stack import Stack, write_stack
 
@@ -143,23 +142,6 @@ def test_missing_file_is_a_user_error(tmp_path):
         Stack(tmp_path / "images.npy", fix=FIX)
 
 
-
-@pytest.mark.parametrize("open_stage_output, path, stage", [
-    (stack.open_gray_images, paths.GRAY_IMAGES, "grayscale"),
-    (stack.open_targets, paths.TARGETS, "filter"),
-])
-def test_a_stage_output_names_the_stage_that_rewrites_it(tmp_path, monkeypatch,
-                                                         open_stage_output, path, stage):
-    monkeypatch.chdir(tmp_path)  # stage paths are relative to the repo root
-    with pytest.raises(UserError, match=f"not found; rerun `dvc repro -f {stage}`"):
-        open_stage_output()
-    path.parent.mkdir(parents=True)
-    save(path, ROWS.astype(np.float64))
-    with pytest.raises(UserError, match=f"dtype <f8.*rerun `dvc repro -f {stage}`"):
-        open_stage_output()
-    save(path, ROWS)
-    with open_stage_output() as opened:
-        np.testing.assert_array_equal(opened[2], ROWS[2])
 
 # --- memory -----------------------------------------------------------------------
 

@@ -1,0 +1,108 @@
+"""src/stage_files.py: each file one stage hands to the next, written and read back, and
+a missing or malformed one named with the stage that rewrites it."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from src import paths, stage_files
+from src.errors import UserError
+
+ROWS = np.random.default_rng(7).random((9, 12, 10)).astype(np.float32)
+
+
+@pytest.fixture(autouse=True)
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # stage paths are relative to the repo root
+
+
+def save(path, array):
+    np.save(path, array)
+
+
+def test_manifest_and_index_round_trip():
+    for folder, write, read in ((paths.RAW, stage_files.write_manifest,
+                                 stage_files.read_manifest),
+                                (paths.GRAY, stage_files.write_index, stage_files.read_index)):
+        folder.mkdir(parents=True)
+        write(folder, ["a.png", "sub/b,c.jpg", "NA"], ["train", "val", "train"])
+        table = read()
+        assert table.to_dict("list") == {"name": ["a.png", "sub/b,c.jpg", "NA"],
+                                         "split": ["train", "val", "train"]}
+
+
+def test_read_manifest_errors():
+    with pytest.raises(UserError, match="not found; rerun `dvc repro download`"):
+        stage_files.read_manifest()
+    paths.RAW.mkdir(parents=True)
+    paths.MANIFEST.write_text("file,part\na.png,train\n")
+    with pytest.raises(UserError, match="name,split"):
+        stage_files.read_manifest()
+    paths.MANIFEST.write_text("name,split\na.png,test\n")
+    with pytest.raises(UserError, match="train or val"):
+        stage_files.read_manifest()
+    paths.MANIFEST.write_text("name,split\n")
+    with pytest.raises(UserError, match="lists no images"):
+        stage_files.read_manifest()
+
+
+def test_an_index_that_disagrees_with_the_images_names_the_stage():
+    paths.GRAY.mkdir(parents=True)
+    save(paths.GRAY_IMAGES, ROWS)
+    stage_files.write_index(paths.GRAY, ["a.png"], ["train"])
+    with pytest.raises(UserError, match=r"lists 1 images; rerun `dvc repro -f grayscale`"):
+        stage_files.open_gray_images_with_index()
+
+
+def test_filter_outputs_round_trip():
+    paths.FILTERED.mkdir(parents=True)
+    info = stage_files.FilterInfo(kernel="smiley", shape=(32, 32), operation="convolve",
+                                  padding="same", noise_std=0.01, images=9,
+                                  target_shape=(12, 10))
+    stage_files.write_filter_outputs(paths.FILTERED, np.eye(3, dtype=np.float32), info)
+    assert stage_files.read_filter_info() == info
+    kernel = stage_files.read_true_kernel()
+    assert kernel.dtype == np.float64
+    np.testing.assert_array_equal(kernel, np.eye(3))
+    paths.FILTER_INFO.write_text("{}")
+    with pytest.raises(UserError, match="rerun `dvc repro -f filter`"):
+        stage_files.read_filter_info()
+
+
+def test_history_round_trip_and_a_broken_one_names_train():
+    paths.METRICS.mkdir()
+    history = pd.DataFrame({"epoch": [1, 2], "loss": [1.0, 0.5], "val_loss": [2.0, 1.0],
+                            "kernel_mse": [0.1, 1e-12], "kernel_rel_error": [0.2, 3e-17],
+                            "elapsed_s": [0.5, 1.0], "extra": [0, 0]})
+    stage_files.write_history(history)
+    back = stage_files.read_history()
+    assert list(back.columns) == stage_files.HISTORY_COLUMNS
+    np.testing.assert_allclose(back.kernel_rel_error, [0.2, 3e-17])
+    paths.HISTORY.write_text("epoch,loss\n1,0.5\n")
+    with pytest.raises(UserError, match="lacks val_loss.*dvc repro -f train"):
+        stage_files.read_history()
+
+
+def test_inputs_are_checked_in_order_and_name_their_stage():
+    with pytest.raises(UserError, match=r"^data/gray/images.npy is missing; "
+                                        r"run `dvc repro grayscale` first"):
+        stage_files.require_inputs("train")
+    with pytest.raises(UserError, match=r"^model/kernels.npy is missing; run `dvc repro train`"):
+        stage_files.require_inputs("visualize")
+
+
+@pytest.mark.parametrize("open_stage_output, path, stage", [
+    (stage_files.open_gray_images, paths.GRAY_IMAGES, "grayscale"),
+    (stage_files.open_targets, paths.TARGETS, "filter"),
+])
+def test_a_stage_output_names_the_stage_that_rewrites_it(open_stage_output, path, stage):
+    with pytest.raises(UserError, match=f"not found; rerun `dvc repro -f {stage}`"):
+        open_stage_output()
+    path.parent.mkdir(parents=True)
+    save(path, ROWS.astype(np.float64))
+    with pytest.raises(UserError, match=f"dtype <f8.*rerun `dvc repro -f {stage}`"):
+        open_stage_output()
+    save(path, ROWS)
+    with open_stage_output() as opened:
+        np.testing.assert_array_equal(opened[2], ROWS[2])
