@@ -16,6 +16,7 @@ Sections, in the order they run:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime as dt
 import hashlib
@@ -36,8 +37,8 @@ import psutil
 import yaml
 
 from benchmarks import report
-from benchmarks.workspace import (BIN, REPO, Workspace, disk_usage, filesystem,
-                                  repeat_median)
+from benchmarks.workspace import Workspace, disk_usage, filesystem, repeat_median
+from devtools.repo_copy import BIN, REPO
 from src.stack import Stack  # light: numpy only, unlike the TensorFlow modules imported late
 
 log = logging.getLogger("bench")
@@ -213,12 +214,12 @@ class Data:
     """The largest scale's stage outputs, read as the train stage reads them."""
 
     def __init__(self, ws: Workspace):
-        from src import config
+        from src import config, stage_files
         self.root = ws.root
-        self.params = config.load(ws.root / "params.yaml")
-        self.images = Stack(ws.root / "data/gray/images.npy")
-        with open(ws.root / "data/gray/index.csv", newline="") as handle:
-            self.split = np.array([row["split"] for row in csv.DictReader(handle)])
+        with contextlib.chdir(ws.root):  # stage outputs are named relative to the repo root
+            self.params = config.load()
+            self.images = stage_files.open_gray_images()
+            self.split = stage_files.read_index()["split"].to_numpy()
         self.train_rows = np.flatnonzero(self.split == "train")
 
     def targets(self, kernel: str) -> tuple[np.ndarray, np.ndarray]:
@@ -251,7 +252,7 @@ def run_closed_form(args, data: Data) -> dict:
 
 def run_original(args, data: Data, workdir: Path) -> dict:
     from benchmarks import learning
-    from src import training
+    from src import layers
     results = {}
     rows = data.train_rows
     for kernel in args.kernels:
@@ -270,7 +271,7 @@ def run_original(args, data: Data, workdir: Path) -> dict:
         initial = run.pop("_initial")
         entry = {"same_targets_s": round(prep, 3), "measured": run}
         short = run["stopped_by"] == "budget"
-        if short and training.choose_conv(true_kernel.shape, "auto") == "fft":
+        if short and layers.choose_conv(true_kernel.shape, "auto") == "fft":
             log.info("original: %s projection with FFTConv2D", kernel)
             fft_run = learning.original(data.images, rows, same, true_kernel,
                                         args.projection_budget, data.params.seed, conv="fft",
@@ -286,20 +287,19 @@ def run_original(args, data: Data, workdir: Path) -> dict:
 
 def run_steps(args, data: Data) -> dict:
     from benchmarks import steps
-    from src import training
+    from src import layers
     rows = steps.step_times(data.images, args.step_sizes, data.params.train, args.step_crop,
                             args.step_repeats, data.params.seed)
     return {"rows": rows, "batch_size": data.params.train.batch_size, "crop": args.step_crop,
-            "repeats": args.step_repeats, "direct_max_taps": training.DIRECT_MAX_TAPS}
+            "repeats": args.step_repeats, "direct_max_taps": layers.DIRECT_MAX_TAPS}
 
 
 def warm_up(data: "Data") -> None:
     """The first training in a process pays one-time start-up costs (seen: ~1.5 s); the
     contenders then share a warm process. One epoch on a few images, untimed."""
-    import dataclasses
     from src import training
     targets, true_kernel = data.targets(STAGE_KERNELS[-1])
-    cfg = dataclasses.replace(data.params.train, epochs=1)
+    cfg = data.params.train.model_copy(update={"epochs": 1})
     rows = np.sort(np.concatenate([data.train_rows[:6], np.flatnonzero(data.split == "val")[:2]]))
     training.train(data.images[rows], targets[rows], true_kernel, data.split[rows],
                    data.params.filter.padding, cfg, data.params.seed)

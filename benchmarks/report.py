@@ -438,7 +438,7 @@ def _scaling(stages: dict, steps: dict) -> list[str]:
             f"One train step (`model.train_on_batch`, SGD as in training) on {steps['batch_size']}"
             f" whitened random {steps['crop']}×{steps['crop']} crops, median of "
             f"{steps['repeats']} after 2 warm-up steps; `auto` is direct up to "
-            f"src.training.DIRECT_MAX_TAPS = {steps['direct_max_taps']} taps:", "",
+            f"src.layers.DIRECT_MAX_TAPS = {steps['direct_max_taps']} taps:", "",
             table(rows, ["kernel", "taps", "direct", "FFT", "FFT speed-up", "faster", "auto",
                          "auto picks the faster", "first step, direct / FFT"]), "",
         ]

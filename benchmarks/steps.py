@@ -2,7 +2,7 @@
 
 The step is the one src.training.train runs: the model of build_model in 'valid'
 geometry, the default optimizer, a batch of whitened random crops of real
-grayscale images. This is what src.training.DIRECT_MAX_TAPS ('auto') should follow.
+grayscale images. This is what src.layers.DIRECT_MAX_TAPS ('auto') should follow.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from src import filtering, training
+from src import filtering, layers, training
 from src.config import TrainConfig
 
 log = logging.getLogger("bench.steps")
@@ -42,9 +42,9 @@ def step_times(images: np.ndarray, sizes: list[int], cfg: TrainConfig, crop: int
         shape = (size, size)
         x, t = batch(images, shape, crop, cfg.batch_size, cfg.whiten, rng)
         row = {"kernel": size, "taps": size * size,
-               "auto": training.choose_conv(shape, "auto")}
+               "auto": layers.choose_conv(shape, "auto")}
         for conv in ("direct", "fft"):
-            model = training.build_model(shape, conv, "valid")
+            model = layers.build_model(shape, conv, "valid")
             model.compile(optimizer=training.optimizer(cfg, 1000), loss="mse")
             seconds = []
             for _ in range(WARMUP + repeats):

@@ -24,8 +24,7 @@ import itertools
 import logging
 import math
 import time
-from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import keras
 import numpy as np
@@ -33,89 +32,18 @@ import tensorflow as tf
 from scipy import fft, signal
 from scipy.sparse.linalg import LinearOperator, eigsh
 
+from src import streams
 from src.config import TrainConfig
 from src.errors import UserError
-from src.filtering import same_padding
+from src.filtering import target_offset
+from src.layers import build_model, choose_conv, learned_kernel
 
 log = logging.getLogger("train")
 
-DIRECT_MAX_TAPS = 121  # auto: direct Conv2D up to 11×11, FFT above (BENCHMARKS.md, section 5)
 VAL_MAX_IMAGES = 128   # per-epoch val_loss uses at most this many held-out images
 BIAS_IMAGES = 16       # training images the bias is fitted on after each epoch
 PROBE_BATCHES = 4      # the step is sized for the steepest of the first few batches
 EXACT_HESSIAN_MAX_TAPS = 121  # curvature from the exact Hessian up to 11×11, estimated above
-CROPS_STREAM = 1       # rng stream of the crops: the probe sees the training's first batches
-
-
-# --- the layer -----------------------------------------------------------------
-
-def fft_correlate(x: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
-    """'valid' cross-correlation of (B, H, W) images with a (kh, kw) kernel, via FFTs.
-
-    Circular correlation equals the linear one on the valid region, which never
-    wraps around, so no padding beyond the image is needed.
-    """
-    height, width = tf.shape(x)[1], tf.shape(x)[2]
-    kh, kw = kernel.shape
-    padded = tf.pad(kernel, [[0, height - kh], [0, width - kw]])
-    spectrum = tf.signal.rfft2d(x) * tf.math.conj(tf.signal.rfft2d(padded))
-    full = tf.signal.irfft2d(spectrum, fft_length=tf.stack([height, width]))
-    return full[:, : height - kh + 1, : width - kw + 1]
-
-
-@keras.saving.register_keras_serializable(package="learn_linear_filter")
-class FFTConv2D(keras.layers.Layer):
-    """Conv2D(1 filter, kernel_size, padding, use_bias) computed with FFTs.
-
-    Holds its weights exactly as Conv2D does (kernel (kh, kw, 1, 1), bias (1,)),
-    so the two are interchangeable with set_weights.
-    """
-
-    def __init__(self, kernel_size: tuple[int, int], padding: str = "valid",
-                 use_bias: bool = True, **kwargs):
-        super().__init__(**kwargs)
-        self.kernel_size = tuple(kernel_size)
-        self.padding = padding
-        self.use_bias = use_bias
-
-    def build(self, input_shape):
-        self.kernel = self.add_weight(name="kernel", shape=(*self.kernel_size, 1, 1),
-                                      initializer="glorot_uniform")
-        if self.use_bias:
-            self.bias = self.add_weight(name="bias", shape=(1,), initializer="zeros")
-
-    def call(self, inputs):
-        x = inputs[..., 0]
-        if self.padding == "same":
-            (top, bottom), (left, right) = same_padding(*self.kernel_size)
-            x = tf.pad(x, [[0, 0], [top, bottom], [left, right]])
-        y = fft_correlate(x, self.kernel[:, :, 0, 0])[..., None]
-        return y + self.bias if self.use_bias else y
-
-    def get_config(self):
-        return {**super().get_config(), "kernel_size": self.kernel_size, "padding": self.padding,
-                "use_bias": self.use_bias}
-
-
-def choose_conv(kernel_shape: tuple[int, int], conv: str) -> str:
-    if conv != "auto":
-        return conv
-    return "direct" if kernel_shape[0] * kernel_shape[1] <= DIRECT_MAX_TAPS else "fft"
-
-
-def build_model(kernel_shape: tuple[int, int], conv: str, padding: str,
-                use_bias: bool = True) -> keras.Model:
-    """One linear conv layer: one filter of the kernel's size, with a bias."""
-    if choose_conv(kernel_shape, conv) == "direct":
-        layer = keras.layers.Conv2D(1, kernel_shape, padding=padding, use_bias=use_bias,
-                                    name="conv")
-    else:
-        layer = FFTConv2D(kernel_shape, padding=padding, use_bias=use_bias, name="conv")
-    return keras.Sequential([keras.Input((None, None, 1)), layer], name="linear_filter")
-
-
-def learned_kernel(model: keras.Model) -> np.ndarray:
-    return np.asarray(model.get_layer("conv").get_weights()[0][:, :, 0, 0], dtype=np.float64)
 
 
 # --- whitening -----------------------------------------------------------------
@@ -148,15 +76,6 @@ def whiten_pair(x: tf.Tensor, target: tf.Tensor, whiten: str) -> tuple[tf.Tensor
 
 # --- data ----------------------------------------------------------------------
 
-def target_offset(kernel_shape: tuple[int, int], padding: str) -> tuple[int, int]:
-    """Where input pixel (0, 0)'s window lands in the target: 'same' targets are
-    shifted by the padding; their interior is exactly the 'valid' correlation."""
-    if padding == "same":
-        (top, _), (left, _) = same_padding(*kernel_shape)
-        return top, left
-    return 0, 0
-
-
 def crops(images: np.ndarray, targets: np.ndarray, rows: np.ndarray,
           kernel_shape: tuple[int, int], padding: str, batch_size: int, crop: int,
           rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -180,8 +99,7 @@ def crops(images: np.ndarray, targets: np.ndarray, rows: np.ndarray,
 
 def training_dataset(images, targets, rows, kernel_shape, padding, cfg: TrainConfig,
                      seed: int, scale: float = 1.0) -> tuple[tf.data.Dataset, int]:
-    rng = np.random.default_rng([seed, CROPS_STREAM])
-    kh, kw = kernel_shape
+    rng = streams.rng(seed, streams.CROPS)
 
     def epochs():
         while True:
@@ -247,7 +165,7 @@ def _toeplitz_top_curvature(x: np.ndarray, kernel_shape: tuple[int, int], seed: 
 
     taps = kh * kw
     operator = LinearOperator((taps, taps), matvec=toeplitz_times, dtype=np.float64)
-    start = np.random.default_rng([seed, 2]).standard_normal(taps)
+    start = streams.rng(seed, streams.CURVATURE).standard_normal(taps)
     v = eigsh(operator, k=1, which="LA", v0=start, tol=1e-6)[1][:, 0].reshape(kh, kw)
     outputs = signal.fftconvolve(x.astype(np.float64), v[None, ::-1, ::-1], mode="valid",
                                  axes=(1, 2))
@@ -255,17 +173,6 @@ def _toeplitz_top_curvature(x: np.ndarray, kernel_shape: tuple[int, int], seed: 
 
 
 # --- the fit -------------------------------------------------------------------
-
-@dataclass
-class EpochResult:
-    epoch: int
-    loss: float
-    val_loss: float
-    kernel_mse: float
-    kernel_rel_error: float
-    elapsed_s: float
-    kernel: np.ndarray
-
 
 def kernel_errors(learned: np.ndarray, true: np.ndarray) -> tuple[float, float]:
     """(mean squared difference, ‖w−k‖²/‖k‖²)."""
@@ -292,38 +199,53 @@ def residual_moments(model: keras.Model, images: np.ndarray, targets: np.ndarray
 
 
 class EpochEnd(keras.callbacks.Callback):
-    """Per-epoch side effects: kernel error, validation loss, divergence check, report."""
+    """After each epoch: stop on divergence, fit the bias, and add val_loss, kernel_mse,
+    kernel_rel_error and elapsed_s to the epoch's logs, where later callbacks and Keras's
+    History find them."""
 
-    def __init__(self, final_model, true_kernel, images, targets, bias_rows, val_rows, cfg,
-                 report):
+    def __init__(self, final_model, true_kernel, images, targets, bias_rows, val_rows, cfg):
         super().__init__()
         self.final_model = final_model
         self.true_kernel = true_kernel
         self.images, self.targets = images, targets
         self.bias_rows, self.val_rows = bias_rows, val_rows
         self.cfg = cfg
-        self.report = report
         self.started = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
         loss = float(logs["loss"])
-        weights = self.model.get_layer("conv").get_weights()
-        if not math.isfinite(loss) or not np.all(np.isfinite(weights[0])):
+        kernel = self.model.get_layer("conv").get_weights()[0]
+        if not math.isfinite(loss) or not np.all(np.isfinite(kernel)):
             self.model.stop_training = True
             raise UserError(f"training diverged: the loss became {loss} in epoch {epoch + 1}; "
                             f"lower train.learning_rate (now {self.cfg.learning_rate:g})")
         layer = self.final_model.get_layer("conv")
-        layer.set_weights([weights[0], np.zeros(1, np.float32)])
+        layer.set_weights([kernel, np.zeros(1, np.float32)])
         bias, _ = residual_moments(self.final_model, self.images, self.targets, self.bias_rows)
-        layer.set_weights([weights[0], np.array([bias], np.float32)])
-        _, val = residual_moments(self.final_model, self.images, self.targets, self.val_rows)
-        kernel = weights[0][:, :, 0, 0].astype(np.float64)
-        mse, rel = kernel_errors(kernel, self.true_kernel)
-        result = EpochResult(epoch + 1, loss, val, mse, rel, time.perf_counter() - self.started,
-                             kernel)
+        layer.set_weights([kernel, np.array([bias], np.float32)])
+        _, val_loss = residual_moments(self.final_model, self.images, self.targets,
+                                       self.val_rows)
+        kernel_mse, kernel_rel_error = kernel_errors(kernel[:, :, 0, 0].astype(np.float64),
+                                                     self.true_kernel)
+        logs.update(val_loss=val_loss, kernel_mse=kernel_mse, kernel_rel_error=kernel_rel_error,
+                    elapsed_s=time.perf_counter() - self.started)
         log.info("epoch %d/%d  loss %.3e  val_loss %.3e  kernel_rel_error %.3e  %.1f s",
-                 result.epoch, self.cfg.epochs, loss, val, rel, result.elapsed_s)
-        self.report(result)
+                 epoch + 1, self.cfg.epochs, loss, val_loss, kernel_rel_error, logs["elapsed_s"])
+
+
+class KernelSnapshots(keras.callbacks.Callback):
+    """The learned kernel after every epoch, as float64 (epochs, kh, kw)."""
+
+    def __init__(self):
+        super().__init__()
+        self.kernels: list[np.ndarray] = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.kernels.append(learned_kernel(self.model))
+
+    @property
+    def stacked(self) -> np.ndarray:
+        return np.stack(self.kernels)
 
 
 def optimizer(cfg: TrainConfig, total_steps: int) -> keras.optimizers.Optimizer:
@@ -338,11 +260,14 @@ def optimizer(cfg: TrainConfig, total_steps: int) -> keras.optimizers.Optimizer:
 
 def train(images: np.ndarray, targets: np.ndarray, true_kernel: np.ndarray, split: np.ndarray,
           padding: str, cfg: TrainConfig, seed: int,
-          report: Callable[[EpochResult], None] = lambda result: None) -> keras.Model:
-    """Fit the one-layer model; returns it with the filter's padding, ready to predict.
+          callbacks: Sequence[keras.callbacks.Callback] = ()) -> tuple[keras.Model,
+                                                                        keras.callbacks.History]:
+    """Fit the one-layer model. Returns it in the filter's padding, with its fitted bias,
+    ready to predict, and Keras's History of the per-epoch logs (loss, val_loss,
+    kernel_mse, kernel_rel_error, elapsed_s).
 
-    `images` (N, S, S) and `targets` may be memory maps; `split` holds 'train' or
-    'val' per row. `report` is called once per epoch with an EpochResult.
+    `images` (N, S, S) and `targets` are arrays or stacks; `split` holds 'train' or
+    'val' per row. `callbacks` run after EpochEnd, so their logs hold its metrics.
     """
     keras.utils.set_random_seed(seed)
     kernel_shape = tuple(int(n) for n in true_kernel.shape)
@@ -355,7 +280,7 @@ def train(images: np.ndarray, targets: np.ndarray, true_kernel: np.ndarray, spli
     # the steepest of the first batches: a step must be stable on every batch, not the
     # average (the same batches the training dataset starts with)
     probe = crops(images, targets, train_rows, kernel_shape, padding, cfg.batch_size, cfg.crop,
-                  np.random.default_rng([seed, CROPS_STREAM]))
+                  streams.rng(seed, streams.CROPS))
     curvature = max(top_curvature(WHITENERS[cfg.whiten](x), kernel_shape, seed)
                     for x, _ in itertools.islice(probe, PROBE_BATCHES))
     scale = 1.0 / math.sqrt(curvature)
@@ -369,7 +294,7 @@ def train(images: np.ndarray, targets: np.ndarray, true_kernel: np.ndarray, spli
     final = build_model(kernel_shape, conv, padding)
     model.compile(optimizer=optimizer(cfg, steps * cfg.epochs), loss="mse")
     on_epoch = EpochEnd(final, true_kernel, images, targets, train_rows[:BIAS_IMAGES], val_rows,
-                        cfg, report)
-    model.fit(dataset, epochs=cfg.epochs, steps_per_epoch=steps, shuffle=False, verbose=0,
-              callbacks=[on_epoch])
-    return final
+                        cfg)
+    history = model.fit(dataset, epochs=cfg.epochs, steps_per_epoch=steps, shuffle=False,
+                        verbose=0, callbacks=[on_epoch, *callbacks])
+    return final, history

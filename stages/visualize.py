@@ -1,53 +1,28 @@
 """Visualize stage: the kernel converging, learned vs true, one validation image through
 the model, and the training curves; all four also go into the training's MLflow run.
 
-Reads model/ (kernels.npy, kernel.npy, model.keras, run.json), metrics/history.csv,
-data/filtered (the true kernel and the targets), data/gray and, for the colour
-original, data/raw/images. Writes figures/:
+Reads model/, metrics/history.csv, data/filtered (the true kernel, the targets and
+filter.json), data/gray and, for the colour original, data/raw/images. Writes figures/:
   convergence.gif  the learned kernel after every epoch beside the true one
   comparison.png   true | learned | difference on one colour scale
   sample.png       the first validation image: original, grayscale, target, prediction, residual
   curves.png       kernel_rel_error, kernel_mse, loss and val_loss per epoch
 """
-import os
+from src import console
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+if __name__ == "__main__":  # run as a stage, not imported by a test
+    console.hide_tensorflow_logs()  # before TensorFlow is imported
 
-import csv  # noqa: E402
-import json  # noqa: E402
 import logging  # noqa: E402
 
-import keras  # noqa: E402
 import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 
-# importing src.training registers FFTConv2D, which loading model.keras needs
-from src import figures, images, paths, stack, tracking, training  # noqa: E402
+from src import figures, filtering, images, layers, paths, stage_files, tracking  # noqa: E402
 from src.atomic import atomic_dir  # noqa: E402
 from src.errors import UserError, run_stage  # noqa: E402
 
 log = logging.getLogger("visualize")
-
-INPUTS = (paths.KERNEL_HISTORY, paths.LEARNED_KERNEL, paths.MODEL_FILE, paths.RUN_INFO,
-          paths.HISTORY, paths.KERNEL, paths.TARGETS,
-          paths.GRAY_IMAGES, paths.GRAY_INDEX)
-HISTORY_COLUMNS = ("epoch", "loss", "val_loss", "kernel_mse", "kernel_rel_error")
-
-
-def read_history() -> dict[str, np.ndarray]:
-    with open(paths.HISTORY, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    missing = [c for c in HISTORY_COLUMNS if not rows or c not in rows[0]]
-    if missing:
-        raise UserError(f"{paths.HISTORY} has no rows or lacks {', '.join(missing)}; "
-                        "rerun training with `dvc repro -f train`")
-    return {c: np.array([float(r[c]) for r in rows]) for c in HISTORY_COLUMNS}
-
-
-def read_index() -> tuple[list[str], list[str]]:
-    with open(paths.GRAY_INDEX, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    return [r["name"] for r in rows], [r["split"] for r in rows]
 
 
 def sample_row(splits: list[str]) -> int:
@@ -60,7 +35,7 @@ def sample_row(splits: list[str]) -> int:
 
 def window_centre(kernel_shape: tuple[int, int], padding: str) -> tuple[float, float]:
     """Where target pixel (0, 0)'s kernel window is centred in the input, (row, column)."""
-    top, left = training.target_offset(kernel_shape, padding)
+    top, left = filtering.target_offset(kernel_shape, padding)
     return (kernel_shape[0] - 1) / 2 - top, (kernel_shape[1] - 1) / 2 - left
 
 
@@ -75,54 +50,51 @@ def read_original(name: str, size: int) -> np.ndarray | None:
     return rgb if np.ptp(rgb, axis=-1).any() else None
 
 
-def load_model() -> keras.Model:
+def load_model():
     try:
-        return keras.saving.load_model(paths.MODEL_FILE)
+        return layers.load_model(paths.MODEL_FILE)
     except (ValueError, OSError, TypeError) as exc:
         raise UserError(f"{paths.MODEL_FILE} could not be loaded ({type(exc).__name__}); "
                         "rerun training with `dvc repro -f train`") from None
 
 
 def main() -> None:
-    for needed in INPUTS:
-        if not needed.exists():
-            raise UserError(f"{needed} is missing; run the earlier stages with `dvc repro`")
-    run = json.loads(paths.RUN_INFO.read_text())
+    stage_files.require_inputs("visualize")
+    run = stage_files.read_run()
     if run.get("tracking_uri") and run["tracking_uri"] != paths.tracking_uri():
         log.warning("training logged to %s, but the tracking URI is now %s",
                     run["tracking_uri"], paths.tracking_uri())
 
     with tracking.resume_run(run["run_id"]):  # before the work: a bad store fails at once
-        kernels = np.load(paths.KERNEL_HISTORY, allow_pickle=False)
-        true_kernel = np.load(paths.KERNEL, allow_pickle=False).astype(np.float64)
-        learned = np.load(paths.LEARNED_KERNEL, allow_pickle=False)
-        history = read_history()
-        if len(kernels) != len(history["epoch"]) or kernels.shape[1:] != true_kernel.shape:
+        learned, kernels = stage_files.read_learned_kernels()
+        true_kernel = stage_files.read_true_kernel()
+        padding = stage_files.read_filter_info().padding
+        history = stage_files.read_history()
+        if len(kernels) != len(history) or kernels.shape[1:] != true_kernel.shape:
             raise UserError(f"{paths.KERNEL_HISTORY} {kernels.shape}, {paths.HISTORY} "
-                            f"({len(history['epoch'])} epochs) and {paths.KERNEL} "
+                            f"({len(history)} epochs) and {paths.KERNEL} "
                             f"{true_kernel.shape} don't match; "
                             "rerun training with `dvc repro -f train`")
 
-        names, splits = read_index()
+        index = stage_files.read_index()
+        names, splits = index["name"].tolist(), index["split"].tolist()
         row = sample_row(splits)
-        with stack.open_gray_images() as grays:
+        with stage_files.open_gray_images() as grays:
             gray = grays[row]
-        with stack.open_targets() as targets:
+        with stage_files.open_targets() as targets:
             target = targets[row]
-        padding = "same" if target.shape == gray.shape else "valid"
         prediction = load_model()(gray[None, :, :, None], training=False).numpy()[0, :, :, 0]
         if prediction.shape != target.shape:
             raise UserError(f"the model outputs {prediction.shape} for {names[row]}, but its "
                             f"target is {target.shape}; rerun with `dvc repro -f train`")
         original = read_original(names[row], gray.shape[0])
 
+        errors = history["kernel_rel_error"].to_numpy()
         with atomic_dir(paths.FIGURES) as out:
-            frames, epochs = figures.convergence_frames(kernels, history["kernel_rel_error"],
-                                                        true_kernel)
+            frames, epochs = figures.convergence_frames(kernels, errors, true_kernel)
             figures.write_gif(frames, out / "convergence.gif")
             pictures = {
-                "comparison.png": figures.comparison(true_kernel, learned,
-                                                     history["kernel_rel_error"][-1]),
+                "comparison.png": figures.comparison(true_kernel, learned, errors[-1]),
                 "sample.png": figures.sample_strip(
                     gray, target, prediction, original, window_centre(true_kernel.shape, padding),
                     title=f"{names[row]} ({splits[row]}), {padding} padding"),

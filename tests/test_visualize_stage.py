@@ -12,7 +12,7 @@ import yaml  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from src import dead_leaves, filtering, images, kernels, paths  # noqa: E402
+from src import dead_leaves, filtering, images, kernels, paths, stage_files  # noqa: E402
 from src.errors import UserError  # noqa: E402
 from stages import train as train_stage  # noqa: E402
 from stages import visualize  # noqa: E402
@@ -42,8 +42,14 @@ def trained(tmp_path_factory):
         paths.GRAY_INDEX.write_text("name,split\n" + "".join(
             f"{n},{'val' if i in (2, 5) else 'train'}\n" for i, n in enumerate(names)))
         paths.FILTERED.mkdir(parents=True)
-        np.save(paths.TARGETS, filtering.correlate(gray, kernels.SOBEL_X, "valid"))
-        np.save(paths.KERNEL, kernels.SOBEL_X.astype(np.float32))
+        targets = filtering.correlate(gray, kernels.SOBEL_X, "valid")
+        np.save(paths.TARGETS, targets)
+        stage_files.write_filter_outputs(paths.FILTERED, kernels.SOBEL_X.astype(np.float32),
+                                         stage_files.FilterInfo(
+                                             kernel="sobel_x", shape=(3, 3),
+                                             operation="correlate", padding="valid",
+                                             noise_std=0.0, images=N,
+                                             target_shape=targets.shape[1:]))
         train_stage.main()
     return root
 
