@@ -16,14 +16,14 @@ REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
 sys.path.insert(0, str(REPO))
 
-from benchmarks.workspace import clean_env, copy_repo  # noqa: E402
-from src import figures, kernels  # noqa: E402
+from devtools.repo_copy import clean_env, copy_repo  # noqa: E402
+from src import config, figures, kernels  # noqa: E402
 
 FIGURES = ("convergence.gif", "comparison.png", "sample.png", "curves.png")
 
 
 def gallery() -> None:
-    settings = {"box": {"size": 5}, "gaussian": {"size": 7, "sigma": 1.5}}
+    settings = config.KernelSettings()  # the defaults of params.yaml
     shown = {name: kernels.make(name, settings) for name in kernels.NAMES}
     shown["gaussian cov"] = kernels.gaussian(30, covariance=[[25, 12.5], [12.5, 25]])
     figures.kernel_gallery(shown).savefig(DOCS / "kernels.png", dpi=90)

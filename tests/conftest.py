@@ -18,13 +18,23 @@ import pytest
 import requests
 import yaml
 
-# one copy-the-repo helper for tests, `make bench` and `make docs`
-from benchmarks.workspace import BIN, REPO, clean_env, copy_repo, merge  # noqa: F401
+from devtools.repo_copy import BIN, REPO, clean_env, copy_repo, merge  # noqa: F401
 
 TINY = {
     "data": {"count": 8, "size": 64, "val_fraction": 0.25},
     "train": {"epochs": 2, "batch_size": 2, "crop": 48},
 }
+
+
+# Tests that use these run the real dvc, mlflow or stages end to end: marked e2e, so
+# `make test-fast` (pytest -m "not e2e") leaves them out.
+E2E_FIXTURES = {"workspace", "mlflow_server"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if E2E_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.e2e)
 
 
 class Workspace:

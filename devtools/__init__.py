@@ -1,0 +1,1 @@
+"""Helpers for developing this repository: not part of the pipeline."""
