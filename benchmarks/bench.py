@@ -13,11 +13,11 @@ Sections, in the order they run:
   original     the original recipe under a time budget (and, for big kernels, its projection)
   steps        train step time against kernel size, direct vs FFT
 """
+
 from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import datetime as dt
 import hashlib
 import json
@@ -45,45 +45,93 @@ log = logging.getLogger("bench")
 
 SECTIONS = ("stages", "dvc", "ours", "closed_form", "original", "steps")
 STAGE_KERNELS = ("smiley", "sobel_x")  # the filter stage at 32×32 and 3×3; sobel_x last, as
-                                       # params.yaml's default, so train sees its targets
-QUICK = dict(images=8, size=64, scales=[8], kernels=["sobel_x"], original_budget=3.0,
-             projection_budget=3.0, step_sizes=[3, 9], step_crop=32, step_repeats=3,
-             noop_repeats=1, dvc_images=8)
+# params.yaml's default, so train sees its targets
+QUICK = dict(
+    images=8,
+    size=64,
+    scales=[8],
+    kernels=["sobel_x"],
+    original_budget=3.0,
+    projection_budget=3.0,
+    step_sizes=[3, 9],
+    step_crop=32,
+    step_repeats=3,
+    noop_repeats=1,
+    dvc_images=8,
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=2688,
-                        help="images in the largest run (the MIT scenes' count)")
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--images", type=int, default=2688, help="images in the largest run (the MIT scenes' count)"
+    )
     parser.add_argument("--size", type=int, default=256, help="data.size of the images")
-    parser.add_argument("--scales", type=_ints, default=[256, 1024, 2688],
-                        help="image counts the stages run at (the --images count is added)")
+    parser.add_argument(
+        "--scales",
+        type=_ints,
+        default=[256, 1024, 2688],
+        help="image counts the stages run at (the --images count is added)",
+    )
     parser.add_argument("--kernels", type=_names, default=["sobel_x", "sobel_y", "smiley"])
-    parser.add_argument("--data", type=Path, default=None,
-                        help="a local folder or .zip of images instead of synthetic dead leaves")
-    parser.add_argument("--original-budget", type=float, default=240.0,
-                        help="seconds the original recipe may train, per kernel")
-    parser.add_argument("--projection-budget", type=float, default=150.0,
-                        help="seconds for the FFT projection of the original, per big kernel")
-    parser.add_argument("--refinements", type=int, default=1,
-                        help="closed form: refinement passes after the Toeplitz solve")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="a local folder or .zip of images instead of synthetic dead leaves",
+    )
+    parser.add_argument(
+        "--original-budget",
+        type=float,
+        default=240.0,
+        help="seconds the original recipe may train, per kernel",
+    )
+    parser.add_argument(
+        "--projection-budget",
+        type=float,
+        default=150.0,
+        help="seconds for the FFT projection of the original, per big kernel",
+    )
+    parser.add_argument(
+        "--refinements",
+        type=int,
+        default=1,
+        help="closed form: refinement passes after the Toeplitz solve",
+    )
     parser.add_argument("--step-sizes", type=_ints, default=[3, 5, 7, 9, 11, 13, 15, 17, 32, 64])
     parser.add_argument("--step-crop", type=int, default=128)
     parser.add_argument("--step-repeats", type=int, default=7)
     parser.add_argument("--noop-repeats", type=int, default=3)
-    parser.add_argument("--dvc-images", type=int, default=None,
-                        help="data.count for the dvc section (default: params.yaml's)")
+    parser.add_argument(
+        "--dvc-images",
+        type=int,
+        default=None,
+        help="data.count for the dvc section (default: params.yaml's)",
+    )
     parser.add_argument("--skip", type=_names, default=[], help=f"any of {', '.join(SECTIONS)}")
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny smoke run: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
-    parser.add_argument("--workdir", type=Path, default=None,
-                        help="where the repo copies go (default: a new temporary directory)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny smoke run: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()),
+    )
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="where the repo copies go (default: a new temporary directory)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the workdir afterwards")
     parser.add_argument("--out-md", type=Path, default=REPO / "BENCHMARKS.md")
     parser.add_argument("--out-json", type=Path, default=REPO / "benchmarks" / "results.json")
-    parser.add_argument("--render", type=Path, default=None, metavar="JSON",
-                        help="only rewrite --out-md from a saved results JSON")
+    parser.add_argument(
+        "--render",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="only rewrite --out-md from a saved results JSON",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         for key, value in QUICK.items():
@@ -105,29 +153,54 @@ def _names(text: str) -> list[str]:
 
 # --- the machine -------------------------------------------------------------------
 
+
 def machine() -> dict:
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                  if line.startswith("model name")), platform.processor())
-    versions = {name: metadata.version(name) for name in
-                ("tensorflow-cpu", "keras", "dvc", "mlflow", "numpy", "scipy", "psutil")}
-    return {"cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
-            "cpu_model": model, "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
-            "python": platform.python_version(), "platform": platform.platform(),
-            "versions": versions, "load_average_start": [round(v, 2) for v in os.getloadavg()]}
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in open("/proc/cpuinfo")
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    versions = {
+        name: metadata.version(name)
+        for name in ("tensorflow-cpu", "keras", "dvc", "mlflow", "numpy", "scipy", "psutil")
+    }
+    return {
+        "cpus": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)),
+        "cpu_model": model,
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": versions,
+        "load_average_start": [round(v, 2) for v in os.getloadavg()],
+    }
 
 
 def code_state() -> dict:
     """The commit measured, and which of its files were edited but not committed."""
+
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout
-    changed = [line.split(maxsplit=1)[1] for line in git(
-        "status", "--porcelain", "--", "src", "stages", "params.yaml", "dvc.yaml").splitlines()]
+
+    changed = [
+        line.split(maxsplit=1)[1]
+        for line in git(
+            "status", "--porcelain", "--", "src", "stages", "params.yaml", "dvc.yaml"
+        ).splitlines()
+    ]
     diff = git("diff", "HEAD", "--", "src", "stages", "params.yaml", "dvc.yaml")
-    return {"commit": git("rev-parse", "--short", "HEAD").strip(), "uncommitted": changed,
-            "uncommitted_diff_sha1": hashlib.sha1(diff.encode()).hexdigest()[:12]}
+    return {
+        "commit": git("rev-parse", "--short", "HEAD").strip(),
+        "uncommitted": changed,
+        "uncommitted_diff_sha1": hashlib.sha1(diff.encode()).hexdigest()[:12],
+    }
 
 
 # --- sections ----------------------------------------------------------------------
+
 
 def data_params(args: argparse.Namespace, count: int) -> dict:
     if args.data:
@@ -186,8 +259,10 @@ def run_dvc(args, workdir: Path) -> dict:
     result["exp_run_smiley"] = ws.dvc("exp", "run", "-S", "kernel=smiley").as_dict()
     result["disk_after_second_kernel"] = disk(ws.root)
     result["filesystem"] = filesystem(ws.root)
-    result["cache_type_default"] = (ws.run(dvc, "config", "cache.type", check=False).stdout.strip()
-                                    or "unset: reflink, else copy")
+    result["cache_type_default"] = (
+        ws.run(dvc, "config", "cache.type", check=False).stdout.strip()
+        or "unset: reflink, else copy"
+    )
     ws.run(dvc, "config", "cache.type", "hardlink,symlink")
     result["relink_hardlink"] = ws.dvc("checkout", "--relink").as_dict()
     result["disk_hardlink"] = disk(ws.root)
@@ -202,12 +277,14 @@ def run_dvc(args, workdir: Path) -> dict:
 def disk(root: Path) -> dict:
     """MB on disk of each part of a workspace, and of all of it (hard links counted once)."""
     outputs = [root / p for p in ("data", "model", "figures", "metrics")]
-    return {"workspace_outputs": disk_usage(*outputs),
-            "dvc_cache": disk_usage(root / ".dvc" / "cache"),
-            "mlflow": disk_usage(root / "mlflow.db", root / "mlartifacts"),
-            "git": disk_usage(root / ".git"),
-            "outputs_and_cache": disk_usage(*outputs, root / ".dvc" / "cache"),
-            "total": disk_usage(root)}
+    return {
+        "workspace_outputs": disk_usage(*outputs),
+        "dvc_cache": disk_usage(root / ".dvc" / "cache"),
+        "mlflow": disk_usage(root / "mlflow.db", root / "mlartifacts"),
+        "git": disk_usage(root / ".git"),
+        "outputs_and_cache": disk_usage(*outputs, root / ".dvc" / "cache"),
+        "total": disk_usage(root),
+    }
 
 
 class Data:
@@ -215,6 +292,7 @@ class Data:
 
     def __init__(self, ws: Workspace):
         from src import config, stage_files
+
         self.root = ws.root
         with contextlib.chdir(ws.root):  # stage outputs are named relative to the repo root
             self.params = config.load()
@@ -224,58 +302,76 @@ class Data:
 
     def targets(self, kernel: str) -> tuple[np.ndarray, np.ndarray]:
         folder = self.root / f"data/filtered-{kernel}"
-        return (Stack(folder / "targets.npy"),
-                np.load(folder / "kernel.npy").astype(np.float64))
+        return (Stack(folder / "targets.npy"), np.load(folder / "kernel.npy").astype(np.float64))
 
 
 def run_ours(args, data: Data) -> dict:
     from benchmarks import learning
+
     results = {}
     for kernel in args.kernels:
         targets, true_kernel = data.targets(kernel)
         log.info("ours: %s", kernel)
-        results[kernel] = learning.ours(data.images, targets, true_kernel, data.split,
-                                        data.params.filter.padding, data.params.train,
-                                        data.params.seed)
+        results[kernel] = learning.ours(
+            data.images,
+            targets,
+            true_kernel,
+            data.split,
+            data.params.filter.padding,
+            data.params.train,
+            data.params.seed,
+        )
     return results
 
 
 def run_closed_form(args, data: Data) -> dict:
     from benchmarks import learning
+
     results = {}
     for kernel in args.kernels:
         targets, true_kernel = data.targets(kernel)
-        results[kernel] = learning.closed_form(data.images, targets, data.train_rows,
-                                               true_kernel, args.refinements)
+        results[kernel] = learning.closed_form(
+            data.images, targets, data.train_rows, true_kernel, args.refinements
+        )
     return results
 
 
 def run_original(args, data: Data, workdir: Path) -> dict:
     from benchmarks import learning
     from src import layers
+
     results = {}
     rows = data.train_rows
     for kernel in args.kernels:
         _, true_kernel = data.targets(kernel)
         path = workdir / f"same-{kernel}.npy"
         start = time.perf_counter()
-        same = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32,
-                                         shape=(len(rows), *data.images.shape[1:]))
+        same = np.lib.format.open_memmap(
+            path, mode="w+", dtype=np.float32, shape=(len(rows), *data.images.shape[1:])
+        )
         learning.same_targets(data.images, rows, true_kernel, same)
         same.flush()
         prep = time.perf_counter() - start
         same = np.load(path, mmap_mode="r")
         log.info("original: %s ('same' targets of %d images in %.1f s)", kernel, len(rows), prep)
-        run = learning.original(data.images, rows, same, true_kernel, args.original_budget,
-                                data.params.seed)
+        run = learning.original(
+            data.images, rows, same, true_kernel, args.original_budget, data.params.seed
+        )
         initial = run.pop("_initial")
         entry = {"same_targets_s": round(prep, 3), "measured": run}
         short = run["stopped_by"] == "budget"
         if short and layers.choose_conv(true_kernel.shape, "auto") == "fft":
             log.info("original: %s projection with FFTConv2D", kernel)
-            fft_run = learning.original(data.images, rows, same, true_kernel,
-                                        args.projection_budget, data.params.seed, conv="fft",
-                                        initial=initial)
+            fft_run = learning.original(
+                data.images,
+                rows,
+                same,
+                true_kernel,
+                args.projection_budget,
+                data.params.seed,
+                conv="fft",
+                initial=initial,
+            )
             fft_run.pop("_initial")
             entry["projection_run"] = fft_run
             entry["projection"] = learning.project(run, fft_run)
@@ -288,26 +384,50 @@ def run_original(args, data: Data, workdir: Path) -> dict:
 def run_steps(args, data: Data) -> dict:
     from benchmarks import steps
     from src import layers
-    rows = steps.step_times(data.images, args.step_sizes, data.params.train, args.step_crop,
-                            args.step_repeats, data.params.seed)
-    return {"rows": rows, "batch_size": data.params.train.batch_size, "crop": args.step_crop,
-            "repeats": args.step_repeats, "direct_max_taps": layers.DIRECT_MAX_TAPS}
+
+    rows = steps.step_times(
+        data.images,
+        args.step_sizes,
+        data.params.train,
+        args.step_crop,
+        args.step_repeats,
+        data.params.seed,
+    )
+    return {
+        "rows": rows,
+        "batch_size": data.params.train.batch_size,
+        "crop": args.step_crop,
+        "repeats": args.step_repeats,
+        "direct_max_taps": layers.DIRECT_MAX_TAPS,
+    }
 
 
-def warm_up(data: "Data") -> None:
+def warm_up(data: Data) -> None:
     """The first training in a process pays one-time start-up costs (seen: ~1.5 s); the
     contenders then share a warm process. One epoch on a few images, untimed."""
     from src import training
+
     targets, true_kernel = data.targets(STAGE_KERNELS[-1])
     cfg = data.params.train.model_copy(update={"epochs": 1})
     rows = np.sort(np.concatenate([data.train_rows[:6], np.flatnonzero(data.split == "val")[:2]]))
-    training.train(data.images[rows], targets[rows], true_kernel, data.split[rows],
-                   data.params.filter.padding, cfg, data.params.seed)
+    training.train(
+        data.images[rows],
+        targets[rows],
+        true_kernel,
+        data.split[rows],
+        data.params.filter.padding,
+        cfg,
+        data.params.seed,
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = parse_args(argv)
     if args.render:
@@ -317,9 +437,10 @@ def main(argv: list[str] | None = None) -> dict:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="llf-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     results: dict = {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python -m benchmarks.bench", *(argv if argv is not None
-                                                              else sys.argv[1:])]),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "command": " ".join(
+            ["python -m benchmarks.bench", *(argv if argv is not None else sys.argv[1:])]
+        ),
         "machine": machine(),
         "code": code_state(),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},

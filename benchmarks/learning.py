@@ -11,12 +11,13 @@ projection    the original recipe again with FFTConv2D in place of Conv2D: the s
               step time, projects the original's time where the budget cuts it short.
 closed form   the least-squares kernel from the normal equations over all valid patches.
 """
+
 from __future__ import annotations
 
 import logging
 import math
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import keras
 import numpy as np
@@ -30,11 +31,12 @@ from src.config import TrainConfig
 log = logging.getLogger("bench.learning")
 
 THRESHOLDS = (1e-2, 1e-3, 1e-4)
-TRACE_EVERY_S = 0.01   # the error is read between batches at most this often (and on the first)
-CHUNK = 32             # images per block in the closed form
+TRACE_EVERY_S = 0.01  # the error is read between batches at most this often (and on the first)
+CHUNK = 32  # images per block in the closed form
 
 
 # --- the error trace -------------------------------------------------------------
+
 
 class Trace:
     """(seconds since start, step, ‖w−k‖²/‖k‖², |bias|) read between batches."""
@@ -76,11 +78,13 @@ class Trace:
         settled = None
         if first is not None and (not above or above[-1] + 1 < len(self.points)):
             settled = self.points[above[-1] + 1 if above else 0]
-        return {"threshold": threshold,
-                "first_s": None if first is None else round(first[0], 3),
-                "first_step": None if first is None else first[1],
-                "settled_s": None if settled is None else round(settled[0], 3),
-                "settled_step": None if settled is None else settled[1]}
+        return {
+            "threshold": threshold,
+            "first_s": None if first is None else round(first[0], 3),
+            "first_step": None if first is None else first[1],
+            "settled_s": None if settled is None else round(settled[0], 3),
+            "settled_step": None if settled is None else settled[1],
+        }
 
     def summary(self, every: int = 0) -> dict:
         errors = [p[2] for p in self.points]
@@ -93,7 +97,7 @@ class Trace:
             # a rise after the error first reached 1e-2 means the step went unstable
             "max_error_after_1e-2": max(errors[first_1e2:]) if first_1e2 is not None else None,
             "max_abs_bias": max(p[3] for p in self.points) if self.points else None,
-            "trace": [[round(t, 3), s, e] for t, s, e, _ in self.points[::every or 1]],
+            "trace": [[round(t, 3), s, e] for t, s, e, _ in self.points[:: every or 1]],
         }
 
 
@@ -103,8 +107,16 @@ def _thin(points: list, keep: int = 400) -> int:
 
 # --- ours ------------------------------------------------------------------------
 
-def ours(images: np.ndarray, targets: np.ndarray, true_kernel: np.ndarray, split: np.ndarray,
-         padding: str, cfg: TrainConfig, seed: int) -> dict:
+
+def ours(
+    images: np.ndarray,
+    targets: np.ndarray,
+    true_kernel: np.ndarray,
+    split: np.ndarray,
+    padding: str,
+    cfg: TrainConfig,
+    seed: int,
+) -> dict:
     """src.training.train as the train stage calls it, with the error read between batches."""
     trace = Trace(true_kernel)
     epochs: list[dict] = []
@@ -118,56 +130,89 @@ def ours(images: np.ndarray, targets: np.ndarray, true_kernel: np.ndarray, split
             trace.after_batch(self.model)
 
         def on_epoch_end(self, epoch, logs=None):
-            epochs.append({"epoch": epoch + 1, "seconds": round(trace.elapsed, 3),
-                           "kernel_rel_error": logs["kernel_rel_error"], "loss": logs["loss"]})
+            epochs.append(
+                {
+                    "epoch": epoch + 1,
+                    "seconds": round(trace.elapsed, 3),
+                    "kernel_rel_error": logs["kernel_rel_error"],
+                    "loss": logs["loss"],
+                }
+            )
 
         def on_train_end(self, logs=None):
             fit_end.append(trace.elapsed)
 
     trace.restart()
-    model, _ = training.train(images, targets, true_kernel, split, padding, cfg, seed,
-                              callbacks=[Traced()])
+    model, _ = training.train(
+        images, targets, true_kernel, split, padding, cfg, seed, callbacks=[Traced()]
+    )
     total = trace.elapsed
     final = training.kernel_errors(layers.learned_kernel(model), true_kernel)[1]
     result = trace.summary(_thin(trace.points))
     first_step = trace.points[0][0] if trace.points else None
-    per_epoch = [{"threshold": e, "seconds": next((r["seconds"] for r in epochs
-                                                   if r["kernel_rel_error"] <= e), None)}
-                 for e in THRESHOLDS]
-    result.update(total_s=round(total, 3), final_error=final, setup_s=first_step,
-                  # train() returning well after fit() ends was seen once: kept on record
-                  after_fit_s=round(total - fit_end[0], 3) if fit_end else None,
-                  kernel_shape=list(true_kernel.shape),
-                  epochs=epochs, per_epoch_reached=per_epoch, config=cfg.model_dump())
-    log.info("ours: final error %.2e in %.1f s (first step after %.1f s)", final, total,
-             first_step or float("nan"))
+    per_epoch = [
+        {
+            "threshold": e,
+            "seconds": next((r["seconds"] for r in epochs if r["kernel_rel_error"] <= e), None),
+        }
+        for e in THRESHOLDS
+    ]
+    result.update(
+        total_s=round(total, 3),
+        final_error=final,
+        setup_s=first_step,
+        # train() returning well after fit() ends was seen once: kept on record
+        after_fit_s=round(total - fit_end[0], 3) if fit_end else None,
+        kernel_shape=list(true_kernel.shape),
+        epochs=epochs,
+        per_epoch_reached=per_epoch,
+        config=cfg.model_dump(),
+    )
+    log.info(
+        "ours: final error %.2e in %.1f s (first step after %.1f s)",
+        final,
+        total,
+        first_step or float("nan"),
+    )
     return result
 
 
 # --- the original recipe -----------------------------------------------------------
 
-def same_targets(images: np.ndarray, rows: np.ndarray, conv_kernel: np.ndarray,
-                 out: np.ndarray) -> np.ndarray:
+
+def same_targets(
+    images: np.ndarray, rows: np.ndarray, conv_kernel: np.ndarray, out: np.ndarray
+) -> np.ndarray:
     """out[i] = images[rows[i]] correlated with the kernel, 'same' padding, as the original."""
     for start in range(0, len(rows), filtering.CHUNK):
-        block = rows[start:start + filtering.CHUNK]
-        out[start:start + len(block)] = filtering.correlate(images[block], conv_kernel, "same")
+        block = rows[start : start + filtering.CHUNK]
+        out[start : start + len(block)] = filtering.correlate(images[block], conv_kernel, "same")
     return out
 
 
-def _one_by_one(images: np.ndarray, rows: np.ndarray, targets: np.ndarray,
-                seed: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def _one_by_one(
+    images: np.ndarray, rows: np.ndarray, targets: np.ndarray, seed: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Batches of one whole image, in a seeded new order every epoch (Keras' shuffle)."""
     rng = streams.rng(seed, streams.ORIGINAL_ORDER)
     while True:
         for i in rng.permutation(len(rows)):
-            yield (np.asarray(images[rows[i]], np.float32)[None, :, :, None],
-                   np.asarray(targets[i], np.float32)[None, :, :, None])
+            yield (
+                np.asarray(images[rows[i]], np.float32)[None, :, :, None],
+                np.asarray(targets[i], np.float32)[None, :, :, None],
+            )
 
 
-def original(images: np.ndarray, rows: np.ndarray, targets: np.ndarray, true_kernel: np.ndarray,
-             budget_s: float, seed: int, conv: str = "direct",
-             initial: list[np.ndarray] | None = None) -> dict:
+def original(
+    images: np.ndarray,
+    rows: np.ndarray,
+    targets: np.ndarray,
+    true_kernel: np.ndarray,
+    budget_s: float,
+    seed: int,
+    conv: str = "direct",
+    initial: list[np.ndarray] | None = None,
+) -> dict:
     """Train the original's model until `budget_s` or the smallest threshold is reached.
 
     `targets[i]` is the 'same' target of image rows[i]. With conv='fft' and the
@@ -177,16 +222,20 @@ def original(images: np.ndarray, rows: np.ndarray, targets: np.ndarray, true_ker
     trace = Trace(true_kernel)
     shape = tuple(true_kernel.shape)
     size = images.shape[1]
-    layer = (keras.layers.Conv2D(1, shape, padding="same", name="conv") if conv == "direct"
-             else layers.FFTConv2D(shape, padding="same", name="conv"))
+    layer = (
+        keras.layers.Conv2D(1, shape, padding="same", name="conv")
+        if conv == "direct"
+        else layers.FFTConv2D(shape, padding="same", name="conv")
+    )
     model = keras.Sequential([keras.Input((size, size, 1)), layer])
     if initial is not None:
         layer.set_weights(initial)
     start_weights = [w.copy() for w in layer.get_weights()]
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
     spec = (tf.TensorSpec((1, size, size, 1), tf.float32),) * 2
-    dataset = tf.data.Dataset.from_generator(lambda: _one_by_one(images, rows, targets, seed),
-                                             output_signature=spec).prefetch(4)
+    dataset = tf.data.Dataset.from_generator(
+        lambda: _one_by_one(images, rows, targets, seed), output_signature=spec
+    ).prefetch(4)
     stop_at = min(THRESHOLDS)
 
     class Budget(keras.callbacks.Callback):
@@ -200,14 +249,29 @@ def original(images: np.ndarray, rows: np.ndarray, targets: np.ndarray, true_ker
     model.fit(dataset, epochs=10**6, steps_per_epoch=len(rows), verbose=0, callbacks=[Budget()])
     total = trace.elapsed
     result = trace.summary(_thin(trace.points))
-    stopped = "threshold" if result["final_error"] is not None and \
-        result["final_error"] <= stop_at else "budget"
-    result.update(total_s=round(total, 3), conv=conv, budget_s=budget_s, stopped_by=stopped,
-                  images_seen=trace.step, epochs_seen=round(trace.step / len(rows), 3),
-                  setup_s=trace.points[0][0] if trace.points else None,
-                  step_s=_step_time(trace.points))
-    log.info("original (%s): error %.2e after %d steps in %.1f s (stopped by %s)", conv,
-             result["final_error"], trace.step, total, stopped)
+    stopped = (
+        "threshold"
+        if result["final_error"] is not None and result["final_error"] <= stop_at
+        else "budget"
+    )
+    result.update(
+        total_s=round(total, 3),
+        conv=conv,
+        budget_s=budget_s,
+        stopped_by=stopped,
+        images_seen=trace.step,
+        epochs_seen=round(trace.step / len(rows), 3),
+        setup_s=trace.points[0][0] if trace.points else None,
+        step_s=_step_time(trace.points),
+    )
+    log.info(
+        "original (%s): error %.2e after %d steps in %.1f s (stopped by %s)",
+        conv,
+        result["final_error"],
+        trace.step,
+        total,
+        stopped,
+    )
     result["_initial"] = start_weights
     return result
 
@@ -229,9 +293,15 @@ def project(direct: dict, fft_run: dict) -> dict:
     reached = []
     for r in fft_run["reached"]:
         steps = r["first_step"]
-        reached.append({"threshold": r["threshold"], "steps": steps,
-                        "projected_s": None if steps is None or step_s is None
-                        else round(setup_s + steps * step_s, 1)})
+        reached.append(
+            {
+                "threshold": r["threshold"],
+                "steps": steps,
+                "projected_s": None
+                if steps is None or step_s is None
+                else round(setup_s + steps * step_s, 1),
+            }
+        )
     a = np.array([(s, e) for _, s, e in direct["trace"]], dtype=np.float64)
     b = np.array([(s, e) for _, s, e in fft_run["trace"]], dtype=np.float64)
     overlap = a[a[:, 0] <= b[-1, 0]] if len(a) and len(b) else a[:0]
@@ -239,19 +309,30 @@ def project(direct: dict, fft_run: dict) -> dict:
     if len(overlap):
         interpolated = np.interp(overlap[:, 0], b[:, 0], np.log10(b[:, 1]))
         drift = float(np.max(np.abs(np.log10(overlap[:, 1]) - interpolated)))
-    return {"reached": reached, "original_step_s": step_s, "original_setup_s": setup_s,
-            "steps_compared": int(len(overlap)), "max_log10_drift": drift}
+    return {
+        "reached": reached,
+        "original_step_s": step_s,
+        "original_setup_s": setup_s,
+        "steps_compared": int(len(overlap)),
+        "max_log10_drift": drift,
+    }
 
 
 # --- the closed form -----------------------------------------------------------------
+
 
 def _whiten(a: np.ndarray) -> np.ndarray:
     # the gradient whitening of src.training, in numpy: the same 'valid' geometry
     return np.concatenate([a[:, 1:, 1:] - a[:, 1:, :-1], a[:, 1:, 1:] - a[:, :-1, 1:]])
 
 
-def closed_form(images: np.ndarray, targets: np.ndarray, rows: np.ndarray,
-                true_kernel: np.ndarray, refinements: int = 1) -> dict:
+def closed_form(
+    images: np.ndarray,
+    targets: np.ndarray,
+    rows: np.ndarray,
+    true_kernel: np.ndarray,
+    refinements: int = 1,
+) -> dict:
     """Least squares over every valid patch of the (whitened) training images.
 
     Whitening both sides with the same derivative filters keeps the exact solution and
@@ -265,8 +346,9 @@ def closed_form(images: np.ndarray, targets: np.ndarray, rows: np.ndarray,
     out_h, out_w = size - kh + 1, size - kw + 1
     n = fft.next_fast_len(size + max(kh, kw) - 1, real=True)
     # pixel q lies in this many of the kernel's patch offsets' windows, / their count
-    weight = np.outer(np.convolve(np.ones(out_h), np.ones(kh)) / kh,
-                      np.convolve(np.ones(out_w), np.ones(kw)) / kw).astype(np.float32)
+    weight = np.outer(
+        np.convolve(np.ones(out_h), np.ones(kh)) / kh, np.convolve(np.ones(out_w), np.ones(kw)) / kw
+    ).astype(np.float32)
     start = time.perf_counter()
     auto = np.zeros((n, n))
     cross = np.zeros((kh, kw))
@@ -274,11 +356,13 @@ def closed_form(images: np.ndarray, targets: np.ndarray, rows: np.ndarray,
         x, y = block
         spectrum = fft.rfft2(x, s=(n, n), workers=-1)
         weighted = fft.rfft2(weight * x, s=(n, n), workers=-1)
-        auto += fft.irfft2(np.sum(np.conj(weighted) * spectrum, axis=0).astype(np.complex128),
-                           s=(n, n), workers=-1)
+        auto += fft.irfft2(
+            np.sum(np.conj(weighted) * spectrum, axis=0).astype(np.complex128), s=(n, n), workers=-1
+        )
         target = fft.rfft2(y, s=(n, n), workers=-1)
-        cross += fft.irfft2(np.sum(np.conj(target) * spectrum, axis=0).astype(np.complex128),
-                            s=(n, n), workers=-1)[:kh, :kw]
+        cross += fft.irfft2(
+            np.sum(np.conj(target) * spectrum, axis=0).astype(np.complex128), s=(n, n), workers=-1
+        )[:kh, :kw]
     taps = np.arange(kh * kw)
     ty, tx = taps // kw, taps % kw
     normal = auto[(ty[None, :] - ty[:, None]) % n, (tx[None, :] - tx[:, None]) % n]
@@ -293,23 +377,39 @@ def closed_form(images: np.ndarray, targets: np.ndarray, rows: np.ndarray,
             spectrum = fft.rfft2(x, workers=-1)
             prediction = fft.irfft2(spectrum * k_spectrum, s=(size, size), workers=-1)
             error = fft.rfft2(y - prediction[:, :out_h, :out_w], s=(size, size), workers=-1)
-            residual += fft.irfft2(np.sum(np.conj(error) * spectrum, axis=0)
-                                   .astype(np.complex128), s=(size, size), workers=-1)[:kh, :kw]
+            residual += fft.irfft2(
+                np.sum(np.conj(error) * spectrum, axis=0).astype(np.complex128),
+                s=(size, size),
+                workers=-1,
+            )[:kh, :kw]
         kernel = kernel + scipy.linalg.cho_solve(factor, residual.ravel()).reshape(kh, kw)
         passes.append(_pass(number, start, kernel, true_kernel))
-    log.info("closed form %d×%d: %s", kh, kw,
-             ", ".join(f"{p['relative_error']:.1e} at {p['seconds']:.1f} s" for p in passes))
-    return {"passes": passes, "system": kh * kw, "final_error": passes[-1]["relative_error"],
-            "total_s": passes[-1]["seconds"]}
+    log.info(
+        "closed form %d×%d: %s",
+        kh,
+        kw,
+        ", ".join(f"{p['relative_error']:.1e} at {p['seconds']:.1f} s" for p in passes),
+    )
+    return {
+        "passes": passes,
+        "system": kh * kw,
+        "final_error": passes[-1]["relative_error"],
+        "total_s": passes[-1]["seconds"],
+    }
 
 
 def _blocks(images, targets, rows) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     for start in range(0, len(rows), CHUNK):
-        block = rows[start:start + CHUNK]
-        yield (_whiten(np.asarray(images[block], np.float32)),
-               _whiten(np.asarray(targets[block], np.float32)))
+        block = rows[start : start + CHUNK]
+        yield (
+            _whiten(np.asarray(images[block], np.float32)),
+            _whiten(np.asarray(targets[block], np.float32)),
+        )
 
 
 def _pass(number: int, start: float, kernel: np.ndarray, true_kernel: np.ndarray) -> dict:
-    return {"pass": number, "seconds": round(time.perf_counter() - start, 3),
-            "relative_error": training.kernel_errors(kernel, true_kernel)[1]}
+    return {
+        "pass": number,
+        "seconds": round(time.perf_counter() - start, 3),
+        "relative_error": training.kernel_errors(kernel, true_kernel)[1],
+    }

@@ -1,4 +1,5 @@
 """The targets, checked against one run's results, and BENCHMARKS.md rendered from them."""
+
 from __future__ import annotations
 
 import math
@@ -10,21 +11,23 @@ FULL_IMAGES, FULL_SIZE = 2688, 256
 TRAIN_LIMIT_S = {"smiley": 60.0, "sobel_x": 20.0, "sobel_y": 20.0}
 SPEEDUP_KERNELS, SPEEDUP_AT, SPEEDUP_MIN = ("smiley", "sobel_x"), 1e-3, 100.0
 RSS_LIMIT_MB = 2048.0
-FLAT_MAX = 1.2        # "flat": peak RSS at the largest scale within 20% of that at 1024 images
+FLAT_MAX = 1.2  # "flat": peak RSS at the largest scale within 20% of that at 1024 images
 FILTER_32_LIMIT_S, NOOP_LIMIT_S, REPRO_LIMIT_S, TOTAL_LIMIT_S = 20.0, 3.0, 180.0, 1200.0
 PASS, FAIL, NOT_APPLICABLE = "✅", "❌", "–"
-PROJECTED = "⚠️"      # met only by projection: the measured lower bound alone falls short
+PROJECTED = "⚠️"  # met only by projection: the measured lower bound alone falls short
 
 
 # --- formatting --------------------------------------------------------------------
+
 
 def seconds(value) -> str:
     return "—" if value is None else f"{value:.1f} s" if value >= 1 else f"{value:.2f} s"
 
 
 def sci(value) -> str:
-    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) \
-        else f"{value:.1e}"
+    return (
+        "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.1e}"
+    )
 
 
 def mb(value) -> str:
@@ -44,6 +47,7 @@ def stage_label(name: str) -> str:
 
 # --- the speed-ups -------------------------------------------------------------------
 
+
 def speedups(results: dict) -> list[dict]:
     """Ours against the original to each threshold: measured where the original got there
     within its budget, else a lower bound (its budget / ours) and, for big kernels, the
@@ -61,16 +65,29 @@ def speedups(results: dict) -> list[dict]:
             mine_s = mine["settled_s"]
             theirs = measured["reached"][i]["first_s"]
             projected = projection["reached"][i]["projected_s"] if projection else None
-            row = {"kernel": kernel, "threshold": threshold, "ours_first_s": mine["first_s"],
-                   "ours_settled_s": mine_s, "projected_s": projected,
-                   "projected_ratio": _ratio(projected, mine_s)}
+            row = {
+                "kernel": kernel,
+                "threshold": threshold,
+                "ours_first_s": mine["first_s"],
+                "ours_settled_s": mine_s,
+                "projected_s": projected,
+                "projected_ratio": _ratio(projected, mine_s),
+            }
             if theirs is not None:
-                row.update(kind="measured", original_s=theirs, ratio=_ratio(theirs, mine_s),
-                           ratio_first=_ratio(theirs, mine["first_s"]))
+                row.update(
+                    kind="measured",
+                    original_s=theirs,
+                    ratio=_ratio(theirs, mine_s),
+                    ratio_first=_ratio(theirs, mine["first_s"]),
+                )
             else:
                 cap = measured["total_s"]
-                row.update(kind="lower bound", original_s=cap, ratio=_ratio(cap, mine_s),
-                           ratio_first=_ratio(cap, mine["first_s"]))
+                row.update(
+                    kind="lower bound",
+                    original_s=cap,
+                    ratio=_ratio(cap, mine_s),
+                    ratio_first=_ratio(cap, mine["first_s"]),
+                )
             rows.append(row)
     return rows
 
@@ -86,6 +103,7 @@ def _ratio(a, b):
 
 # --- the targets ---------------------------------------------------------------------
 
+
 def targets(results: dict) -> list[dict]:
     """Every target with its measured figure and a status: ✅ met, ❌ missed, ⚠️ met only
     by projection, – not applicable to this run's size (a smoke run) or not measured."""
@@ -100,20 +118,29 @@ def targets(results: dict) -> list[dict]:
             status = ok
         else:
             status = PASS if ok else FAIL
-        out.append({"target": target, "measured": measured, "shown": shown, "status": status,
-                    "note": note})
+        out.append(
+            {"target": target, "measured": measured, "shown": shown, "status": status, "note": note}
+        )
 
     ours = sections.get("ours", {})
     for kernel, run in ours.items():
         if kernel == "skipped":
             continue
-        add(f"ours, {kernel}: final kernel error ≤ 1e-4", run["final_error"],
-            sci(run["final_error"]), run["final_error"] <= 1e-4)
+        add(
+            f"ours, {kernel}: final kernel error ≤ 1e-4",
+            run["final_error"],
+            sci(run["final_error"]),
+            run["final_error"] <= 1e-4,
+        )
         if kernel in TRAIN_LIMIT_S:
             limit = TRAIN_LIMIT_S[kernel]
-            add(f"ours, {kernel}: default training ≤ {limit:.0f} s", run["total_s"],
+            add(
+                f"ours, {kernel}: default training ≤ {limit:.0f} s",
+                run["total_s"],
                 f"{seconds(run['total_s'])} (stays ≤ 1e-4 from "
-                f"{seconds(run['reached'][2]['settled_s'])})", run["total_s"] <= limit)
+                f"{seconds(run['reached'][2]['settled_s'])})",
+                run["total_s"] <= limit,
+            )
     for row in speedups(results):
         if row["kernel"] not in SPEEDUP_KERNELS or row["threshold"] != SPEEDUP_AT:
             continue
@@ -123,43 +150,71 @@ def targets(results: dict) -> list[dict]:
         if not ok and kind == "lower bound" and (row["projected_ratio"] or 0) >= SPEEDUP_MIN:
             ok = PROJECTED
             shown += f"; projected {row['projected_ratio']}×"
-        add(f"speed-up vs the original to 1e-3, {row['kernel']} ≥ {SPEEDUP_MIN:.0f}×", ratio,
-            shown, ok)
+        add(
+            f"speed-up vs the original to 1e-3, {row['kernel']} ≥ {SPEEDUP_MIN:.0f}×",
+            ratio,
+            shown,
+            ok,
+        )
 
     stages = sections.get("stages", {})
     scales = stages.get("scales", {})
     if scales:
         largest = scales[str(max(int(n) for n in scales))]
         smiley = largest.get("filter:smiley")
-        add(f"filter stage, 32×32, {settings['images']} images ≤ {FILTER_32_LIMIT_S:.0f} s",
-            smiley and smiley["seconds"], seconds(smiley and smiley["seconds"]),
-            smiley is not None and smiley["seconds"] <= FILTER_32_LIMIT_S)
+        add(
+            f"filter stage, 32×32, {settings['images']} images ≤ {FILTER_32_LIMIT_S:.0f} s",
+            smiley and smiley["seconds"],
+            seconds(smiley and smiley["seconds"]),
+            smiley is not None and smiley["seconds"] <= FILTER_32_LIMIT_S,
+        )
         middle = scales.get("1024")
         for name, m in largest.items():
-            add(f"{stage_label(name)}: peak RSS ≤ 2 GB", m["peak_rss_mb"],
+            add(
+                f"{stage_label(name)}: peak RSS ≤ 2 GB",
+                m["peak_rss_mb"],
                 f"{mb(m['peak_rss_mb'])} (anon {mb(m['peak_anon_mb'])})",
-                m["peak_rss_mb"] <= RSS_LIMIT_MB)
+                m["peak_rss_mb"] <= RSS_LIMIT_MB,
+            )
             if middle and name in middle:
                 growth = m["peak_rss_mb"] / middle[name]["peak_rss_mb"]
                 anon = m["peak_anon_mb"] / max(middle[name]["peak_anon_mb"], 1e-9)
-                add(f"{stage_label(name)}: peak RSS flat 1024 → {settings['images']} images "
-                    f"(≤ {FLAT_MAX}×)", round(growth, 2), f"{growth:.2f}× (anon {anon:.2f}×)",
-                    growth <= FLAT_MAX)
+                add(
+                    f"{stage_label(name)}: peak RSS flat 1024 → {settings['images']} images "
+                    f"(≤ {FLAT_MAX}×)",
+                    round(growth, 2),
+                    f"{growth:.2f}× (anon {anon:.2f}×)",
+                    growth <= FLAT_MAX,
+                )
     dvc = sections.get("dvc", {})
     if "noop_repro" in dvc:
         noop = dvc["noop_repro"]["median_s"]
-        add(f"no-op dvc repro ≤ {NOOP_LIMIT_S:.0f} s", noop, seconds(noop), noop <= NOOP_LIMIT_S,
-            sized=False)
+        add(
+            f"no-op dvc repro ≤ {NOOP_LIMIT_S:.0f} s",
+            noop,
+            seconds(noop),
+            noop <= NOOP_LIMIT_S,
+            sized=False,
+        )
         full_repro = dvc["full_repro"]["seconds"]
-        add(f"full default dvc repro ≤ {REPRO_LIMIT_S / 60:.0f} min", full_repro,
-            seconds(full_repro), full_repro <= REPRO_LIMIT_S)
+        add(
+            f"full default dvc repro ≤ {REPRO_LIMIT_S / 60:.0f} min",
+            full_repro,
+            seconds(full_repro),
+            full_repro <= REPRO_LIMIT_S,
+        )
     total = results.get("total_s")
-    add(f"make bench ≤ {TOTAL_LIMIT_S / 60:.0f} min", total, seconds(total),
-        total is not None and total <= TOTAL_LIMIT_S)
+    add(
+        f"make bench ≤ {TOTAL_LIMIT_S / 60:.0f} min",
+        total,
+        seconds(total),
+        total is not None and total <= TOTAL_LIMIT_S,
+    )
     return out
 
 
 # --- the markdown --------------------------------------------------------------------
+
 
 def markdown(results: dict) -> str:
     sections = results["sections"]
@@ -177,29 +232,40 @@ def markdown(results: dict) -> str:
         "",
         _code(results.get("code")),
         "",
-        *(["**The code changed while this ran**: its sections may mix two versions.", ""]
-          if results.get("code_changed_during_run") else []),
+        *(
+            ["**The code changed while this ran**: its sections may mix two versions.", ""]
+            if results.get("code_changed_during_run")
+            else []
+        ),
         f"Data: {_data(settings)}, made by the real download stage. "
         "The machine is shared and noisy: the load average is given, single timings can be "
         "off by tens of percent, and ratios are taken within this run.",
         "",
         "## Machine",
         "",
-        table([["CPUs", f"{machine['cpus']} ({machine['usable_cpus']} usable)"],
-               ["CPU model", machine["cpu_model"]],
-               ["memory", f"{machine['memory_gb']} GB"],
-               ["Python", machine["python"]],
-               ["TensorFlow / Keras", f"{v['tensorflow-cpu']} / {v['keras']}"],
-               ["DVC / MLflow", f"{v['dvc']} / {v['mlflow']}"],
-               ["NumPy / SciPy", f"{v['numpy']} / {v['scipy']}"],
-               ["load average, start → end",
-                f"{machine['load_average_start']} → {machine.get('load_average_end')}"]],
-              ["", ""]),
+        table(
+            [
+                ["CPUs", f"{machine['cpus']} ({machine['usable_cpus']} usable)"],
+                ["CPU model", machine["cpu_model"]],
+                ["memory", f"{machine['memory_gb']} GB"],
+                ["Python", machine["python"]],
+                ["TensorFlow / Keras", f"{v['tensorflow-cpu']} / {v['keras']}"],
+                ["DVC / MLflow", f"{v['dvc']} / {v['mlflow']}"],
+                ["NumPy / SciPy", f"{v['numpy']} / {v['scipy']}"],
+                [
+                    "load average, start → end",
+                    f"{machine['load_average_start']} → {machine.get('load_average_end')}",
+                ],
+            ],
+            ["", ""],
+        ),
         "",
         "## Targets",
         "",
-        table([[t["target"], t["shown"], t["status"]] for t in results["targets"]],
-              ["target", "measured", ""]),
+        table(
+            [[t["target"], t["shown"], t["status"]] for t in results["targets"]],
+            ["target", "measured", ""],
+        ),
         "",
         f"{PASS} met, {FAIL} missed, {PROJECTED} met only by the projection (the measured "
         f"lower bound falls short), {NOT_APPLICABLE} not applicable to this run's size.",
@@ -211,9 +277,15 @@ def markdown(results: dict) -> str:
     parts += _stages(sections.get("stages", {}), sections.get("dvc", {}))
     parts += _scaling(sections.get("stages", {}), sections.get("steps", {}))
     parts += _disk(sections.get("dvc", {}))
-    parts += ["## Section times", "",
-              table([[name, seconds(s)] for name, s in results["section_seconds"].items()],
-                    ["section", "wall"]), ""]
+    parts += [
+        "## Section times",
+        "",
+        table(
+            [[name, seconds(s)] for name, s in results["section_seconds"].items()],
+            ["section", "wall"],
+        ),
+        "",
+    ]
     return "\n".join(parts)
 
 
@@ -221,9 +293,16 @@ def _code(code: dict | None) -> str:
     if not code:
         return "Code: not recorded."
     edited = code["uncommitted"]
-    return (f"Code: commit {code['commit']}" + (f", with uncommitted edits to "
-            f"{', '.join(edited)} (diff sha1 {code['uncommitted_diff_sha1']})" if edited
-            else ", no uncommitted edits to src/ or stages/") + ".")
+    return (
+        f"Code: commit {code['commit']}"
+        + (
+            f", with uncommitted edits to "
+            f"{', '.join(edited)} (diff sha1 {code['uncommitted_diff_sha1']})"
+            if edited
+            else ", no uncommitted edits to src/ or stages/"
+        )
+        + "."
+    )
 
 
 def _data(settings: dict) -> str:
@@ -255,31 +334,61 @@ def _ours(ours: dict) -> list[str]:
             return text
 
         per_epoch = run["per_epoch_reached"][2]["seconds"]
-        rows.append([kernel, "×".join(map(str, run["kernel_shape"])), run["steps"],
-                     seconds(run["setup_s"]), *[when(r) for r in reached], seconds(per_epoch),
-                     sci(run["final_error"]), seconds(run["total_s"])])
+        rows.append(
+            [
+                kernel,
+                "×".join(map(str, run["kernel_shape"])),
+                run["steps"],
+                seconds(run["setup_s"]),
+                *[when(r) for r in reached],
+                seconds(per_epoch),
+                sci(run["final_error"]),
+                seconds(run["total_s"]),
+            ]
+        )
         if (run.get("after_fit_s") or 0) > 1:
-            notes.append(f"- **{kernel}**: `train()` returned {seconds(run['after_fit_s'])} "
-                         "after `fit()` ended; that time is in its total.")
+            notes.append(
+                f"- **{kernel}**: `train()` returned {seconds(run['after_fit_s'])} "
+                "after `fit()` ended; that time is in its total."
+            )
         rise = run.get("max_error_after_1e-2")
         if rise is not None and rise > THRESHOLDS[0]:
-            notes.append(f"- **{kernel}**: after first reaching 1e-2 at "
-                         f"{seconds(reached[0]['first_s'])} the error rose again to "
-                         f"{sci(rise)} (largest |bias| {sci(run['max_abs_bias'])}), and only "
-                         f"stayed ≤ 1e-4 from {seconds(reached[2]['settled_s'])}.")
+            notes.append(
+                f"- **{kernel}**: after first reaching 1e-2 at "
+                f"{seconds(reached[0]['first_s'])} the error rose again to "
+                f"{sci(rise)} (largest |bias| {sci(run['max_abs_bias'])}), and only "
+                f"stayed ≤ 1e-4 from {seconds(reached[2]['settled_s'])}."
+            )
     cfg = next(iter(ours.values()))["config"]
     return [
-        f"## {title}", "",
+        f"## {title}",
+        "",
         "On the largest scale's grayscale images and stage-made targets, read as the train "
         "stage reads them, in a process that has trained once already (as the original "
         f"below). Config: {', '.join(f'{k}={v}' for k, v in cfg.items())}. Times are wall seconds "
         "from the call of `train()`, so they include the curvature probe, tf.data start-up "
         "and graph tracing. The error ‖w−k‖²/‖k‖² is read between batches (at most every "
         "10 ms, i.e. every batch here); *stays from* is when it fell to the threshold for "
-        "good. *per-epoch* is what the epoch callback alone would show.", "",
-        table(rows, ["kernel", "size", "steps", "first step done", "to 1e-2", "to 1e-3",
-                     "to 1e-4", "to 1e-4 per-epoch", "final error", "total"]),
-        "", *notes, "",
+        "good. *per-epoch* is what the epoch callback alone would show.",
+        "",
+        table(
+            rows,
+            [
+                "kernel",
+                "size",
+                "steps",
+                "first step done",
+                "to 1e-2",
+                "to 1e-3",
+                "to 1e-4",
+                "to 1e-4 per-epoch",
+                "final error",
+                "total",
+            ],
+        ),
+        "",
+        *notes,
+        "",
     ]
 
 
@@ -291,19 +400,38 @@ def _original(results: dict) -> list[str]:
     rows = []
     for kernel, entry in original.items():
         m = entry["measured"]
-        rows.append([kernel, seconds(m["budget_s"]), m["stopped_by"], m["images_seen"],
-                     m["epochs_seen"], f"{1000 * m['step_s']:.1f} ms" if m["step_s"] else "—",
-                     sci(m["final_error"]), *[seconds(r["first_s"]) if r["first_s"] is not None
-                                              else "not in budget" for r in m["reached"]]])
+        rows.append(
+            [
+                kernel,
+                seconds(m["budget_s"]),
+                m["stopped_by"],
+                m["images_seen"],
+                m["epochs_seen"],
+                f"{1000 * m['step_s']:.1f} ms" if m["step_s"] else "—",
+                sci(m["final_error"]),
+                *[
+                    seconds(r["first_s"]) if r["first_s"] is not None else "not in budget"
+                    for r in m["reached"]
+                ],
+            ]
+        )
     speed = []
     for row in speedups(results):
         label = {"measured": "measured", "lower bound": "≥ (lower bound: budget / ours)"}
-        speed.append([row["kernel"], sci(row["threshold"]), seconds(row["ours_first_s"]),
-                      seconds(row["ours_settled_s"]), seconds(row["original_s"]),
-                      f"{row['ratio']}×" if row["ratio"] is not None else "—",
-                      label[row["kind"]],
-                      f"{seconds(row['projected_s'])} → {row['projected_ratio']}×"
-                      if row["projected_s"] is not None else "—"])
+        speed.append(
+            [
+                row["kernel"],
+                sci(row["threshold"]),
+                seconds(row["ours_first_s"]),
+                seconds(row["ours_settled_s"]),
+                seconds(row["original_s"]),
+                f"{row['ratio']}×" if row["ratio"] is not None else "—",
+                label[row["kind"]],
+                f"{seconds(row['projected_s'])} → {row['projected_ratio']}×"
+                if row["projected_s"] is not None
+                else "—",
+            ]
+        )
     notes = []
     for kernel, entry in original.items():
         p = entry.get("projection")
@@ -316,20 +444,51 @@ def _original(results: dict) -> list[str]:
                 f"original time = its start-up {seconds(p['original_setup_s'])} + steps × its "
                 f"measured {1000 * (p['original_step_s'] or 0):.0f} ms/step. On the "
                 f"{p['steps_compared']} steps both made, the two error curves differ by at "
-                f"most {sci(p['max_log10_drift'])} in log10.")
+                f"most {sci(p['max_log10_drift'])} in log10."
+            )
     return [
-        f"## {title}", "",
+        f"## {title}",
+        "",
         "Keras `Conv2D(1, kernel, padding='same')` with bias, Adam(1e-3), batch size 1, MSE, "
         "on whole images and 'same' targets from `src.filtering.correlate` (made beforehand, "
         "not timed), the training images in a new seeded order each epoch. It stops at its "
-        "budget or at 1e-4.", "",
-        table(rows, ["kernel", "budget", "stopped by", "images seen", "epochs", "step",
-                     "error at stop", "to 1e-2", "to 1e-3", "to 1e-4"]),
-        "", "Speed-up of ours, to the same error (ratio = original / ours-stays-from; "
-        "where ours first touches the error earlier the ratio would be larger):", "",
-        table(speed, ["kernel", "error", "ours first", "ours stays", "original", "ratio",
-                      "kind", "projected original → ratio"]),
-        "", *notes, "",
+        "budget or at 1e-4.",
+        "",
+        table(
+            rows,
+            [
+                "kernel",
+                "budget",
+                "stopped by",
+                "images seen",
+                "epochs",
+                "step",
+                "error at stop",
+                "to 1e-2",
+                "to 1e-3",
+                "to 1e-4",
+            ],
+        ),
+        "",
+        "Speed-up of ours, to the same error (ratio = original / ours-stays-from; "
+        "where ours first touches the error earlier the ratio would be larger):",
+        "",
+        table(
+            speed,
+            [
+                "kernel",
+                "error",
+                "ours first",
+                "ours stays",
+                "original",
+                "ratio",
+                "kind",
+                "projected original → ratio",
+            ],
+        ),
+        "",
+        *notes,
+        "",
     ]
 
 
@@ -341,24 +500,39 @@ def _closed_form(closed: dict, ours: dict) -> list[str]:
     for kernel, run in closed.items():
         mine = ours.get(kernel, {}) if not ours.get("skipped") else {}
         for p in run["passes"]:
-            rows.append([kernel, f"{run['system']}×{run['system']}",
-                         "Toeplitz solve" if p["pass"] == 0 else f"+ refinement {p['pass']}",
-                         seconds(p["seconds"]), sci(p["relative_error"])])
+            rows.append(
+                [
+                    kernel,
+                    f"{run['system']}×{run['system']}",
+                    "Toeplitz solve" if p["pass"] == 0 else f"+ refinement {p['pass']}",
+                    seconds(p["seconds"]),
+                    sci(p["relative_error"]),
+                ]
+            )
         if mine:
             settled = mine["reached"][2]["settled_s"]
-            rows.append([kernel, "", "ours: stays ≤ 1e-4 from / total",
-                         f"{seconds(settled)} / {seconds(mine['total_s'])}",
-                         f"{_times(settled, run['total_s'])} / "
-                         f"{_times(mine['total_s'], run['total_s'])} the closed form's time"])
+            rows.append(
+                [
+                    kernel,
+                    "",
+                    "ours: stays ≤ 1e-4 from / total",
+                    f"{seconds(settled)} / {seconds(mine['total_s'])}",
+                    f"{_times(settled, run['total_s'])} / "
+                    f"{_times(mine['total_s'], run['total_s'])} the closed form's time",
+                ]
+            )
     return [
-        f"## {title}", "",
+        f"## {title}",
+        "",
         "Normal equations over every valid patch of the training images, input and target "
         "whitened with the same derivative filters as ours (the exact solution is unchanged, "
         "XᵀX becomes well conditioned). Xᵀy is exact (an FFT cross-correlation per image); "
         "XᵀX is the Toeplitz matrix of the images' patch-count-weighted FFT autocorrelation, "
         "which misses only which patches touch the border; each refinement pass solves it "
-        "again for the exact residual Xᵀ(y − Xw), also by FFT. float32 FFTs, float64 sums.", "",
-        table(rows, ["kernel", "system", "step", "time", "relative error"]), "",
+        "again for the exact residual Xᵀ(y − Xw), also by FFT. float32 FFTs, float64 sums.",
+        "",
+        table(rows, ["kernel", "system", "step", "time", "relative error"]),
+        "",
     ]
 
 
@@ -375,11 +549,22 @@ def _stages(stages: dict, dvc: dict) -> list[str]:
             "**RSS** also counts the resident pages of any memory-mapped file (a stage that "
             "maps its .npy inputs looks that much bigger, and grows with the data), which "
             "the kernel reclaims at will. **anon** (RssAnon) is the private heap; **USS** "
-            "(psutil, sampled every 200 ms) is private pages, mapped file pages included.", "",
-            table([[stage_label(n), seconds(m["seconds"]), mb(m["peak_rss_mb"]),
-                    mb(m["peak_anon_mb"]), mb(m["peak_uss_mb"])]
-                   for n, m in scales[largest].items()],
-                  ["stage", "wall", "peak RSS", "peak anon", "peak USS"]), "",
+            "(psutil, sampled every 200 ms) is private pages, mapped file pages included.",
+            "",
+            table(
+                [
+                    [
+                        stage_label(n),
+                        seconds(m["seconds"]),
+                        mb(m["peak_rss_mb"]),
+                        mb(m["peak_anon_mb"]),
+                        mb(m["peak_uss_mb"]),
+                    ]
+                    for n, m in scales[largest].items()
+                ],
+                ["stage", "wall", "peak RSS", "peak anon", "peak USS"],
+            ),
+            "",
         ]
     elif stages.get("skipped"):
         out += ["Stage runs skipped in this run.", ""]
@@ -388,23 +573,51 @@ def _stages(stages: dict, dvc: dict) -> list[str]:
         out += [
             f"DVC on the default params (data.count={d.get('count')}, data.limit="
             f"{d.get('limit')}, data.size={d.get('size')}, source {d.get('source')}), in a "
-            "fresh copy with MLFLOW_TRACKING_URI a SQLite file inside it:", "",
-            table([["`dvc repro` from scratch", seconds(dvc["full_repro"]["seconds"]),
-                    mb(dvc["full_repro"]["peak_rss_mb"])],
-                   [f"`dvc repro`, no-op (median of {len(dvc['noop_repro']['runs_s'])}: "
-                    f"{', '.join(seconds(s) for s in dvc['noop_repro']['runs_s'])})",
-                    seconds(dvc["noop_repro"]["median_s"]), ""],
-                   ["`dvc exp run -S kernel=smiley`", seconds(dvc["exp_run_smiley"]["seconds"]),
-                    mb(dvc["exp_run_smiley"]["peak_rss_mb"])],
-                   ["`dvc checkout --relink` to hardlinks", seconds(
-                       dvc["relink_hardlink"]["seconds"]), ""],
-                   ["`dvc repro`, no-op, hardlinked", seconds(
-                       dvc["noop_repro_hardlink"]["seconds"]), ""],
-                   *([["`dvc exp run -S kernel=sobel_y`, hardlinked",
-                       seconds(dvc["exp_run_hardlink"]["seconds"]),
-                       mb(dvc["exp_run_hardlink"]["peak_rss_mb"])]]
-                     if "exp_run_hardlink" in dvc else [])],
-                  ["command", "wall", "peak RSS (tree)"]), "",
+            "fresh copy with MLFLOW_TRACKING_URI a SQLite file inside it:",
+            "",
+            table(
+                [
+                    [
+                        "`dvc repro` from scratch",
+                        seconds(dvc["full_repro"]["seconds"]),
+                        mb(dvc["full_repro"]["peak_rss_mb"]),
+                    ],
+                    [
+                        f"`dvc repro`, no-op (median of {len(dvc['noop_repro']['runs_s'])}: "
+                        f"{', '.join(seconds(s) for s in dvc['noop_repro']['runs_s'])})",
+                        seconds(dvc["noop_repro"]["median_s"]),
+                        "",
+                    ],
+                    [
+                        "`dvc exp run -S kernel=smiley`",
+                        seconds(dvc["exp_run_smiley"]["seconds"]),
+                        mb(dvc["exp_run_smiley"]["peak_rss_mb"]),
+                    ],
+                    [
+                        "`dvc checkout --relink` to hardlinks",
+                        seconds(dvc["relink_hardlink"]["seconds"]),
+                        "",
+                    ],
+                    [
+                        "`dvc repro`, no-op, hardlinked",
+                        seconds(dvc["noop_repro_hardlink"]["seconds"]),
+                        "",
+                    ],
+                    *(
+                        [
+                            [
+                                "`dvc exp run -S kernel=sobel_y`, hardlinked",
+                                seconds(dvc["exp_run_hardlink"]["seconds"]),
+                                mb(dvc["exp_run_hardlink"]["peak_rss_mb"]),
+                            ]
+                        ]
+                        if "exp_run_hardlink" in dvc
+                        else []
+                    ),
+                ],
+                ["command", "wall", "peak RSS (tree)"],
+            ),
+            "",
         ]
     elif dvc.get("skipped"):
         out += ["DVC runs skipped in this run.", ""]
@@ -422,25 +635,55 @@ def _scaling(stages: dict, steps: dict) -> list[str]:
             cells = []
             for n in counts:
                 m = scales[n].get(name)
-                cells.append("—" if m is None else
-                             f"{seconds(m['seconds'])} · {mb(m['peak_rss_mb'])} · "
-                             f"{mb(m['peak_anon_mb'])}")
+                cells.append(
+                    "—"
+                    if m is None
+                    else f"{seconds(m['seconds'])} · {mb(m['peak_rss_mb'])} · "
+                    f"{mb(m['peak_anon_mb'])}"
+                )
             rows.append([stage_label(name), *cells])
-        out += ["Wall time · peak RSS · peak anon, per stage and image count:", "",
-                table(rows, ["stage", *[f"{n} images" for n in counts]]), ""]
+        out += [
+            "Wall time · peak RSS · peak anon, per stage and image count:",
+            "",
+            table(rows, ["stage", *[f"{n} images" for n in counts]]),
+            "",
+        ]
     if steps and not steps.get("skipped"):
-        rows = [[f"{r['kernel']}×{r['kernel']}", r["taps"], f"{r['direct_ms']:.1f} ms",
-                 f"{r['fft_ms']:.1f} ms", f"{r['fft_speedup']:.2f}×", r["faster"], r["auto"],
-                 PASS if r["auto"] == r["faster"] else FAIL,
-                 f"{seconds(r.get('direct_first_s'))} / {seconds(r.get('fft_first_s'))}"]
-                for r in steps["rows"]]
+        rows = [
+            [
+                f"{r['kernel']}×{r['kernel']}",
+                r["taps"],
+                f"{r['direct_ms']:.1f} ms",
+                f"{r['fft_ms']:.1f} ms",
+                f"{r['fft_speedup']:.2f}×",
+                r["faster"],
+                r["auto"],
+                PASS if r["auto"] == r["faster"] else FAIL,
+                f"{seconds(r.get('direct_first_s'))} / {seconds(r.get('fft_first_s'))}",
+            ]
+            for r in steps["rows"]
+        ]
         out += [
             f"One train step (`model.train_on_batch`, SGD as in training) on {steps['batch_size']}"
             f" whitened random {steps['crop']}×{steps['crop']} crops, median of "
             f"{steps['repeats']} after 2 warm-up steps; `auto` is direct up to "
-            f"src.layers.DIRECT_MAX_TAPS = {steps['direct_max_taps']} taps:", "",
-            table(rows, ["kernel", "taps", "direct", "FFT", "FFT speed-up", "faster", "auto",
-                         "auto picks the faster", "first step, direct / FFT"]), "",
+            f"src.layers.DIRECT_MAX_TAPS = {steps['direct_max_taps']} taps:",
+            "",
+            table(
+                rows,
+                [
+                    "kernel",
+                    "taps",
+                    "direct",
+                    "FFT",
+                    "FFT speed-up",
+                    "faster",
+                    "auto",
+                    "auto picks the faster",
+                    "first step, direct / FFT",
+                ],
+            ),
+            "",
         ]
     return out
 
@@ -455,10 +698,12 @@ def _disk(dvc: dict) -> list[str]:
     out = ["## 6. Disk", ""]
     if not dvc or dvc.get("skipped"):
         return out + ["Skipped in this run.", ""]
-    phases = [("after one `dvc repro`", "disk_after_run"),
-              ("after `dvc exp run -S kernel=smiley`", "disk_after_second_kernel"),
-              ("same, relinked with cache.type hardlink,symlink", "disk_hardlink"),
-              ("then `dvc exp run -S kernel=sobel_y`, hardlinked", "disk_hardlink_third_kernel")]
+    phases = [
+        ("after one `dvc repro`", "disk_after_run"),
+        ("after `dvc exp run -S kernel=smiley`", "disk_after_second_kernel"),
+        ("same, relinked with cache.type hardlink,symlink", "disk_hardlink"),
+        ("then `dvc exp run -S kernel=sobel_y`, hardlinked", "disk_hardlink_third_kernel"),
+    ]
     phases = [(label, key) for label, key in phases if key in dvc]
     parts = ["workspace_outputs", "dvc_cache", "outputs_and_cache", "mlflow", "git", "total"]
     rows = [[label, *[mb(dvc[key][p]["on_disk_mb"]) for p in parts]] for label, key in phases]
@@ -466,7 +711,8 @@ def _disk(dvc: dict) -> list[str]:
         f"MB on disk (allocated blocks; a hard-linked file counts once). Outputs are data/, "
         f"model/, figures/, metrics/. Default cache.type: {dvc['cache_type_default']}; the "
         f"filesystem is {dvc.get('filesystem', 'unknown')}"
-        f"{_reflink_note(dvc.get('filesystem', ''))}.", "",
+        f"{_reflink_note(dvc.get('filesystem', ''))}.",
+        "",
         table(rows, ["", "outputs", "DVC cache", "outputs + cache", "MLflow", "git", "total"]),
         "",
     ]

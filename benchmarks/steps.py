@@ -4,6 +4,7 @@ The step is the one src.training.train runs: the model of build_model in 'valid'
 geometry, the default optimizer, a batch of whitened random crops of real
 grayscale images. This is what src.layers.DIRECT_MAX_TAPS ('auto') should follow.
 """
+
 from __future__ import annotations
 
 import logging
@@ -21,28 +22,35 @@ log = logging.getLogger("bench.steps")
 WARMUP = 2  # steps before timing: the first traces the graph
 
 
-def batch(images: np.ndarray, kernel_shape: tuple[int, int], crop: int, count: int,
-          whiten: str, rng: np.random.Generator) -> tuple[tf.Tensor, tf.Tensor]:
+def batch(
+    images: np.ndarray,
+    kernel_shape: tuple[int, int],
+    crop: int,
+    count: int,
+    whiten: str,
+    rng: np.random.Generator,
+) -> tuple[tf.Tensor, tf.Tensor]:
     """`count` random crops and their targets under a random kernel, whitened."""
     size = images.shape[1]
     picks = rng.choice(len(images), size=count, replace=len(images) < count)
     offsets = rng.integers(0, size - crop + 1, size=(count, 2))
-    x = np.stack([images[i, y:y + crop, x:x + crop] for i, (y, x) in zip(picks, offsets)])
+    x = np.stack([images[i, y : y + crop, x : x + crop] for i, (y, x) in zip(picks, offsets)])
     target = filtering.correlate(x, rng.standard_normal(kernel_shape), "valid")
-    return training.whiten_pair(tf.constant(x[..., None], tf.float32),
-                                tf.constant(target[..., None], tf.float32), whiten)
+    return training.whiten_pair(
+        tf.constant(x[..., None], tf.float32), tf.constant(target[..., None], tf.float32), whiten
+    )
 
 
-def step_times(images: np.ndarray, sizes: list[int], cfg: TrainConfig, crop: int,
-               repeats: int, seed: int = 0) -> list[dict]:
+def step_times(
+    images: np.ndarray, sizes: list[int], cfg: TrainConfig, crop: int, repeats: int, seed: int = 0
+) -> list[dict]:
     """Median seconds per train step for each kernel size and conv, on the same batch."""
     rng = np.random.default_rng(seed)
     rows = []
     for size in sizes:
         shape = (size, size)
         x, t = batch(images, shape, crop, cfg.batch_size, cfg.whiten, rng)
-        row = {"kernel": size, "taps": size * size,
-               "auto": layers.choose_conv(shape, "auto")}
+        row = {"kernel": size, "taps": size * size, "auto": layers.choose_conv(shape, "auto")}
         for conv in ("direct", "fft"):
             model = layers.build_model(shape, conv, "valid")
             model.compile(optimizer=training.optimizer(cfg, 1000), loss="mse")
@@ -52,12 +60,18 @@ def step_times(images: np.ndarray, sizes: list[int], cfg: TrainConfig, crop: int
                 model.train_on_batch(x, t)
                 seconds.append(time.perf_counter() - start)
             row[f"{conv}_first_s"] = round(seconds[0], 3)  # tracing the step, and oneDNN's
-            seconds = seconds[WARMUP:]                    # first run of a new conv shape
+            seconds = seconds[WARMUP:]  # first run of a new conv shape
             row[f"{conv}_ms"] = round(1000 * statistics.median(seconds), 3)
             row[f"{conv}_ms_all"] = [round(1000 * s, 3) for s in seconds]
         row["faster"] = "direct" if row["direct_ms"] <= row["fft_ms"] else "fft"
         row["fft_speedup"] = round(row["direct_ms"] / row["fft_ms"], 3)
-        log.info("%2d×%-2d: direct %8.2f ms, fft %7.2f ms per step; auto picks %s",
-                 size, size, row["direct_ms"], row["fft_ms"], row["auto"])
+        log.info(
+            "%2d×%-2d: direct %8.2f ms, fft %7.2f ms per step; auto picks %s",
+            size,
+            size,
+            row["direct_ms"],
+            row["fft_ms"],
+            row["auto"],
+        )
         rows.append(row)
     return rows

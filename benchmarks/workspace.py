@@ -9,6 +9,7 @@ whole process tree (the download stage forks workers) for its resident memory:
   anon  RssAnon summed over the tree: the private heap, what the stage really holds.
   uss   psutil's unique set size (private pages, file-backed included), sampled less often.
 """
+
 from __future__ import annotations
 
 import logging
@@ -27,13 +28,14 @@ from devtools.repo_copy import BIN, REPO, clean_env, copy_repo, merge
 
 log = logging.getLogger("bench.workspace")
 
-POLL_S = 0.05       # rss/anon sampling period
-USS_EVERY = 4       # one uss sample per this many polls: smaps_rollup is slower to read
+POLL_S = 0.05  # rss/anon sampling period
+USS_EVERY = 4  # one uss sample per this many polls: smaps_rollup is slower to read
 
 
 @dataclass
 class Measured:
     """One subprocess: wall time and the peaks of its process tree's memory, in MB."""
+
     command: str
     seconds: float
     peak_rss_mb: float
@@ -69,7 +71,7 @@ class TreeMemory:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
-    def __enter__(self) -> "TreeMemory":
+    def __enter__(self) -> TreeMemory:
         self._thread.start()
         return self
 
@@ -110,34 +112,57 @@ class Workspace:
         self.root = copy_repo(root, source)
         self.env = clean_env(MLFLOW_TRACKING_URI=f"sqlite:///{self.root / 'mlflow.db'}")
 
-    def run(self, *args: str, check: bool = True,
-            timeout: float = 1800) -> subprocess.CompletedProcess:
-        result = subprocess.run(list(args), cwd=self.root, env=self.env, text=True,
-                                capture_output=True, timeout=timeout)
+    def run(
+        self, *args: str, check: bool = True, timeout: float = 1800
+    ) -> subprocess.CompletedProcess:
+        result = subprocess.run(
+            list(args), cwd=self.root, env=self.env, text=True, capture_output=True, timeout=timeout
+        )
         if check and result.returncode != 0:
-            raise RuntimeError(f"{' '.join(args)} exited {result.returncode} in {self.root}\n"
-                               f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+            raise RuntimeError(
+                f"{' '.join(args)} exited {result.returncode} in {self.root}\n"
+                f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+            )
         return result
 
     def measure(self, *args: str, timeout: float = 1800) -> Measured:
         """Run a command; its wall time and its process tree's memory peaks. Fails loudly."""
         start = time.perf_counter()
-        with subprocess.Popen(list(args), cwd=self.root, env=self.env, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+        with subprocess.Popen(
+            list(args),
+            cwd=self.root,
+            env=self.env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        ) as proc:
             with TreeMemory(proc.pid) as memory:
                 output, _ = proc.communicate(timeout=timeout)
         seconds = time.perf_counter() - start
         if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(args)} exited {proc.returncode} in {self.root}\n"
-                               f"{output[-4000:]}")
+            raise RuntimeError(
+                f"{' '.join(args)} exited {proc.returncode} in {self.root}\n{output[-4000:]}"
+            )
         mb = 1024 * 1024
-        return Measured(" ".join(args), seconds, memory.peak_rss / mb, memory.peak_anon / mb,
-                        memory.peak_uss / mb, proc.returncode)
+        return Measured(
+            " ".join(args),
+            seconds,
+            memory.peak_rss / mb,
+            memory.peak_anon / mb,
+            memory.peak_uss / mb,
+            proc.returncode,
+        )
 
     def stage(self, name: str, label: str = "") -> Measured:
         measured = self.measure(str(BIN / "python"), "-m", f"stages.{name}")
-        log.info("stage %-16s %6.1f s  peak rss %6.0f MB, anon %5.0f MB  (%s)", label or name,
-                 measured.seconds, measured.peak_rss_mb, measured.peak_anon_mb, self.root.name)
+        log.info(
+            "stage %-16s %6.1f s  peak rss %6.0f MB, anon %5.0f MB  (%s)",
+            label or name,
+            measured.seconds,
+            measured.peak_rss_mb,
+            measured.peak_anon_mb,
+            self.root.name,
+        )
         return measured
 
     def dvc(self, *args: str) -> Measured:

@@ -4,6 +4,7 @@ Runs the default pipeline (sobel_x) and a smiley experiment in a temporary git
 copy of this repo, so the workspace, its DVC cache and its mlflow.db are left
 alone, then copies the figures here. Takes a few minutes on 2 cores.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -36,8 +37,9 @@ def pipeline_figures() -> None:
         subprocess.run(["git", "add", "-A"], cwd=copy, check=True)
         subprocess.run(["git", "commit", "-qm", "docs"], cwd=copy, check=True)
         for kernel in ("sobel_x", "smiley"):
-            subprocess.run(["dvc", "exp", "run", "-S", f"kernel={kernel}"], cwd=copy, env=env,
-                           check=True)
+            subprocess.run(
+                ["dvc", "exp", "run", "-S", f"kernel={kernel}"], cwd=copy, env=env, check=True
+            )
             (DOCS / kernel).mkdir(parents=True, exist_ok=True)
             for name in FIGURES:
                 shutil.copy2(copy / "figures" / name, DOCS / kernel / name)

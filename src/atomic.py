@@ -3,14 +3,15 @@
 An interrupted stage never leaves a half-written output for DVC to cache; the
 temporary sibling is removed on any failure, Ctrl-C included.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 
 def _sibling(path: Path, tag: str) -> Path:

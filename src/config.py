@@ -5,6 +5,7 @@ becomes one UserError line that names the dotted key, what it holds and what is
 allowed, so `dvc exp run -S train.epochs=abc` fails with a message, not a
 traceback.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -14,14 +15,30 @@ from typing import Annotated, Any, Literal, get_args
 
 import numpy as np
 import yaml
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError,
-                      field_validator, model_validator)
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from src import kernels
 from src.errors import UserError
 
-MIT_CATEGORIES = ("coast", "forest", "highway", "insidecity", "mountain", "opencountry",
-                  "street", "tallbuilding")
+MIT_CATEGORIES = (
+    "coast",
+    "forest",
+    "highway",
+    "insidecity",
+    "mountain",
+    "opencountry",
+    "street",
+    "tallbuilding",
+)
 Operation = Literal["correlate", "convolve"]
 Padding = Literal["valid", "same"]
 OPERATIONS = get_args(Operation)
@@ -39,6 +56,7 @@ Number = Annotated[float, Strict(), Field(allow_inf_nan=False)]  # ints are acce
 
 class Section(BaseModel):
     """Every level of params.yaml: no unknown keys, no changes after validation."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     @model_validator(mode="before")
@@ -60,8 +78,9 @@ class GaussianSettings(Section):
     @classmethod
     def _positive(cls, sigma: float) -> float:
         if not sigma > 0:
-            raise ValueError(f"kernels.gaussian.sigma must be a number greater than 0, "
-                             f"got {sigma:g}")
+            raise ValueError(
+                f"kernels.gaussian.sigma must be a number greater than 0, got {sigma:g}"
+            )
         return sigma
 
     @field_validator("covariance", mode="before")
@@ -71,13 +90,19 @@ class GaussianSettings(Section):
             return None
         try:
             cov = np.asarray(value, dtype=np.float64)
-            ok = (cov.shape == (2, 2) and bool(np.all(np.isfinite(cov)))
-                  and np.allclose(cov, cov.T) and bool(np.all(np.linalg.eigvalsh(cov) > 0)))
+            ok = (
+                cov.shape == (2, 2)
+                and bool(np.all(np.isfinite(cov)))
+                and np.allclose(cov, cov.T)
+                and bool(np.all(np.linalg.eigvalsh(cov) > 0))
+            )
         except (TypeError, ValueError):
             ok = False
         if not ok:
-            raise ValueError("kernels.gaussian.covariance must be a symmetric positive-definite "
-                             f"[[sxx, sxy], [sxy, syy]] or null, got {value!r}")
+            raise ValueError(
+                "kernels.gaussian.covariance must be a symmetric positive-definite "
+                f"[[sxx, sxy], [sxy, syy]] or null, got {value!r}"
+            )
         return cov.tolist()
 
 
@@ -100,8 +125,10 @@ class DataConfig(Section):
     @classmethod
     def _not_blank(cls, source: str) -> str:
         if not source.strip():
-            raise ValueError("data.source must be synthetic, mit_scenes, or a path to a folder "
-                             f"or .zip of images; got {source!r}")
+            raise ValueError(
+                "data.source must be synthetic, mit_scenes, or a path to a folder "
+                f"or .zip of images; got {source!r}"
+            )
         return source.strip()
 
     @field_validator("categories", mode="before")
@@ -112,12 +139,15 @@ class DataConfig(Section):
         if isinstance(value, str):  # `-S data.categories=forest,street`
             value = value.replace(",", " ").split()
         if not isinstance(value, (list, tuple)):
-            raise ValueError("data.categories must be a list of MIT scene categories, "
-                             f"got {value!r}")
+            raise ValueError(
+                f"data.categories must be a list of MIT scene categories, got {value!r}"
+            )
         unknown = [str(c) for c in value if c not in MIT_CATEGORIES]
         if unknown:
-            raise ValueError(f"data.categories: unknown {', '.join(unknown)}; "
-                             f"choose from {', '.join(MIT_CATEGORIES)}")
+            raise ValueError(
+                f"data.categories: unknown {', '.join(unknown)}; "
+                f"choose from {', '.join(MIT_CATEGORIES)}"
+            )
         return tuple(value)
 
     @field_validator("sha256", mode="before")
@@ -164,8 +194,10 @@ class Params(Section):
     def _known_kernel(cls, name: Any) -> str:
         if isinstance(name, str) and (name in kernels.NAMES or name.startswith("file:")):
             return name
-        raise ValueError(f"kernel: unknown kernel {name!r}; choose from "
-                         f"{', '.join(kernels.NAMES)}, or file:<path to .npy, .csv or image>")
+        raise ValueError(
+            f"kernel: unknown kernel {name!r}; choose from "
+            f"{', '.join(kernels.NAMES)}, or file:<path to .npy, .csv or image>"
+        )
 
     @model_validator(mode="after")
     def _kernel_fits(self) -> Params:
@@ -173,12 +205,16 @@ class Params(Section):
         shape = self.true_kernel().shape
         side = max(shape)
         if side > self.data.size:
-            raise ValueError(f"kernel: {self.kernel} is {shape[0]}×{shape[1]}, larger than the "
-                             f"{self.data.size}×{self.data.size} images; raise data.size or "
-                             "choose a smaller kernel")
+            raise ValueError(
+                f"kernel: {self.kernel} is {shape[0]}×{shape[1]}, larger than the "
+                f"{self.data.size}×{self.data.size} images; raise data.size or "
+                "choose a smaller kernel"
+            )
         if self.train.crop and self.train.crop < side + 2:
-            raise ValueError(f"train.crop must be 0 or at least the kernel size + 2 "
-                             f"({side + 2}), got {self.train.crop}")
+            raise ValueError(
+                f"train.crop must be 0 or at least the kernel size + 2 "
+                f"({side + 2}), got {self.train.crop}"
+            )
         return self
 
     def true_kernel(self) -> np.ndarray:
@@ -187,6 +223,7 @@ class Params(Section):
 
 
 # --- a ValidationError as one line ------------------------------------------------
+
 
 def _model_at(loc: tuple) -> type[BaseModel]:
     model = Params
@@ -242,6 +279,7 @@ def _one_line(exc: ValidationError) -> str:
 
 # --- reading params.yaml --------------------------------------------------------------
 
+
 class _Yaml12Loader(yaml.SafeLoader):
     """PyYAML reads YAML 1.1, where `1e-05` (as `dvc exp run -S` writes it) is a string;
     YAML 1.2, which DVC reads, makes it a float."""
@@ -250,14 +288,17 @@ class _Yaml12Loader(yaml.SafeLoader):
 _Yaml12Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:(?:\.[0-9]+|[0-9]+\.[0-9]*)(?:[eE][-+]?[0-9]+)?|[0-9]+[eE][-+]?[0-9]+)$"),
-    list("-+0123456789."))
+    list("-+0123456789."),
+)
 
 
 def parse(doc: Any) -> Params:
     """Validate a parsed params.yaml document."""
     if not isinstance(doc, dict):
-        raise UserError("params.yaml must be a mapping of keys to values; restore it from git "
-                        "with `git checkout params.yaml`")
+        raise UserError(
+            "params.yaml must be a mapping of keys to values; restore it from git "
+            "with `git checkout params.yaml`"
+        )
     try:
         return Params.model_validate(doc)
     except ValidationError as exc:
@@ -275,8 +316,9 @@ def load(path: str | Path = "params.yaml") -> Params:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise UserError(f"{path} is not valid YAML{where}; fix it or restore it with "
-                        f"`git checkout {path}`") from None
+        raise UserError(
+            f"{path} is not valid YAML{where}; fix it or restore it with `git checkout {path}`"
+        ) from None
     return parse(doc)
 
 

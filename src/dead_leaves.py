@@ -15,6 +15,7 @@ box-reduce) at about 1.5× the time.
 Image i depends only on (seed, i): any subset of images, in any order or count,
 comes out identical.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -22,29 +23,29 @@ from PIL import Image, ImageDraw
 
 from src import streams
 
-
-R_MIN = 2.0           # smallest leaf radius, in output pixels
+R_MIN = 2.0  # smallest leaf radius, in output pixels
 R_MAX_FRACTION = 0.4  # largest leaf radius, as a share of the image side
-ASPECT_MAX = 3.0      # ellipses and rectangles are up to 3× longer than wide
+ASPECT_MAX = 3.0  # ellipses and rectangles are up to 3× longer than wide
 DISC, ELLIPSE, RECTANGLE = 0, 1, 2
 KIND_P = (0.5, 0.25, 0.25)
-SHAPED_R_MIN = 4.0    # smaller leaves are all discs: under 8 px across, the pixel grid
-                      # blurs their outline, and a disc is the cheapest shape to fill
-SUPERSAMPLE = 1       # 2 anti-aliases edges, but misses ~100 images/s on one core
+SHAPED_R_MIN = 4.0  # smaller leaves are all discs: under 8 px across, the pixel grid
+# blurs their outline, and a disc is the cheapest shape to fill
+SUPERSAMPLE = 1  # 2 anti-aliases edges, but misses ~100 images/s on one core
 # Mean layers of leaves sampled per round. Small early rounds let later ones skip
 # the many leaves that would be hidden. After all 12 layers a few images in a
 # hundred still have an open pixel or two; a flat leaf under everything fills them.
 ROUND_COVERAGE = (1.5, 2.5, 8.0)
 TILE = 2 * SUPERSAMPLE  # canvas px per tile side when looking for gaps; at most 16, so
-                        # one open pixel still pulls a tile's mean alpha below 255
+# one open pixel still pulls a tile's mean alpha below 255
 
 # Ellipses are drawn as polygons whose vertex count grows with the long half-axis
 # (canvas px), so the outline stays within ~1/3 px of the true ellipse
 # while small ones, the vast majority, stay cheap to fill.
 _ELLIPSE_SIDES = ((4.0, 8), (10.0, 12), (25.0, 20), (60.0, 32), (150.0, 48), (np.inf, 80))
-_UNIT_ELLIPSES = [np.stack([np.cos(t), np.sin(t)], axis=1)
-                  for t in (np.linspace(0, 2 * np.pi, sides, endpoint=False)
-                            for _, sides in _ELLIPSE_SIDES)]
+_UNIT_ELLIPSES = [
+    np.stack([np.cos(t), np.sin(t)], axis=1)
+    for t in (np.linspace(0, 2 * np.pi, sides, endpoint=False) for _, sides in _ELLIPSE_SIDES)
+]
 _UNIT_RECTANGLE = np.array([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]])
 # The furthest any leaf of radius r reaches from its centre, over all shapes and angles.
 _REACH_MAX = max(np.sqrt(ASPECT_MAX), np.sqrt(np.pi / 4 * (ASPECT_MAX + 1 / ASPECT_MAX)))
@@ -52,13 +53,13 @@ _REACH_MAX = max(np.sqrt(ASPECT_MAX), np.sqrt(np.pi / 4 * (ASPECT_MAX + 1 / ASPE
 
 def leaf_radii(rng: np.random.Generator, n: int, r_min: float, r_max: float) -> np.ndarray:
     """n radii drawn from p(r) ∝ r^-3 on [r_min, r_max], by inverting its CDF."""
-    lo, hi = r_min ** -2, r_max ** -2
+    lo, hi = r_min**-2, r_max**-2
     return (lo - rng.random(n) * (lo - hi)) ** -0.5
 
 
 def mean_leaf_area(r_min: float, r_max: float) -> float:
     """E[π r²] under p(r) ∝ r^-3 on [r_min, r_max]."""
-    return np.pi * 2 * np.log(r_max / r_min) / (r_min ** -2 - r_max ** -2)
+    return np.pi * 2 * np.log(r_max / r_min) / (r_min**-2 - r_max**-2)
 
 
 def leaf_colours(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -70,8 +71,9 @@ def leaf_colours(rng: np.random.Generator, n: int) -> np.ndarray:
     return np.round(255 * (0.6 * brightness + 0.4 * rng.random((n, 3)))).astype(int)
 
 
-def sample_leaves(rng: np.random.Generator, n: int, size: int,
-                  open_tiles: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def sample_leaves(
+    rng: np.random.Generator, n: int, size: int, open_tiles: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
     """Up to n leaves, front first, in output pixels: kind, centre (x, y), half-axes
     (long first), reach (half-side of a bounding box), angle and colour.
 
@@ -85,8 +87,9 @@ def sample_leaves(rng: np.random.Generator, n: int, size: int,
     # Only leaves that could reach the canvas at any shape and angle get drawn the rest
     # of their features. Nothing after this depends on what the canvas holds, so which
     # leaves are later skipped as hidden never shifts the random stream, nor the image.
-    near = np.flatnonzero(np.all(np.abs(centre - size / 2) < size / 2 + _REACH_MAX * r[:, None],
-                                 axis=1))
+    near = np.flatnonzero(
+        np.all(np.abs(centre - size / 2) < size / 2 + _REACH_MAX * r[:, None], axis=1)
+    )
     r, centre, m = r[near], centre[near], len(near)
     kind = np.searchsorted(np.cumsum(KIND_P)[:-1], rng.random(m), side="right")
     kind[r < SHAPED_R_MIN] = DISC
@@ -101,8 +104,14 @@ def sample_leaves(rng: np.random.Generator, n: int, size: int,
     keep = np.flatnonzero(np.all(np.abs(centre - size / 2) < size / 2 + reach[:, None], axis=1))
     if open_tiles is not None:
         keep = keep[_reaches(centre[keep], reach[keep], open_tiles)]
-    return {"kind": kind[keep], "centre": centre[keep], "half": half[keep], "reach": reach[keep],
-            "angle": angle[keep], "colour": colour[keep]}
+    return {
+        "kind": kind[keep],
+        "centre": centre[keep],
+        "half": half[keep],
+        "reach": reach[keep],
+        "angle": angle[keep],
+        "colour": colour[keep],
+    }
 
 
 def _reaches(centre: np.ndarray, reach: np.ndarray, open_tiles: np.ndarray) -> np.ndarray:
@@ -129,8 +138,9 @@ def outlines(leaves: dict[str, np.ndarray], scale: float) -> list[list[float]]:
     for i, box in zip(discs.tolist(), boxes.tolist()):
         coords[i] = box
     long_axis = half[:, 0]
-    ellipse_class = np.searchsorted([largest for largest, _ in _ELLIPSE_SIDES], long_axis,
-                                    side="right")
+    ellipse_class = np.searchsorted(
+        [largest for largest, _ in _ELLIPSE_SIDES], long_axis, side="right"
+    )
     groups = [(ellipse_class == c) & (kind == ELLIPSE) for c in range(len(_ELLIPSE_SIDES))]
     for mask, unit in zip(groups + [kind == RECTANGLE], _UNIT_ELLIPSES + [_UNIT_RECTANGLE]):
         idx = np.flatnonzero(mask)

@@ -4,11 +4,12 @@ A UserError is something the user can fix (a param, a path, the network). The
 wrapper prints `error: <message>` on stderr with no traceback and exits 2; any
 other exception is a bug and keeps its traceback.
 """
+
 from __future__ import annotations
 
 import logging
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 
 class UserError(Exception):

@@ -5,6 +5,7 @@ a cut, Ctrl-C or full disk, and renames it to `dest` only once the whole body
 has arrived (and matched the sha256 pin, if any). `extract_zip` unpacks an
 archive while refusing zip slip, symlinks and zip bombs.
 """
+
 from __future__ import annotations
 
 import errno
@@ -17,9 +18,9 @@ import stat
 import sys
 import zipfile
 import zlib
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 from urllib.parse import urlsplit
 
 import requests
@@ -32,8 +33,10 @@ from src.errors import UserError
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 16
-OFFLINE_HINT = ("use data.source=synthetic (the default, no network) or a path to your own "
-                "folder or .zip of images")
+OFFLINE_HINT = (
+    "use data.source=synthetic (the default, no network) or a path to your own "
+    "folder or .zip of images"
+)
 
 
 def _size(n: int | None) -> str:
@@ -48,8 +51,10 @@ def file_sha256(path: Path) -> str:
 
 # --- download ------------------------------------------------------------------
 
-def download(url: str, dest: Path, *, sha256: str = "", progress: bool = True,
-             timeout: float = 30) -> Path:
+
+def download(
+    url: str, dest: Path, *, sha256: str = "", progress: bool = True, timeout: float = 30
+) -> Path:
     """Download `url` to `dest`, resuming a partial `.part`; nothing half-written is ever at `dest`.
 
     An existing `dest` that matches `sha256` (or any, with no pin) is returned
@@ -72,9 +77,11 @@ def download(url: str, dest: Path, *, sha256: str = "", progress: bool = True,
             actual = file_sha256(part)
             if actual != sha256:
                 part.unlink()
-                raise UserError(f"{url} downloaded with sha256 {actual}, but data.sha256 pins "
-                                f"{sha256}; re-run to download it again, or correct data.sha256 "
-                                "if the archive changed upstream")
+                raise UserError(
+                    f"{url} downloaded with sha256 {actual}, but data.sha256 pins "
+                    f"{sha256}; re-run to download it again, or correct data.sha256 "
+                    "if the archive changed upstream"
+                )
         os.replace(part, dest)
     log.info("downloaded %s (%s)", dest, _size(dest.stat().st_size))
     return dest
@@ -116,8 +123,9 @@ def _unreachable(url: str, exc: Exception, timeout: float) -> UserError:
 
 def _content_range(resp: requests.Response) -> tuple[int | None, int | None]:
     """(first byte, total) from `Content-Range: bytes a-b/total` or `bytes */total`."""
-    match = re.fullmatch(r"\s*bytes\s+(?:(\d+)-\d+|\*)/(\d+|\*)\s*",
-                         resp.headers.get("Content-Range", ""))
+    match = re.fullmatch(
+        r"\s*bytes\s+(?:(\d+)-\d+|\*)/(\d+|\*)\s*", resp.headers.get("Content-Range", "")
+    )
     if not match:
         return None, None
     start, total = match.groups()
@@ -133,10 +141,14 @@ def _fetch(url: str, part: Path, *, progress: bool, timeout: float) -> None:
         headers["Range"] = f"bytes={offset}-"
     try:
         resp = requests.get(url, headers=headers, stream=True, timeout=timeout)
-    except (requests.exceptions.MissingSchema, requests.exceptions.InvalidSchema,
-            requests.exceptions.InvalidURL) as exc:
-        raise UserError(f"cannot download {url!r}: not a valid http(s) URL ({exc}); fix the "
-                        "URL") from None
+    except (
+        requests.exceptions.MissingSchema,
+        requests.exceptions.InvalidSchema,
+        requests.exceptions.InvalidURL,
+    ) as exc:
+        raise UserError(
+            f"cannot download {url!r}: not a valid http(s) URL ({exc}); fix the URL"
+        ) from None
     except (requests.ConnectionError, requests.Timeout) as exc:
         raise _unreachable(url, exc, timeout) from None
 
@@ -153,8 +165,10 @@ def _fetch(url: str, part: Path, *, progress: bool, timeout: float) -> None:
         if resp.status_code == 206:
             if start != offset:
                 if not offset:
-                    raise UserError(f"{url} answered a request for the whole file with a part "
-                                    f"of it (from byte {start}); check the URL")
+                    raise UserError(
+                        f"{url} answered a request for the whole file with a part "
+                        f"of it (from byte {start}); check the URL"
+                    )
                 log.warning("%s answered the wrong range (from %s); starting over", url, start)
                 part.unlink()
                 return _fetch(url, part, progress=progress, timeout=timeout)
@@ -168,29 +182,52 @@ def _fetch(url: str, part: Path, *, progress: bool, timeout: float) -> None:
             length = resp.headers.get("Content-Length")
             total = int(length) if length else None
         else:
-            raise UserError(f"download failed: HTTP {resp.status_code} {resp.reason} for {url}; "
-                            f"check the URL or try again later, or {OFFLINE_HINT}")
+            raise UserError(
+                f"download failed: HTTP {resp.status_code} {resp.reason} for {url}; "
+                f"check the URL or try again later, or {OFFLINE_HINT}"
+            )
         done = _stream(resp, part, mode, offset, total, url, progress)
 
     if total is not None and done < total:
-        raise UserError(f"download of {url} ended early at {_size(done)} of {_size(total)}; "
-                        f"re-run to resume, the partial file {part} is kept")
+        raise UserError(
+            f"download of {url} ended early at {_size(done)} of {_size(total)}; "
+            f"re-run to resume, the partial file {part} is kept"
+        )
     if total is not None and done > total:
         part.unlink()
-        raise UserError(f"{url} sent {_size(done)}, more than the {_size(total)} it announced; "
-                        "re-run to download it again")
+        raise UserError(
+            f"{url} sent {_size(done)}, more than the {_size(total)} it announced; "
+            "re-run to download it again"
+        )
 
 
-def _stream(resp: requests.Response, part: Path, mode: str, offset: int, total: int | None,
-            url: str, progress: bool) -> int:
+def _stream(
+    resp: requests.Response,
+    part: Path,
+    mode: str,
+    offset: int,
+    total: int | None,
+    url: str,
+    progress: bool,
+) -> int:
     """Write the body to `part` with a progress bar; return the bytes `part` now holds."""
     done = offset
     # Off a terminal, tqdm's redraws become log lines: draw rarely there.
     interval = 0.5 if sys.stderr.isatty() else 30
     try:
-        with open(part, mode) as out, tqdm(total=total, initial=offset, unit="B", unit_scale=True,
-                                           unit_divisor=1024, desc=part.name.removesuffix(".part"),
-                                           mininterval=interval, disable=not progress) as bar:
+        with (
+            open(part, mode) as out,
+            tqdm(
+                total=total,
+                initial=offset,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=part.name.removesuffix(".part"),
+                mininterval=interval,
+                disable=not progress,
+            ) as bar,
+        ):
             for chunk in resp.iter_content(CHUNK):
                 out.write(chunk)
                 done += len(chunk)
@@ -198,22 +235,30 @@ def _stream(resp: requests.Response, part: Path, mode: str, offset: int, total: 
             out.flush()
             os.fsync(out.fileno())
     except requests.RequestException as exc:
-        raise UserError(f"download of {url} was cut at {_size(done)} of {_size(total)} "
-                        f"({type(exc).__name__}); re-run to resume, the partial file {part} "
-                        "is kept") from None
+        raise UserError(
+            f"download of {url} was cut at {_size(done)} of {_size(total)} "
+            f"({type(exc).__name__}); re-run to resume, the partial file {part} "
+            "is kept"
+        ) from None
     except OSError as exc:
         if exc.errno != errno.ENOSPC:
             raise
         free = shutil.disk_usage(part.parent).free
-        needs = (f"needs {_size(total - done)} ({total - done} bytes) more"
-                 if total is not None else "needs more")
-        raise UserError(f"no space left on the device holding {part.parent}: the download "
-                        f"{needs} and {_size(free)} ({free} bytes) are free; free up space and "
-                        "re-run to resume, the partial file is kept") from None
+        needs = (
+            f"needs {_size(total - done)} ({total - done} bytes) more"
+            if total is not None
+            else "needs more"
+        )
+        raise UserError(
+            f"no space left on the device holding {part.parent}: the download "
+            f"{needs} and {_size(free)} ({free} bytes) are free; free up space and "
+            "re-run to resume, the partial file is kept"
+        ) from None
     return done
 
 
 # --- extract -------------------------------------------------------------------
+
 
 class _OverCap(Exception):
     pass
@@ -240,16 +285,26 @@ def _entry_parts(archive: Path, info: zipfile.ZipInfo) -> list[str]:
     name = info.filename.replace("\\", "/")
     parts = [p for p in name.split("/") if p not in ("", ".")]
     if name.startswith("/") or _DRIVE.match(name) or ".." in parts:
-        raise UserError(f"{archive}: entry {info.filename!r} points outside the extraction folder "
-                        "(zip slip); refusing the archive, use one from a trusted source")
+        raise UserError(
+            f"{archive}: entry {info.filename!r} points outside the extraction folder "
+            "(zip slip); refusing the archive, use one from a trusted source"
+        )
     if stat.S_ISLNK(info.external_attr >> 16):
-        raise UserError(f"{archive}: entry {info.filename!r} is a symbolic link; refusing the "
-                        "archive, repack it with plain files")
+        raise UserError(
+            f"{archive}: entry {info.filename!r} is a symbolic link; refusing the "
+            "archive, repack it with plain files"
+        )
     return parts
 
 
-def extract_zip(archive: Path, dest_dir: Path, *, members: Callable[[str], bool] | None = None,
-                max_entries: int = 100_000, max_total_bytes: int = 4 * 2**30) -> list[Path]:
+def extract_zip(
+    archive: Path,
+    dest_dir: Path,
+    *,
+    members: Callable[[str], bool] | None = None,
+    max_entries: int = 100_000,
+    max_total_bytes: int = 4 * 2**30,
+) -> list[Path]:
     """Unpack the files of `archive` that `members(name)` accepts under `dest_dir`; return them.
 
     Refuses the whole archive if any entry escapes `dest_dir` or is a symlink, if it
@@ -269,9 +324,11 @@ def extract_zip(archive: Path, dest_dir: Path, *, members: Callable[[str], bool]
     with zf:
         infos = zf.infolist()
         if len(infos) > max_entries:
-            raise UserError(f"{archive} has {len(infos)} entries, more than the {max_entries} "
-                            "allowed; it is not the expected image archive, check where it "
-                            "came from")
+            raise UserError(
+                f"{archive} has {len(infos)} entries, more than the {max_entries} "
+                "allowed; it is not the expected image archive, check where it "
+                "came from"
+            )
         root = dest_dir.resolve()
         chosen = []
         for info in infos:
@@ -280,14 +337,18 @@ def extract_zip(archive: Path, dest_dir: Path, *, members: Callable[[str], bool]
                 continue
             target = dest_dir.joinpath(*parts)
             if not target.resolve().is_relative_to(root):  # e.g. through a symlinked subfolder
-                raise UserError(f"{archive}: entry {info.filename!r} would land outside "
-                                f"{dest_dir}; remove the symlink inside {dest_dir}")
+                raise UserError(
+                    f"{archive}: entry {info.filename!r} would land outside "
+                    f"{dest_dir}; remove the symlink inside {dest_dir}"
+                )
             chosen.append((info, target))
         declared = sum(info.file_size for info, _ in chosen)
         if declared > max_total_bytes:
-            raise UserError(f"{archive} would unpack to {_size(declared)}, more than the "
-                            f"{_size(max_total_bytes)} allowed (a zip bomb?); check where it "
-                            "came from")
+            raise UserError(
+                f"{archive} would unpack to {_size(declared)}, more than the "
+                f"{_size(max_total_bytes)} allowed (a zip bomb?); check where it "
+                "came from"
+            )
 
         budget = max_total_bytes
         extracted = []
@@ -297,22 +358,29 @@ def extract_zip(archive: Path, dest_dir: Path, *, members: Callable[[str], bool]
                     writer = _CappedWriter(out, budget)
                     shutil.copyfileobj(src, writer, CHUNK)
             except _OverCap:
-                raise UserError(f"{archive}: entry {info.filename!r} unpacks past the "
-                                f"{_size(max_total_bytes)} limit although its header says less "
-                                "(a zip bomb?); check where it came from") from None
+                raise UserError(
+                    f"{archive}: entry {info.filename!r} unpacks past the "
+                    f"{_size(max_total_bytes)} limit although its header says less "
+                    "(a zip bomb?); check where it came from"
+                ) from None
             except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
-                raise UserError(f"{archive} is corrupt at entry {info.filename!r} ({exc}); "
-                                f"{fix}") from None
+                raise UserError(
+                    f"{archive} is corrupt at entry {info.filename!r} ({exc}); {fix}"
+                ) from None
             except (RuntimeError, NotImplementedError) as exc:  # encrypted, unknown compression
-                raise UserError(f"{archive}: cannot unpack entry {info.filename!r} ({exc}); "
-                                "repack it without a password, with deflate or no "
-                                "compression") from None
+                raise UserError(
+                    f"{archive}: cannot unpack entry {info.filename!r} ({exc}); "
+                    "repack it without a password, with deflate or no "
+                    "compression"
+                ) from None
             except OSError as exc:
                 if exc.errno != errno.ENOSPC:
                     raise
-                raise UserError(f"no space left on the device holding {dest_dir} while "
-                                f"unpacking {archive} ({_size(declared)} in all); free up "
-                                "space and re-run") from None
+                raise UserError(
+                    f"no space left on the device holding {dest_dir} while "
+                    f"unpacking {archive} ({_size(declared)} in all); free up "
+                    "space and re-run"
+                ) from None
             budget -= writer.written
             extracted.append(target)
     log.info("extracted %d files from %s to %s", len(extracted), archive, dest_dir)

@@ -9,11 +9,12 @@ no GUI backend, nothing left open. They render with Agg.
 Kernels are drawn in the diverging RdBu_r colormap on a range symmetric about
 zero, so a weight of 0 is white, positive weights red and negative ones blue.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 from matplotlib import colormaps
@@ -23,21 +24,22 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
-KERNEL_CMAP = "RdBu_r"   # diverging: negative weights blue, zero white, positive red
+KERNEL_CMAP = "RdBu_r"  # diverging: negative weights blue, zero white, positive red
 IMAGE_CMAP = "gray"
-MAX_FRAMES = 60          # more epochs than this are subsampled, first and last kept
-MAX_LABELLED = 5         # kernels up to 5×5 get their values written in the cells
-MIN_FONTSIZE = 6.5       # ... if the values fit at this size (pt) or larger
-DPI = 120                # for the PNGs
+MAX_FRAMES = 60  # more epochs than this are subsampled, first and last kept
+MAX_LABELLED = 5  # kernels up to 5×5 get their values written in the cells
+MIN_FONTSIZE = 6.5  # ... if the values fit at this size (pt) or larger
+DPI = 120  # for the PNGs
 FRAME_SIZE = (5.6, 3.2)  # inches at FRAME_DPI: 560×320 px GIF frames
 FRAME_DPI = 100
-GIF_CMAP_COLOURS = 48    # GIF palette: this many colours of the kernel colormap ...
-GIF_GRAYS = 16           # ... and this many grays, black to white, for text and axes
-GIF_SECONDS = 6.0        # the whole animation, before the last frame's hold
+GIF_CMAP_COLOURS = 48  # GIF palette: this many colours of the kernel colormap ...
+GIF_GRAYS = 16  # ... and this many grays, black to white, for text and axes
+GIF_SECONDS = 6.0  # the whole animation, before the last frame's hold
 LAST_FRAME_MS = 2000
 
 
 # --- shared pieces ----------------------------------------------------------------
+
 
 def symmetric_limit(*arrays: np.ndarray) -> float:
     """max |value| over the arrays (NaN ignored), or 1 if that is 0 or not finite."""
@@ -52,8 +54,9 @@ def symmetric_range(*arrays: np.ndarray) -> tuple[float, float]:
     return -m, m
 
 
-def kernel_picture(kernel: np.ndarray, value_range: tuple[float, float],
-                   min_pixels: int = 128) -> np.ndarray:
+def kernel_picture(
+    kernel: np.ndarray, value_range: tuple[float, float], min_pixels: int = 128
+) -> np.ndarray:
     """The kernel as a uint8 H×W×3 picture, each weight a square block of pixels, for MLflow.
 
     Colours come from a fixed value_range, the same every epoch, so the pictures
@@ -95,8 +98,17 @@ def _write_values(ax, kernel: np.ndarray, norm: Normalize, fmt: str, fontsize: f
     cmap = colormaps[KERNEL_CMAP]
     texts = []
     for (row, col), value in np.ndenumerate(kernel):
-        texts.append(ax.text(col, row, _label(value, fmt), ha="center", va="center",
-                             fontsize=fontsize, color=_text_colour(cmap(norm(value)))))
+        texts.append(
+            ax.text(
+                col,
+                row,
+                _label(value, fmt),
+                ha="center",
+                va="center",
+                fontsize=fontsize,
+                color=_text_colour(cmap(norm(value))),
+            )
+        )
     return texts
 
 
@@ -123,6 +135,7 @@ def _as_kernel(kernel: np.ndarray) -> np.ndarray:
 
 # --- 1. the kernel converging, epoch by epoch -------------------------------------
 
+
 def frame_epochs(n_epochs: int, max_frames: int = MAX_FRAMES) -> np.ndarray:
     """0-based indices of the epochs to animate: all of them, or max_frames spread
     evenly with the first and last always kept."""
@@ -135,9 +148,12 @@ def frame_epochs(n_epochs: int, max_frames: int = MAX_FRAMES) -> np.ndarray:
     return np.unique(np.round(np.linspace(0, n_epochs - 1, max_frames)).astype(int))
 
 
-def convergence_frames(kernels: np.ndarray, rel_errors: Sequence[float],
-                       true_kernel: np.ndarray,
-                       max_frames: int = MAX_FRAMES) -> tuple[list[np.ndarray], np.ndarray]:
+def convergence_frames(
+    kernels: np.ndarray,
+    rel_errors: Sequence[float],
+    true_kernel: np.ndarray,
+    max_frames: int = MAX_FRAMES,
+) -> tuple[list[np.ndarray], np.ndarray]:
     """Frames of the learned kernel (left) converging to the true one (right).
 
     kernels is (E, kh, kw), the learned kernel after epochs 1..E; rel_errors its
@@ -150,8 +166,9 @@ def convergence_frames(kernels: np.ndarray, rel_errors: Sequence[float],
     true = _as_kernel(true_kernel)
     rel_errors = np.asarray(rel_errors, dtype=np.float64)
     if kernels.ndim != 3 or kernels.shape[1:] != true.shape:
-        raise ValueError(f"kernels must be (epochs, {true.shape[0]}, {true.shape[1]}), "
-                         f"got {kernels.shape}")
+        raise ValueError(
+            f"kernels must be (epochs, {true.shape[0]}, {true.shape[1]}), got {kernels.shape}"
+        )
     if len(rel_errors) != len(kernels):
         raise ValueError(f"{len(rel_errors)} kernel_rel_error values for {len(kernels)} epochs")
     picked = frame_epochs(len(kernels), max_frames)
@@ -172,8 +189,7 @@ def convergence_frames(kernels: np.ndarray, rel_errors: Sequence[float],
     for ax in (ax_learned, ax_true):
         _kernel_axes(ax, true.shape)
     ax_true.set_ylabel("")
-    fig.colorbar(learned_image, ax=[ax_learned, ax_true], extend="both", shrink=0.9,
-                 label="weight")
+    fig.colorbar(learned_image, ax=[ax_learned, ax_true], extend="both", shrink=0.9, label="weight")
     texts = []
     size = min(_cell_fontsize(FRAME_SIZE[0] * 0.33, max(true.shape), fmt), 12)
     if max(true.shape) <= MAX_LABELLED and size >= MIN_FONTSIZE:
@@ -189,8 +205,9 @@ def convergence_frames(kernels: np.ndarray, rel_errors: Sequence[float],
             text.set_text(_label(value, fmt))
             text.set_color(_text_colour(colormaps[KERNEL_CMAP](norm(value))))
         epoch = str(index + 1).rjust(width, "\u2007")  # figure space: as wide as a digit
-        title.set_text(f"learned, epoch {epoch}/{len(kernels)}\n"
-                       f"kernel_rel_error {rel_errors[index]:.2e}")
+        title.set_text(
+            f"learned, epoch {epoch}/{len(kernels)}\nkernel_rel_error {rel_errors[index]:.2e}"
+        )
         canvas.draw()
         if n == 0:  # freeze the layout: the axes must not move between frames
             fig.set_layout_engine("none")
@@ -213,8 +230,12 @@ def gif_palette(cmap_colours: int = GIF_CMAP_COLOURS, grays: int = GIF_GRAYS) ->
     return palette
 
 
-def write_gif(frames: Sequence[np.ndarray], path: str | Path,
-              seconds: float = GIF_SECONDS, last_frame_ms: int = LAST_FRAME_MS) -> None:
+def write_gif(
+    frames: Sequence[np.ndarray],
+    path: str | Path,
+    seconds: float = GIF_SECONDS,
+    last_frame_ms: int = LAST_FRAME_MS,
+) -> None:
     """Write RGB frames as a looping GIF, the last frame held longer.
 
     Every frame is mapped, without dithering, onto the same gif_palette(): colours
@@ -223,18 +244,31 @@ def write_gif(frames: Sequence[np.ndarray], path: str | Path,
     if not frames:
         raise ValueError("no frames to write")
     palette = gif_palette()
-    indexed = [Image.fromarray(np.asarray(f, dtype=np.uint8)).quantize(
-        palette=palette, dither=Image.Dither.NONE) for f in frames]
+    indexed = [
+        Image.fromarray(np.asarray(f, dtype=np.uint8)).quantize(
+            palette=palette, dither=Image.Dither.NONE
+        )
+        for f in frames
+    ]
     step_ms = int(np.clip(seconds * 1000 / len(frames), 80, 500))
     durations = [step_ms] * (len(frames) - 1) + [max(last_frame_ms, step_ms)]
-    indexed[0].save(path, format="GIF", save_all=True, append_images=indexed[1:],
-                    duration=durations, loop=0, optimize=True)
+    indexed[0].save(
+        path,
+        format="GIF",
+        save_all=True,
+        append_images=indexed[1:],
+        duration=durations,
+        loop=0,
+        optimize=True,
+    )
 
 
 # --- 2. learned vs true -----------------------------------------------------------
 
-def comparison(true_kernel: np.ndarray, learned_kernel: np.ndarray,
-               rel_error: float | None = None) -> Figure:
+
+def comparison(
+    true_kernel: np.ndarray, learned_kernel: np.ndarray, rel_error: float | None = None
+) -> Figure:
     """Ground truth | learned | difference (learned − true), on one colour scale.
 
     The shared range is symmetric about zero and covers all three panels, so a
@@ -252,8 +286,11 @@ def comparison(true_kernel: np.ndarray, learned_kernel: np.ndarray,
 
     fig = Figure(figsize=(3 * panel + 1.2, panel + 0.9), layout="constrained")
     axes = fig.subplots(1, 3)
-    titles = ("ground truth", "learned", "difference (learned − truth)\n"
-              f"max |difference| {np.max(np.abs(difference)):.2e}")
+    titles = (
+        "ground truth",
+        "learned",
+        f"difference (learned − truth)\nmax |difference| {np.max(np.abs(difference)):.2e}",
+    )
     for ax, kernel, title in zip(axes, (true, learned, difference), titles):
         image = ax.imshow(kernel, cmap=KERNEL_CMAP, norm=norm, interpolation="nearest")
         ax.set_title(title)
@@ -271,6 +308,7 @@ def comparison(true_kernel: np.ndarray, learned_kernel: np.ndarray,
 
 # --- 3. one validation image through the model ------------------------------------
 
+
 def target_range(target: np.ndarray) -> tuple[float, float]:
     """Display range of a target: symmetric about 0 if it has both signs (zero is mid
     grey), else its own span; 0.5 % tails clipped so a few pixels don't wash it out."""
@@ -282,9 +320,14 @@ def target_range(target: np.ndarray) -> tuple[float, float]:
     return (float(low), float(high)) if high > low else (float(low) - 1, float(low) + 1)
 
 
-def sample_strip(grayscale: np.ndarray, target: np.ndarray, prediction: np.ndarray,
-                 original: np.ndarray | None = None,
-                 offset: tuple[float, float] = (0.0, 0.0), title: str | None = None) -> Figure:
+def sample_strip(
+    grayscale: np.ndarray,
+    target: np.ndarray,
+    prediction: np.ndarray,
+    original: np.ndarray | None = None,
+    offset: tuple[float, float] = (0.0, 0.0),
+    title: str | None = None,
+) -> Figure:
     """[original |] grayscale input | target | prediction | residual (target − prediction).
 
     All panels are drawn in the input's pixel coordinates: `offset` (row, column)
@@ -296,14 +339,20 @@ def sample_strip(grayscale: np.ndarray, target: np.ndarray, prediction: np.ndarr
     target = np.asarray(target, dtype=np.float64)
     prediction = np.asarray(prediction, dtype=np.float64)
     if gray.ndim != 2 or target.ndim != 2 or prediction.shape != target.shape:
-        raise ValueError(f"need a 2-D grayscale and equal 2-D target and prediction, got "
-                         f"{gray.shape}, {target.shape}, {prediction.shape}")
+        raise ValueError(
+            f"need a 2-D grayscale and equal 2-D target and prediction, got "
+            f"{gray.shape}, {target.shape}, {prediction.shape}"
+        )
     residual = target - prediction
     size = gray.shape
     top, left = offset
     input_extent = (-0.5, size[1] - 0.5, size[0] - 0.5, -0.5)
-    target_extent = (left - 0.5, left + target.shape[1] - 0.5,
-                     top + target.shape[0] - 0.5, top - 0.5)
+    target_extent = (
+        left - 0.5,
+        left + target.shape[1] - 0.5,
+        top + target.shape[0] - 0.5,
+        top - 0.5,
+    )
 
     panels = 4 + (original is not None)
     fig = Figure(figsize=(3.1 * panels + 0.6, 3.9), layout="constrained")
@@ -318,19 +367,38 @@ def sample_strip(grayscale: np.ndarray, target: np.ndarray, prediction: np.ndarr
     fig.colorbar(image, ax=ax_gray, shrink=0.8, label="intensity")
 
     low, high = target_range(target)
-    for ax, array, name in ((ax_target, target, "target: filtered"),
-                            (ax_prediction, prediction, "model prediction")):
-        image = ax.imshow(array, cmap=IMAGE_CMAP, vmin=low, vmax=high, extent=target_extent,
-                          interpolation="nearest")
+    for ax, array, name in (
+        (ax_target, target, "target: filtered"),
+        (ax_prediction, prediction, "model prediction"),
+    ):
+        image = ax.imshow(
+            array,
+            cmap=IMAGE_CMAP,
+            vmin=low,
+            vmax=high,
+            extent=target_extent,
+            interpolation="nearest",
+        )
         ax.set_title(name)
-    fig.colorbar(image, ax=[ax_target, ax_prediction], shrink=0.8, extend="both",
-                 label="filter response (shared)")
+    fig.colorbar(
+        image,
+        ax=[ax_target, ax_prediction],
+        shrink=0.8,
+        extend="both",
+        label="filter response (shared)",
+    )
 
     limit = symmetric_limit(residual)
-    image = ax_residual.imshow(residual, cmap=KERNEL_CMAP, vmin=-limit, vmax=limit,
-                               extent=target_extent, interpolation="nearest")
-    rms = float(np.sqrt(np.mean(residual ** 2)))
-    target_rms = float(np.sqrt(np.mean(target ** 2)))
+    image = ax_residual.imshow(
+        residual,
+        cmap=KERNEL_CMAP,
+        vmin=-limit,
+        vmax=limit,
+        extent=target_extent,
+        interpolation="nearest",
+    )
+    rms = float(np.sqrt(np.mean(residual**2)))
+    target_rms = float(np.sqrt(np.mean(target**2)))
     share = f" ({rms / target_rms:.1%} of target)" if target_rms > 0 else ""
     ax_residual.set_title(f"residual: target − prediction\nRMS {rms:.2e}{share}")
     fig.colorbar(image, ax=ax_residual, shrink=0.8, label="residual")
@@ -376,8 +444,15 @@ def curves(history: Mapping[str, Sequence[float]]) -> Figure:
             ax.plot(epochs[shown], values[shown], marker="o", markersize=3)
             ax.set_yscale("log")
         else:
-            ax.text(0.5, 0.5, f"no positive {key} values", transform=ax.transAxes,
-                    ha="center", va="center", color="0.4")
+            ax.text(
+                0.5,
+                0.5,
+                f"no positive {key} values",
+                transform=ax.transAxes,
+                ha="center",
+                va="center",
+                color="0.4",
+            )
     for ax in axes[1]:
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -386,6 +461,7 @@ def curves(history: Mapping[str, Sequence[float]]) -> Figure:
 
 
 # --- 5. every built-in kernel, for the README ---------------------------------------
+
 
 def kernel_gallery(kernels: Mapping[str, np.ndarray], columns: int = 5) -> Figure:
     """Each kernel on its own symmetric colour scale, with its name, size and values
@@ -403,6 +479,6 @@ def kernel_gallery(kernels: Mapping[str, np.ndarray], columns: int = 5) -> Figur
         if max(k.shape) <= 3:
             _write_values(ax, k, norm, value_format(limit), 9)
         fig.colorbar(image, ax=ax, shrink=0.8)
-    for ax in axes[len(kernels):]:
+    for ax in axes[len(kernels) :]:
         ax.set_axis_off()
     return fig

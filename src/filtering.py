@@ -9,9 +9,10 @@ exactly what a trained model should end up holding.
 'valid' keeps only the pixels where the kernel fits inside the image; 'same'
 zero-pads first, split exactly as TensorFlow/Keras split it.
 """
+
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 from scipy import ndimage, signal
@@ -58,8 +59,9 @@ def target_offset(kernel_shape: tuple[int, int], padding: str) -> tuple[int, int
     return 0, 0
 
 
-def output_shape(height: int, width: int, kernel_shape: tuple[int, int],
-                 padding: str) -> tuple[int, int]:
+def output_shape(
+    height: int, width: int, kernel_shape: tuple[int, int], padding: str
+) -> tuple[int, int]:
     """(H', W') of one target: the image's own for 'same', H-kh+1 × W-kw+1 for 'valid'."""
     if padding == "same":
         return height, width
@@ -69,8 +71,9 @@ def output_shape(height: int, width: int, kernel_shape: tuple[int, int],
     raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
 
 
-def correlate(images: np.ndarray, conv_kernel: np.ndarray, padding: str,
-              method: str = "auto") -> np.ndarray:
+def correlate(
+    images: np.ndarray, conv_kernel: np.ndarray, padding: str, method: str = "auto"
+) -> np.ndarray:
     """Cross-correlate each (H, W) image of an (N, H, W) batch with `conv_kernel`.
 
     Returns float32 targets of shape (N, H', W'), computed in float64. `method`
@@ -88,8 +91,10 @@ def correlate(images: np.ndarray, conv_kernel: np.ndarray, padding: str,
     kh, kw = k.shape
     out_h, out_w = output_shape(images.shape[1], images.shape[2], k.shape, padding)
     if padding == "valid" and (out_h < 1 or out_w < 1):
-        raise ValueError(f"a {kh}×{kw} kernel does not fit in {images.shape[1]}×"
-                         f"{images.shape[2]} images with 'valid' padding")
+        raise ValueError(
+            f"a {kh}×{kw} kernel does not fit in {images.shape[1]}×"
+            f"{images.shape[2]} images with 'valid' padding"
+        )
 
     x = images.astype(np.float64)
     if padding == "same":
@@ -99,7 +104,7 @@ def correlate(images: np.ndarray, conv_kernel: np.ndarray, padding: str,
     if method == "direct":
         full = ndimage.correlate(x, k[None], mode="constant")
         # ndimage centres the kernel at k//2; the 'valid' block starts there
-        out = full[:, kh // 2:kh // 2 + out_h, kw // 2:kw // 2 + out_w]
+        out = full[:, kh // 2 : kh // 2 + out_h, kw // 2 : kw // 2 + out_w]
     else:
         # correlation is convolution with the flipped kernel
         out = signal.fftconvolve(x, k[None, ::-1, ::-1], mode="valid", axes=(1, 2))
@@ -121,9 +126,16 @@ def add_noise(targets: np.ndarray, std: float, rng: np.random.Generator) -> np.n
     return (targets.astype(np.float64) + std * noise).astype(np.float32)
 
 
-def make_targets(images, conv_kernel: np.ndarray, padding: str, *, noise_std: float = 0.0,
-                 rng: np.random.Generator | None = None, chunk: int = CHUNK,
-                 method: str = "auto") -> Iterator[np.ndarray]:
+def make_targets(
+    images,
+    conv_kernel: np.ndarray,
+    padding: str,
+    *,
+    noise_std: float = 0.0,
+    rng: np.random.Generator | None = None,
+    chunk: int = CHUNK,
+    method: str = "auto",
+) -> Iterator[np.ndarray]:
     """Yield the (H', W') noisy target of each (H, W) image in `images`, in order,
     computed `chunk` images at a time.
 
@@ -134,7 +146,7 @@ def make_targets(images, conv_kernel: np.ndarray, padding: str, *, noise_std: fl
     if noise_std > 0 and rng is None:
         raise ValueError("noise_std > 0 needs a seeded rng")
     for start in range(0, len(images), chunk):
-        block = correlate(images[start:start + chunk], conv_kernel, padding, method=method)
+        block = correlate(images[start : start + chunk], conv_kernel, padding, method=method)
         if noise_std > 0:
             block = add_noise(block, noise_std, rng)
         yield from block

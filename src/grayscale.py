@@ -5,12 +5,13 @@ then appended straight to the .npy on disk (src/stack.py): memory stays at one
 image however many there are. Unreadable images are skipped and named, up to
 data.max_bad_fraction of them.
 """
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -26,12 +27,18 @@ WARN_MAX = 10  # skipped files named one by one; the rest are counted
 @dataclass
 class Conversion:
     """What `convert` kept (rows of the stack, in order) and what it skipped, with why."""
-    kept: list[tuple[str, str]] = field(default_factory=list)      # (name, split)
-    skipped: list[tuple[str, str]] = field(default_factory=list)   # (name, reason)
+
+    kept: list[tuple[str, str]] = field(default_factory=list)  # (name, split)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (name, reason)
 
 
-def convert(rows: list[tuple[str, str]], images_dir: Path, size: int, out_path: Path,
-            max_bad_fraction: float) -> Conversion:
+def convert(
+    rows: list[tuple[str, str]],
+    images_dir: Path,
+    size: int,
+    out_path: Path,
+    max_bad_fraction: float,
+) -> Conversion:
     """Grayscale every manifest row into `out_path` (N_kept, size, size), skipping the
     unreadable; UserError as soon as more than max_bad_fraction of all rows are."""
     result = Conversion()
@@ -45,7 +52,8 @@ def convert(rows: list[tuple[str, str]], images_dir: Path, size: int, out_path: 
                 if len(result.skipped) <= WARN_MAX:
                     log.warning("skipping %s", exc)
                 if len(result.skipped) > max_bad_fraction * len(rows):
-                    raise too_many_bad(result.skipped, number, len(rows), max_bad_fraction)
+                    bad = too_many_bad(result.skipped, number, len(rows), max_bad_fraction)
+                    raise bad from None
                 continue
             result.kept.append((name, split))
             yield gray
@@ -56,10 +64,13 @@ def convert(rows: list[tuple[str, str]], images_dir: Path, size: int, out_path: 
     return result
 
 
-def too_many_bad(skipped: list[tuple[str, str]], seen: int, total: int,
-                 max_bad_fraction: float) -> UserError:
+def too_many_bad(
+    skipped: list[tuple[str, str]], seen: int, total: int, max_bad_fraction: float
+) -> UserError:
     count = "" if seen == total else "at least "
-    return UserError(f"{count}{len(skipped)} of {total} images ({len(skipped) / total:.1%}) "
-                     f"cannot be read, more than data.max_bad_fraction={max_bad_fraction:g} "
-                     f"allows (first: {skipped[0][1]}); replace or remove them in data.source, "
-                     "or raise data.max_bad_fraction")
+    return UserError(
+        f"{count}{len(skipped)} of {total} images ({len(skipped) / total:.1%}) "
+        f"cannot be read, more than data.max_bad_fraction={max_bad_fraction:g} "
+        f"allows (first: {skipped[0][1]}); replace or remove them in data.source, "
+        "or raise data.max_bad_fraction"
+    )

@@ -5,6 +5,7 @@ HxW for grayscale modes, HxWx3 for colour ones, with the EXIF orientation
 applied, so a portrait photo is upright. A file that cannot be decoded raises
 BadImage with a one-line reason, which the grayscale stage counts and skips.
 """
+
 from __future__ import annotations
 
 import struct
@@ -22,8 +23,17 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 # Pillow has no one error type for a broken file: each decoder raises its own.
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, KeyError,
-                  struct.error, Image.DecompressionBombError, Image.DecompressionBombWarning)
+_DECODE_ERRORS = (
+    OSError,
+    ValueError,
+    SyntaxError,
+    EOFError,
+    IndexError,
+    KeyError,
+    struct.error,
+    Image.DecompressionBombError,
+    Image.DecompressionBombWarning,
+)
 
 
 class BadImage(UserError):
@@ -97,8 +107,9 @@ def read_image(path: str | Path) -> np.ndarray:
     except Image.UnidentifiedImageError:
         raise BadImage(f"{path.name}: not an image Pillow can read") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise BadImage(f"{path.name}: refused as a decompression bomb "
-                       f"({_first_line(exc)})") from None
+        raise BadImage(
+            f"{path.name}: refused as a decompression bomb ({_first_line(exc)})"
+        ) from None
     except _DECODE_ERRORS as exc:
         raise BadImage(f"{path.name}: cannot be read ({_first_line(exc)})") from None
 
@@ -118,7 +129,7 @@ def centre_crop(image: np.ndarray) -> np.ndarray:
     height, width = image.shape[:2]
     side = min(height, width)
     top, left = (height - side) // 2, (width - side) // 2
-    return image[top:top + side, left:left + side]
+    return image[top : top + side, left : left + side]
 
 
 def fit(image: np.ndarray, size: int) -> np.ndarray:
@@ -146,8 +157,10 @@ def read_gray_fitted(path: str | Path, size: int) -> np.ndarray:
     image = read_image(path)
     height, width = image.shape[:2]
     if min(height, width) < MIN_SIDE:
-        raise BadImage(f"{Path(path).name} is {width}×{height} px, smaller than {MIN_SIDE} px "
-                       "(the 32×32 smiley kernel) on a side; use larger photos")
+        raise BadImage(
+            f"{Path(path).name} is {width}×{height} px, smaller than {MIN_SIDE} px "
+            "(the 32×32 smiley kernel) on a side; use larger photos"
+        )
     return fit(luma(image), size)
 
 

@@ -5,12 +5,13 @@ SIGTERM (`kill`, `timeout`, a container stop). Both must unwind the stage like
 an exception, so its MLflow run is marked KILLED, and neither may land in the
 middle of a store write, which would leave SQLite locked.
 """
+
 from __future__ import annotations
 
 import contextlib
 import signal
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 
 @contextlib.contextmanager

@@ -5,6 +5,7 @@ brightness that grows to the right, exactly as a Conv2D layer (and
 scipy.ndimage.correlate, cv2.filter2D) applies it. `filter.operation: convolve`
 flips them; see src/filtering.py.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,17 +19,12 @@ from src.errors import UserError
 if TYPE_CHECKING:  # src.config imports this module, so only type checkers import it back
     from src.config import KernelSettings
 
-SOBEL_X = np.array([[-1, 0, 1],
-                    [-2, 0, 2],
-                    [-1, 0, 1]], dtype=np.float64)
-PREWITT_X = np.array([[-1, 0, 1],
-                      [-1, 0, 1],
-                      [-1, 0, 1]], dtype=np.float64)
-LAPLACIAN = np.array([[0, 1, 0],
-                      [1, -4, 1],
-                      [0, 1, 0]], dtype=np.float64)
-EDGE = np.array([[-1, -1],
-                 [1, 1]], dtype=np.float64)  # the course notes' 2×2 horizontal-edge kernel
+SOBEL_X = np.array([[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]], dtype=np.float64)
+PREWITT_X = np.array([[-1, 0, 1], [-1, 0, 1], [-1, 0, 1]], dtype=np.float64)
+LAPLACIAN = np.array([[0, 1, 0], [1, -4, 1], [0, 1, 0]], dtype=np.float64)
+EDGE = np.array(
+    [[-1, -1], [1, 1]], dtype=np.float64
+)  # the course notes' 2×2 horizontal-edge kernel
 
 SMILEY_SIZE = 32
 
@@ -51,8 +47,13 @@ def smiley(size: int = SMILEY_SIZE) -> np.ndarray:
     for cx in (int(0.35 * n), int(0.65 * n)):
         cy = int(0.37 * n)
         draw.ellipse([cx - eye_w // 2, cy - eye_h // 2, cx + eye_w // 2, cy + eye_h // 2], fill=255)
-    draw.arc([int(0.27 * n), int(0.30 * n), int(0.73 * n), int(0.76 * n)], start=20, end=160,
-             fill=255, width=stroke)
+    draw.arc(
+        [int(0.27 * n), int(0.30 * n), int(0.73 * n), int(0.76 * n)],
+        start=20,
+        end=160,
+        fill=255,
+        width=stroke,
+    )
     small = canvas.resize((size, size), Image.Resampling.BOX)
     k = np.asarray(small, dtype=np.float64) / 255.0
     return k / np.linalg.norm(k)
@@ -102,9 +103,11 @@ def from_file(path: str | Path) -> np.ndarray:
             if norm > 0:
                 k = k / norm
     except (ValueError, OSError) as exc:
-        raise UserError(f"{where} could not be read ({exc.__class__.__name__}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else 'unreadable'}); "
-                        "save it as a 2-D .npy, .csv or image") from None
+        raise UserError(
+            f"{where} could not be read ({exc.__class__.__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else 'unreadable'}); "
+            "save it as a 2-D .npy, .csv or image"
+        ) from None
     k = np.asarray(k)
     if k.size == 0:
         raise UserError(f"{where} is empty; it must hold a 2-D array of numbers")
@@ -141,10 +144,12 @@ def make(name: str, settings: KernelSettings | None = None) -> np.ndarray:
     """
     if settings is None:
         from src.config import KernelSettings  # here, not at the top: config imports us
+
         settings = KernelSettings()
     if name.startswith("file:"):
-        return from_file(name[len("file:"):])
+        return from_file(name[len("file:") :])
     if name not in BUILTIN:
-        raise UserError(f"kernel: unknown kernel {name!r}; choose from {', '.join(NAMES)}, "
-                        "or file:<path>")
+        raise UserError(
+            f"kernel: unknown kernel {name!r}; choose from {', '.join(NAMES)}, or file:<path>"
+        )
     return BUILTIN[name](settings)

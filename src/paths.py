@@ -5,33 +5,34 @@ root, or to the experiment's own copy of it for queued and --temp runs. The
 MLflow store is different: it must outlive those copies, so it is anchored at
 the *main* repo root.
 """
+
 from __future__ import annotations
 
 import os
 import subprocess
 from pathlib import Path
 
-RAW = Path("data/raw")                 # download: images/ + manifest.csv
+RAW = Path("data/raw")  # download: images/ + manifest.csv
 RAW_IMAGES = RAW / "images"
-MANIFEST = RAW / "manifest.csv"        # name,split — the seeded train/val split
-GRAY = Path("data/gray")               # grayscale: images.npy (N, S, S) float32 + index.csv
+MANIFEST = RAW / "manifest.csv"  # name,split — the seeded train/val split
+GRAY = Path("data/gray")  # grayscale: images.npy (N, S, S) float32 + index.csv
 GRAY_IMAGES = GRAY / "images.npy"
 GRAY_INDEX = GRAY / "index.csv"
-FILTERED = Path("data/filtered")       # filter: targets.npy + kernel.npy
+FILTERED = Path("data/filtered")  # filter: targets.npy + kernel.npy
 TARGETS = FILTERED / "targets.npy"
-KERNEL = FILTERED / "kernel.npy"       # the exact kernel a Conv2D must learn (flipped for convolve)
+KERNEL = FILTERED / "kernel.npy"  # the exact kernel a Conv2D must learn (flipped for convolve)
 FILTER_INFO = FILTERED / "filter.json"
-MODEL = Path("model")                  # train:
+MODEL = Path("model")  # train:
 LEARNED_KERNEL = MODEL / "kernel.npy"  #   the final learned kernel
-KERNEL_HISTORY = MODEL / "kernels.npy" #   (epochs, kh, kw): the kernel after every epoch
-MODEL_FILE = MODEL / "model.keras"     #   the Keras model, in the filter's padding
-RUN_INFO = MODEL / "run.json"          #   the MLflow run id, for visualize to add to
-METRICS = Path("metrics")              # DVC metrics and plots, kept in git
+KERNEL_HISTORY = MODEL / "kernels.npy"  #   (epochs, kh, kw): the kernel after every epoch
+MODEL_FILE = MODEL / "model.keras"  #   the Keras model, in the filter's padding
+RUN_INFO = MODEL / "run.json"  #   the MLflow run id, for visualize to add to
+METRICS = Path("metrics")  # DVC metrics and plots, kept in git
 TRAIN_METRICS = METRICS / "train.json"
-HISTORY = METRICS / "history.csv"      # one row per epoch
+HISTORY = METRICS / "history.csv"  # one row per epoch
 GRAYSCALE_METRICS = METRICS / "grayscale.json"
-FIGURES = Path("figures")              # visualize
-DOWNLOADS = Path(".cache/downloads")   # partial and finished archives, outside DVC outputs
+FIGURES = Path("figures")  # visualize
+DOWNLOADS = Path(".cache/downloads")  # partial and finished archives, outside DVC outputs
 
 
 def repo_root(cwd: Path | None = None) -> Path:
@@ -48,8 +49,13 @@ def repo_root(cwd: Path | None = None) -> Path:
     if marker in text:
         return Path(text.split(marker)[0])
     try:
-        out = subprocess.run(["git", "rev-parse", "--path-format=absolute", "--git-common-dir"],
-                             cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
+        out = subprocess.run(
+            ["git", "rev-parse", "--path-format=absolute", "--git-common-dir"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         return Path(out).parent
     except (OSError, subprocess.CalledProcessError):
         return cwd

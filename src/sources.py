@@ -12,6 +12,7 @@ afterwards, by image, so the manifest shows exactly which images are held out.
 The MIT archive URL can be overridden with the LLF_MIT_URL environment
 variable, e.g. to point at a mirror or, in tests, at a local server.
 """
+
 from __future__ import annotations
 
 import logging
@@ -32,8 +33,10 @@ from src.images import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 
-MIT_URL = ("https://people.csail.mit.edu/torralba/code/spatialenvelope/"
-           "spatial_envelope_256x256_static_8outdoorcategories.zip")
+MIT_URL = (
+    "https://people.csail.mit.edu/torralba/code/spatialenvelope/"
+    "spatial_envelope_256x256_static_8outdoorcategories.zip"
+)
 MIT_URL_ENV = "LLF_MIT_URL"
 SYNTHETIC_SIZE = 256  # as the MIT scenes; the grayscale stage fits both to data.size
 
@@ -42,6 +45,7 @@ SOURCE_HINT = "synthetic, mit_scenes, or a path to a folder or .zip of images"
 
 
 # --- the split and the subset: pure functions of counts and the seed ---------------
+
 
 def val_count(count: int, val_fraction: float) -> int:
     """Images held out: count × val_fraction rounded half up, at least 1 (when
@@ -54,7 +58,7 @@ def val_count(count: int, val_fraction: float) -> int:
 def split(count: int, val_fraction: float, seed: int) -> list[str]:
     """'train' or 'val' for each of `count` images, from a seeded permutation."""
     held_out = streams.rng(seed, streams.SPLIT).permutation(count)
-    held_out = held_out[:val_count(count, val_fraction)]
+    held_out = held_out[: val_count(count, val_fraction)]
     labels = np.full(count, "train", dtype=object)
     labels[held_out] = "val"
     return labels.tolist()
@@ -70,6 +74,7 @@ def subset(count: int, limit: int, seed: int) -> np.ndarray:
 
 
 # --- the sources ---------------------------------------------------------------------
+
 
 def gather(data: DataConfig, seed: int, images_dir: Path) -> list[str]:
     """Put the images data.source names into `images_dir`; return their sorted relative names."""
@@ -87,10 +92,11 @@ def gather(data: DataConfig, seed: int, images_dir: Path) -> list[str]:
     if path.is_file() and path.suffix.lower() == ".zip":
         return from_zip(path, data.limit, seed, images_dir)
     if path.is_file():
-        raise UserError(f"data.source: {data.source} is a file but not a .zip; "
-                        f"use {SOURCE_HINT}")
-    raise UserError(f"data.source: {data.source!r} is not synthetic, mit_scenes, or an existing "
-                    f"folder or .zip of images; set it to one of these")
+        raise UserError(f"data.source: {data.source} is a file but not a .zip; use {SOURCE_HINT}")
+    raise UserError(
+        f"data.source: {data.source!r} is not synthetic, mit_scenes, or an existing "
+        f"folder or .zip of images; set it to one of these"
+    )
 
 
 def local_path(source: str) -> Path:
@@ -139,23 +145,33 @@ def synthetic(count: int, limit: int, seed: int, images_dir: Path) -> list[str]:
 def _is_image(name: str) -> bool:
     # Hidden files and folders (.DS_Store, macOS "._x.jpg" forks, .git) are never images.
     parts = PurePosixPath(name).parts
-    return (bool(parts) and PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES
-            and not any(p.startswith(".") or p == "__MACOSX" for p in parts))
+    return (
+        bool(parts)
+        and PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES
+        and not any(p.startswith(".") or p == "__MACOSX" for p in parts)
+    )
 
 
 def _none_found(where: Path) -> UserError:
-    return UserError(f"data.source: {where} holds no images ({', '.join(IMAGE_SUFFIXES)}); "
-                     "add some, or set data.source to synthetic or mit_scenes")
+    return UserError(
+        f"data.source: {where} holds no images ({', '.join(IMAGE_SUFFIXES)}); "
+        "add some, or set data.source to synthetic or mit_scenes"
+    )
 
 
 def from_folder(root: Path, limit: int, seed: int, images_dir: Path) -> list[str]:
     """Copy the images under `root` (recursively) into `images_dir`, keeping their
     relative paths, so names stay unique and say where each image came from."""
     if images_dir.resolve().is_relative_to(root.resolve()):
-        raise UserError(f"data.source: {root} holds the pipeline's own output folder; point "
-                        "it at a folder of images outside data/")
-    names = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
-                   if p.is_file() and _is_image(p.relative_to(root).as_posix()))
+        raise UserError(
+            f"data.source: {root} holds the pipeline's own output folder; point "
+            "it at a folder of images outside data/"
+        )
+    names = sorted(
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*")
+        if p.is_file() and _is_image(p.relative_to(root).as_posix())
+    )
     if not names:
         raise _none_found(root)
     names = [names[i] for i in subset(len(names), limit, seed)]
@@ -170,11 +186,16 @@ def zip_images(archive: Path) -> list[str]:
     """The image entries of a zip archive, sorted."""
     try:
         with zipfile.ZipFile(archive) as zf:
-            return sorted(info.filename for info in zf.infolist()
-                          if not info.is_dir() and _is_image(info.filename))
+            return sorted(
+                info.filename
+                for info in zf.infolist()
+                if not info.is_dir() and _is_image(info.filename)
+            )
     except (zipfile.BadZipFile, OSError) as exc:
-        raise UserError(f"{archive} is not a readable zip archive ({exc}); delete it and "
-                        "re-run, or point data.source at a valid .zip") from None
+        raise UserError(
+            f"{archive} is not a readable zip archive ({exc}); delete it and "
+            "re-run, or point data.source at a valid .zip"
+        ) from None
 
 
 def from_zip(archive: Path, limit: int, seed: int, images_dir: Path) -> list[str]:
@@ -188,8 +209,9 @@ def from_zip(archive: Path, limit: int, seed: int, images_dir: Path) -> list[str
     return [name.replace("\\", "/") for name in names]  # as extract_zip lays them out
 
 
-def mit_scenes(categories: tuple[str, ...], limit: int, seed: int, sha256: str,
-               images_dir: Path) -> list[str]:
+def mit_scenes(
+    categories: tuple[str, ...], limit: int, seed: int, sha256: str, images_dir: Path
+) -> list[str]:
     """Download the MIT outdoor scenes once, then unpack `categories` (all when empty)
     flat into `images_dir` as <category>_<id>.jpg."""
     url = os.environ.get(MIT_URL_ENV) or MIT_URL
@@ -203,8 +225,10 @@ def mit_scenes(categories: tuple[str, ...], limit: int, seed: int, sha256: str,
         if name.split("_", 1)[0] in wanted:
             entries.setdefault(name, entry)
     if not entries:
-        raise UserError(f"{archive} holds no images of {', '.join(wanted)}; delete it and "
-                        "re-run to download it again")
+        raise UserError(
+            f"{archive} holds no images of {', '.join(wanted)}; delete it and "
+            "re-run to download it again"
+        )
     names = sorted(entries)
     names = [names[i] for i in subset(len(names), limit, seed)]
     unpack = images_dir.parent / f".{images_dir.name}.unpack"

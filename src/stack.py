@@ -7,11 +7,12 @@ resident pages of a memory map count in the process's RSS (a stage that reads
 while pages read with pread or written with write stay in the OS page cache,
 which the kernel shares and frees at will. Memory stays at the rows asked for.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
@@ -20,8 +21,9 @@ from src.errors import UserError
 DTYPE = np.dtype("<f4")  # little-endian float32, C order: what write_stack writes
 
 
-def write_stack(path: Path, arrays: Iterable[np.ndarray], capacity: int,
-                shape: tuple[int, ...]) -> int:
+def write_stack(
+    path: Path, arrays: Iterable[np.ndarray], capacity: int, shape: tuple[int, ...]
+) -> int:
     """Write float32 arrays of `shape` one after another as an .npy of up to `capacity`
     rows; return how many were written. Fewer than `capacity` shrinks the file to fit."""
     header = {"descr": DTYPE.str, "fortran_order": False, "shape": (capacity, *shape)}
@@ -32,8 +34,10 @@ def write_stack(path: Path, arrays: Iterable[np.ndarray], capacity: int,
         data_start = out.tell()
         for array in arrays:
             if count == capacity or array.shape != shape:
-                raise ValueError(f"row {count} has shape {array.shape}, not {shape}, or "
-                                 f"exceeds the capacity {capacity}")
+                raise ValueError(
+                    f"row {count} has shape {array.shape}, not {shape}, or "
+                    f"exceeds the capacity {capacity}"
+                )
             out.write(np.ascontiguousarray(array, dtype=DTYPE).data)
             count += 1
         if count < capacity:
@@ -72,6 +76,7 @@ class Stack:
 
     def _read_header(self) -> tuple[tuple[int, int, int], int]:
         """(shape, where the data starts), parsed by numpy's own .npy header readers."""
+
         def wrong(what: str) -> UserError:
             return UserError(f"{self.path} is not a stack of float32 images ({what}); {self.fix}")
 
@@ -117,7 +122,7 @@ class Stack:
         # one read per run of consecutive rows: a slice of rows is one read
         for run in np.split(np.arange(len(rows)), np.flatnonzero(np.diff(rows) != 1) + 1):
             if len(run):
-                self._read(out[run[0]:run[-1] + 1], int(rows[run[0]]))
+                self._read(out[run[0] : run[-1] + 1], int(rows[run[0]]))
         return out[(slice(None), *rest)]
 
     def _row(self, i: int, rest: tuple) -> np.ndarray:
@@ -145,7 +150,7 @@ class Stack:
     def close(self) -> None:
         self._file.close()
 
-    def __enter__(self) -> "Stack":
+    def __enter__(self) -> Stack:
         return self
 
     def __exit__(self, *exc) -> None:

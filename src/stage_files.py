@@ -11,6 +11,7 @@ Writers put their files into the temporary folder of an atomic_dir (src/atomic.p
 so a stage's outputs appear together or not at all. A reader that finds its file
 missing or malformed says which stage to rerun.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,23 +32,39 @@ HISTORY_COLUMNS = ["epoch", "loss", "val_loss", "kernel_mse", "kernel_rel_error"
 
 
 # Who writes what: a missing file names the stage that makes it.
-WRITERS = {paths.RAW: "download", paths.GRAY: "grayscale", paths.FILTERED: "filter",
-           paths.MODEL: "train", paths.HISTORY: "train"}
+WRITERS = {
+    paths.RAW: "download",
+    paths.GRAY: "grayscale",
+    paths.FILTERED: "filter",
+    paths.MODEL: "train",
+    paths.HISTORY: "train",
+}
 # What each stage reads, in the order it is checked: the first one missing is named.
 INPUTS = {
     "filter": (paths.GRAY_IMAGES, paths.GRAY_INDEX),
     "train": (paths.GRAY_IMAGES, paths.GRAY_INDEX, paths.TARGETS, paths.KERNEL),
-    "visualize": (paths.KERNEL_HISTORY, paths.LEARNED_KERNEL, paths.MODEL_FILE, paths.RUN_INFO,
-                  paths.HISTORY, paths.KERNEL, paths.FILTER_INFO, paths.TARGETS,
-                  paths.GRAY_IMAGES, paths.GRAY_INDEX),
+    "visualize": (
+        paths.KERNEL_HISTORY,
+        paths.LEARNED_KERNEL,
+        paths.MODEL_FILE,
+        paths.RUN_INFO,
+        paths.HISTORY,
+        paths.KERNEL,
+        paths.FILTER_INFO,
+        paths.TARGETS,
+        paths.GRAY_IMAGES,
+        paths.GRAY_INDEX,
+    ),
 }
 
 
 def _missing(path: Path) -> UserError:
-    writer = next(stage for folder, stage in WRITERS.items()
-                  if path == folder or folder in path.parents)
-    return UserError(f"{path} is missing; run `dvc repro {writer}` first, or the whole "
-                     "pipeline with `dvc repro`")
+    writer = next(
+        stage for folder, stage in WRITERS.items() if path == folder or folder in path.parents
+    )
+    return UserError(
+        f"{path} is missing; run `dvc repro {writer}` first, or the whole pipeline with `dvc repro`"
+    )
 
 
 def require_inputs(stage: str) -> None:
@@ -63,9 +80,9 @@ def _rerun(stage: str) -> str:
 
 # --- name,split tables: the manifest (download) and the index (grayscale) -----------
 
+
 def _write_splits(path: Path, names: list[str], splits: list[str]) -> None:
-    pd.DataFrame({"name": names, "split": splits}, columns=SPLIT_COLUMNS).to_csv(path,
-                                                                                 index=False)
+    pd.DataFrame({"name": names, "split": splits}, columns=SPLIT_COLUMNS).to_csv(path, index=False)
 
 
 def _read_splits(path: Path, stage: str) -> pd.DataFrame:
@@ -109,6 +126,7 @@ def read_index() -> pd.DataFrame:
 
 # --- image stacks ----------------------------------------------------------------
 
+
 def open_gray_images() -> Stack:
     """The grayscale stage's (N, S, S) images."""
     return Stack(paths.GRAY_IMAGES, fix=_rerun("grayscale"))
@@ -125,20 +143,24 @@ def open_gray_images_with_index() -> tuple[Stack, pd.DataFrame]:
     images = open_gray_images()
     if len(images) != len(index):
         images.close()
-        raise UserError(f"{paths.GRAY_IMAGES} holds shape {images.shape} but "
-                        f"{paths.GRAY_INDEX} lists {len(index)} images; {_rerun('grayscale')}")
+        raise UserError(
+            f"{paths.GRAY_IMAGES} holds shape {images.shape} but "
+            f"{paths.GRAY_INDEX} lists {len(index)} images; {_rerun('grayscale')}"
+        )
     return images, index
 
 
 # --- what the filter stage made ----------------------------------------------------
 
+
 @dataclass(frozen=True)
 class FilterInfo:
     """filter.json: how the targets were made."""
+
     kernel: str
-    shape: tuple[int, int]        # the Conv2D kernel's (kh, kw)
-    operation: str                # correlate | convolve
-    padding: str                  # valid | same
+    shape: tuple[int, int]  # the Conv2D kernel's (kh, kw)
+    operation: str  # correlate | convolve
+    padding: str  # valid | same
     noise_std: float
     images: int
     target_shape: tuple[int, int]
@@ -166,17 +188,21 @@ def read_filter_info() -> FilterInfo:
         raise _missing(paths.FILTER_INFO)
     try:
         doc = json.loads(paths.FILTER_INFO.read_text())
-        return FilterInfo(**{**doc, "shape": tuple(doc["shape"]),
-                             "target_shape": tuple(doc["target_shape"])})
+        return FilterInfo(
+            **{**doc, "shape": tuple(doc["shape"]), "target_shape": tuple(doc["target_shape"])}
+        )
     except (ValueError, TypeError, KeyError):
-        raise UserError(f"{paths.FILTER_INFO} is not what the filter stage writes; "
-                        f"{_rerun('filter')}") from None
+        raise UserError(
+            f"{paths.FILTER_INFO} is not what the filter stage writes; {_rerun('filter')}"
+        ) from None
 
 
 # --- what the train stage made ------------------------------------------------------
 
-def write_model(folder: Path, *, learned_kernel: np.ndarray, kernel_history: np.ndarray,
-                model, run: dict) -> None:
+
+def write_model(
+    folder: Path, *, learned_kernel: np.ndarray, kernel_history: np.ndarray, model, run: dict
+) -> None:
     """Into the train stage's `folder`: the final kernel, the kernel after every epoch
     (epochs, kh, kw), the Keras model in the filter's padding, and the MLflow run."""
     folder = Path(folder)
@@ -227,8 +253,10 @@ def read_history() -> pd.DataFrame:
         history = pd.DataFrame()
     missing = [c for c in HISTORY_COLUMNS if c not in history.columns]
     if history.empty or missing:
-        raise UserError(f"{paths.HISTORY} has no rows or lacks {', '.join(missing)}; "
-                        "rerun training with `dvc repro -f train`")
+        raise UserError(
+            f"{paths.HISTORY} has no rows or lacks {', '.join(missing)}; "
+            "rerun training with `dvc repro -f train`"
+        )
     return history
 
 

@@ -3,16 +3,17 @@
 draws never shifts another's numbers. Keras's initial weights come from
 keras.utils.set_random_seed(params.seed).
 """
+
 from __future__ import annotations
 
 import numpy as np
 
-CROPS = 1         # train: the crops' order and offsets; the curvature probe sees the first ones
-CURVATURE = 2     # train: the start vector of the Lanczos curvature estimate
+CROPS = 1  # train: the crops' order and offsets; the curvature probe sees the first ones
+CURVATURE = 2  # train: the start vector of the Lanczos curvature estimate
 TARGET_NOISE = 3  # filter: the noise added to the targets
-LEAVES = 101      # download: the dead-leaves images, one stream per image index
-SUBSET = 102      # download: the data.limit subset
-SPLIT = 103       # download: the train/val split
+LEAVES = 101  # download: the dead-leaves images, one stream per image index
+SUBSET = 102  # download: the data.limit subset
+SPLIT = 103  # download: the train/val split
 ORIGINAL_ORDER = 7  # make bench: the image order of the original recipe
 
 

@@ -18,6 +18,7 @@ that MLflow does not do by itself:
   artifacts under paths.artifact_root() instead. A tracking server decides its
   own artifact location.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,8 +28,8 @@ import re
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 from urllib.parse import urlparse
 
 import mlflow
@@ -44,13 +45,14 @@ from src.errors import UserError
 
 log = logging.getLogger(__name__)
 
-PROBE_TIMEOUT = 5           # seconds to wait for a tracking server before giving up
-LOCK_TIMEOUT = 120.0        # seconds to wait for another process creating the store
-MAX_PARAM_LENGTH = 6000     # MLflow rejects longer param values
+PROBE_TIMEOUT = 5  # seconds to wait for a tracking server before giving up
+LOCK_TIMEOUT = 120.0  # seconds to wait for another process creating the store
+MAX_PARAM_LENGTH = 6000  # MLflow rejects longer param values
 EXPS_COPY = f"{os.sep}.dvc{os.sep}tmp{os.sep}exps{os.sep}"
 
 
 # --- what a run records about itself --------------------------------------------
+
 
 def run_name(params: config.Params) -> str:
     return f"{params.kernel}-{os.environ.get('DVC_EXP_NAME') or 'workspace'}"
@@ -78,11 +80,14 @@ def run_tags(params: config.Params) -> dict[str, str]:
 
 def run_params(params: config.Params) -> dict[str, str]:
     """All of params.yaml, flattened to dotted keys, as the strings MLflow stores."""
-    return {key: str(value)[:MAX_PARAM_LENGTH]
-            for key, value in config.flatten(params.model_dump(mode="json")).items()}
+    return {
+        key: str(value)[:MAX_PARAM_LENGTH]
+        for key, value in config.flatten(params.model_dump(mode="json")).items()
+    }
 
 
 # --- opening the store ------------------------------------------------------------
+
 
 def _quiet_mlflow() -> None:
     # MLflow and alembic log every schema step and a "View run" line at INFO; those
@@ -104,8 +109,10 @@ def _one_quick_try(uri: str) -> Iterator[None]:
     if not _is_server(uri):
         yield
         return
-    knobs = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
-             "MLFLOW_HTTP_REQUEST_TIMEOUT": str(PROBE_TIMEOUT)}
+    knobs = {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(PROBE_TIMEOUT),
+    }
     saved = {name: os.environ.get(name) for name in knobs}
     os.environ.update(knobs)
     try:
@@ -120,12 +127,18 @@ def _one_quick_try(uri: str) -> Iterator[None]:
 
 def _unreachable(uri: str, exc: Exception) -> UserError:
     errno = re.search(r"\[Errno -?\d+\] ([^'\")]+)", str(exc))
-    reason = (errno.group(1).strip() if errno else
-              f"no answer within {PROBE_TIMEOUT} s" if "timeout" in str(exc).lower() else
-              type(exc.__cause__ or exc).__name__)
-    return UserError(f"MLflow server {uri} is not reachable ({reason}); start it, or set "
-                     "MLFLOW_TRACKING_URI to a running server (unset it to log to mlflow.db "
-                     "at the repo root)")
+    reason = (
+        errno.group(1).strip()
+        if errno
+        else f"no answer within {PROBE_TIMEOUT} s"
+        if "timeout" in str(exc).lower()
+        else type(exc.__cause__ or exc).__name__
+    )
+    return UserError(
+        f"MLflow server {uri} is not reachable ({reason}); start it, or set "
+        "MLFLOW_TRACKING_URI to a running server (unset it to log to mlflow.db "
+        "at the repo root)"
+    )
 
 
 def _store_lock(uri: str) -> contextlib.AbstractContextManager:
@@ -142,16 +155,21 @@ def _store_lock(uri: str) -> contextlib.AbstractContextManager:
 
 def _store_error(uri: str, exc: Exception) -> UserError:
     message = str(getattr(exc, "message", None) or exc)
-    schema = re.search(r"out-of-date database schema \(found version (\w+), but expected (\w+)",
-                       message)
+    schema = re.search(
+        r"out-of-date database schema \(found version (\w+), but expected (\w+)", message
+    )
     if schema:
         found, expected = schema.groups()
-        return UserError(f"{uri} has MLflow schema {found}, but MLflow {mlflow.__version__} "
-                         f"needs {expected}; back it up, then run `mlflow db upgrade {uri}` "
-                         "(or, if a newer MLflow made it, use that version)")
+        return UserError(
+            f"{uri} has MLflow schema {found}, but MLflow {mlflow.__version__} "
+            f"needs {expected}; back it up, then run `mlflow db upgrade {uri}` "
+            "(or, if a newer MLflow made it, use that version)"
+        )
     first = message.strip().splitlines()[0] if message.strip() else type(exc).__name__
-    return UserError(f"MLflow store {uri} can't be used: {first}; fix it, or point "
-                     "MLFLOW_TRACKING_URI at another store")
+    return UserError(
+        f"MLflow store {uri} can't be used: {first}; fix it, or point "
+        "MLFLOW_TRACKING_URI at another store"
+    )
 
 
 def _experiment_id(client: MlflowClient, uri: str, name: str) -> str:
@@ -165,13 +183,18 @@ def _experiment_id(client: MlflowClient, uri: str, name: str) -> str:
                 raise
             experiment = client.get_experiment_by_name(name)  # another process made it first
     if experiment.lifecycle_stage == "deleted":
-        raise UserError(f"MLflow experiment {name!r} is deleted; restore it with `mlflow "
-                        f"experiments restore --experiment-id {experiment.experiment_id}`, or "
-                        "set mlflow.experiment in params.yaml to a new name")
+        raise UserError(
+            f"MLflow experiment {name!r} is deleted; restore it with `mlflow "
+            f"experiments restore --experiment-id {experiment.experiment_id}`, or "
+            "set mlflow.experiment in params.yaml to a new name"
+        )
     if EXPS_COPY in experiment.artifact_location:
-        log.warning("MLflow experiment %r keeps its artifacts in %s, inside a DVC experiment "
-                    "copy that is deleted after the run; set mlflow.experiment to a new name",
-                    name, experiment.artifact_location)
+        log.warning(
+            "MLflow experiment %r keeps its artifacts in %s, inside a DVC experiment "
+            "copy that is deleted after the run; set mlflow.experiment to a new name",
+            name,
+            experiment.artifact_location,
+        )
     return experiment.experiment_id
 
 
@@ -188,8 +211,10 @@ def _open_store(experiment: str | None = None) -> tuple[MlflowClient, str | None
                 client.search_experiments(max_results=1)  # reaches the server
             experiment_id = _experiment_id(client, uri, experiment) if experiment else None
     except Timeout as exc:
-        raise UserError(f"waited {LOCK_TIMEOUT:g} s for {exc.lock_file}: another process is "
-                        "creating the MLflow store; wait for it, or stop it") from exc
+        raise UserError(
+            f"waited {LOCK_TIMEOUT:g} s for {exc.lock_file}: another process is "
+            "creating the MLflow store; wait for it, or stop it"
+        ) from exc
     except RestException as exc:  # a server answered, with an error
         raise _store_error(uri, exc) from exc
     except MlflowException as exc:
@@ -201,6 +226,7 @@ def _open_store(experiment: str | None = None) -> tuple[MlflowClient, str | None
 
 # --- run lifetime ---------------------------------------------------------------
 
+
 def _end_run(status: str) -> None:
     """End the active run with `status`. A failure is one warning line, so the error
     that ended the block stays the one the user sees."""
@@ -208,8 +234,11 @@ def _end_run(status: str) -> None:
         with interrupts.uninterrupted():
             mlflow.end_run(status)
     except Exception as exc:
-        log.warning("could not mark the MLflow run %s: %s", status,
-                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        log.warning(
+            "could not mark the MLflow run %s: %s",
+            status,
+            str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+        )
 
 
 @contextlib.contextmanager
@@ -224,15 +253,22 @@ def training_run(params: config.Params) -> Iterator[str]:
     client, experiment_id = _open_store(params.mlflow.experiment)
     with interrupts.sigterm_as_interrupt():
         with interrupts.uninterrupted():
-            run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name(params),
-                                   tags=run_tags(params))
+            run = mlflow.start_run(
+                experiment_id=experiment_id, run_name=run_name(params), tags=run_tags(params)
+            )
         run_id = run.info.run_id
         try:
-            log.info("MLflow run %s (%s) in experiment %r at %s", run.info.run_name, run_id,
-                     params.mlflow.experiment, mlflow.get_tracking_uri())
+            log.info(
+                "MLflow run %s (%s) in experiment %r at %s",
+                run.info.run_name,
+                run_id,
+                params.mlflow.experiment,
+                mlflow.get_tracking_uri(),
+            )
             with interrupts.uninterrupted():
-                client.log_batch(run_id,
-                                 params=[Param(k, v) for k, v in run_params(params).items()])
+                client.log_batch(
+                    run_id, params=[Param(k, v) for k, v in run_params(params).items()]
+                )
             yield run_id
         except Exception:
             _end_run("FAILED")
@@ -257,11 +293,15 @@ def resume_run(run_id: str) -> Iterator[str]:
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise _store_error(mlflow.get_tracking_uri(), exc) from exc
-        raise UserError(f"MLflow run {run_id} is not in {mlflow.get_tracking_uri()}; the store "
-                        "changed since training: rerun it with `dvc repro -f train`") from exc
+        raise UserError(
+            f"MLflow run {run_id} is not in {mlflow.get_tracking_uri()}; the store "
+            "changed since training: rerun it with `dvc repro -f train`"
+        ) from exc
     if run.info.lifecycle_stage == "deleted":
-        raise UserError(f"MLflow run {run_id} is deleted; restore it with `mlflow runs restore "
-                        f"--run-id {run_id}`, or rerun training with `dvc repro -f train`")
+        raise UserError(
+            f"MLflow run {run_id} is deleted; restore it with `mlflow runs restore "
+            f"--run-id {run_id}`, or rerun training with `dvc repro -f train`"
+        )
     with interrupts.sigterm_as_interrupt():
         with interrupts.uninterrupted():
             mlflow.start_run(run_id=run_id)
@@ -273,8 +313,14 @@ def resume_run(run_id: str) -> Iterator[str]:
 
 # --- what gets logged -------------------------------------------------------------
 
-def log_epoch(run_id: str, epoch: int, metrics: dict[str, float], kernel: np.ndarray,
-              value_range: tuple[float, float]) -> None:
+
+def log_epoch(
+    run_id: str,
+    epoch: int,
+    metrics: dict[str, float],
+    kernel: np.ndarray,
+    value_range: tuple[float, float],
+) -> None:
     """Log one epoch at step=epoch: all metrics in one write, plus the kernel's picture.
 
     The pictures go under images/ with key "kernel": the run page shows them as
@@ -284,14 +330,20 @@ def log_epoch(run_id: str, epoch: int, metrics: dict[str, float], kernel: np.nda
     now = int(time.time() * 1000)
     picture = figures.kernel_picture(kernel, value_range)
     with interrupts.uninterrupted():
-        client.log_batch(run_id,
-                         metrics=[Metric(k, float(v), now, epoch) for k, v in metrics.items()])
+        client.log_batch(
+            run_id, metrics=[Metric(k, float(v), now, epoch) for k, v in metrics.items()]
+        )
         client.log_image(run_id, picture, key="kernel", step=epoch)
 
 
-def log_final(run_id: str, *, true_kernel: np.ndarray, learned_kernel: np.ndarray,
-              model_path: str | Path | None = None,
-              value_range: tuple[float, float] | None = None) -> None:
+def log_final(
+    run_id: str,
+    *,
+    true_kernel: np.ndarray,
+    learned_kernel: np.ndarray,
+    model_path: str | Path | None = None,
+    value_range: tuple[float, float] | None = None,
+) -> None:
     """Log the end of training: both kernels as pictures and .npy, and the model.
 
     Pictures share value_range (default: symmetric around the true kernel). The
@@ -300,8 +352,9 @@ def log_final(run_id: str, *, true_kernel: np.ndarray, learned_kernel: np.ndarra
     client = MlflowClient()
     value_range = value_range or figures.symmetric_range(true_kernel)
     for name, kernel in (("true_kernel", true_kernel), ("learned_kernel", learned_kernel)):
-        client.log_image(run_id, figures.kernel_picture(kernel, value_range),
-                         artifact_file=f"{name}.png")
+        client.log_image(
+            run_id, figures.kernel_picture(kernel, value_range), artifact_file=f"{name}.png"
+        )
     with tempfile.TemporaryDirectory() as tmp:
         for name, kernel in (("true_kernel", true_kernel), ("learned_kernel", learned_kernel)):
             np.save(Path(tmp) / f"{name}.npy", np.asarray(kernel))

@@ -18,13 +18,14 @@ make it fast and exact on 2 CPU cores:
   trains the kernel; after each epoch the bias is set to its least-squares value
   for that kernel, the mean residual on training images in the original space.
 """
+
 from __future__ import annotations
 
 import itertools
 import logging
 import math
 import time
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import keras
 import numpy as np
@@ -40,13 +41,14 @@ from src.layers import build_model, choose_conv, learned_kernel
 
 log = logging.getLogger("train")
 
-VAL_MAX_IMAGES = 128   # per-epoch val_loss uses at most this many held-out images
-BIAS_IMAGES = 16       # training images the bias is fitted on after each epoch
-PROBE_BATCHES = 4      # the step is sized for the steepest of the first few batches
+VAL_MAX_IMAGES = 128  # per-epoch val_loss uses at most this many held-out images
+BIAS_IMAGES = 16  # training images the bias is fitted on after each epoch
+PROBE_BATCHES = 4  # the step is sized for the steepest of the first few batches
 EXACT_HESSIAN_MAX_TAPS = 121  # curvature from the exact Hessian up to 11×11, estimated above
 
 
 # --- whitening -----------------------------------------------------------------
+
 
 def _gradient(a: tf.Tensor) -> tf.Tensor:
     # x- and y-differences on the same (H-1, W-1) grid, stacked on the batch axis:
@@ -57,8 +59,9 @@ def _gradient(a: tf.Tensor) -> tf.Tensor:
 
 
 def _laplacian(a: tf.Tensor) -> tf.Tensor:
-    return (a[:, :-2, 1:-1] + a[:, 2:, 1:-1] + a[:, 1:-1, :-2] + a[:, 1:-1, 2:]
-            - 4.0 * a[:, 1:-1, 1:-1])
+    return (
+        a[:, :-2, 1:-1] + a[:, 2:, 1:-1] + a[:, 1:-1, :-2] + a[:, 1:-1, 2:] - 4.0 * a[:, 1:-1, 1:-1]
+    )
 
 
 WHITENERS: dict[str, Callable[[tf.Tensor], tf.Tensor]] = {
@@ -76,9 +79,17 @@ def whiten_pair(x: tf.Tensor, target: tf.Tensor, whiten: str) -> tuple[tf.Tensor
 
 # --- data ----------------------------------------------------------------------
 
-def crops(images: np.ndarray, targets: np.ndarray, rows: np.ndarray,
-          kernel_shape: tuple[int, int], padding: str, batch_size: int, crop: int,
-          rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+
+def crops(
+    images: np.ndarray,
+    targets: np.ndarray,
+    rows: np.ndarray,
+    kernel_shape: tuple[int, int],
+    padding: str,
+    batch_size: int,
+    crop: int,
+    rng: np.random.Generator,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """One epoch of batches: the training rows in a seeded order, one random crop
     each, with its target cut out in 'valid' geometry. Reads the memory maps
     batch by batch, so memory does not grow with the dataset."""
@@ -88,33 +99,46 @@ def crops(images: np.ndarray, targets: np.ndarray, rows: np.ndarray,
     top, left = target_offset(kernel_shape, padding)
     order = rng.permutation(rows)
     for start in range(0, len(order), batch_size):
-        batch = order[start:start + batch_size]
+        batch = order[start : start + batch_size]
         offsets = rng.integers(0, size - side + 1, size=(len(batch), 2))
         windows = list(zip(batch, offsets))
-        x = np.stack([images[i, oy:oy + side, ox:ox + side] for i, (oy, ox) in windows])
-        t = np.stack([targets[i, top + oy:top + oy + side - kh + 1,
-                              left + ox:left + ox + side - kw + 1] for i, (oy, ox) in windows])
+        x = np.stack([images[i, oy : oy + side, ox : ox + side] for i, (oy, ox) in windows])
+        t = np.stack(
+            [
+                targets[
+                    i, top + oy : top + oy + side - kh + 1, left + ox : left + ox + side - kw + 1
+                ]
+                for i, (oy, ox) in windows
+            ]
+        )
         yield x[..., None].astype(np.float32), t[..., None].astype(np.float32)
 
 
-def training_dataset(images, targets, rows, kernel_shape, padding, cfg: TrainConfig,
-                     seed: int, scale: float = 1.0) -> tuple[tf.data.Dataset, int]:
+def training_dataset(
+    images, targets, rows, kernel_shape, padding, cfg: TrainConfig, seed: int, scale: float = 1.0
+) -> tuple[tf.data.Dataset, int]:
     rng = streams.rng(seed, streams.CROPS)
 
     def epochs():
         while True:
-            yield from crops(images, targets, rows, kernel_shape, padding, cfg.batch_size,
-                             cfg.crop, rng)
+            yield from crops(
+                images, targets, rows, kernel_shape, padding, cfg.batch_size, cfg.crop, rng
+            )
 
-    spec = (tf.TensorSpec((None, None, None, 1), tf.float32),
-            tf.TensorSpec((None, None, None, 1), tf.float32))
-    dataset = (tf.data.Dataset.from_generator(epochs, output_signature=spec)
-               .map(lambda x, t: whiten_pair(x * scale, t * scale, cfg.whiten))
-               .prefetch(2))
+    spec = (
+        tf.TensorSpec((None, None, None, 1), tf.float32),
+        tf.TensorSpec((None, None, None, 1), tf.float32),
+    )
+    dataset = (
+        tf.data.Dataset.from_generator(epochs, output_signature=spec)
+        .map(lambda x, t: whiten_pair(x * scale, t * scale, cfg.whiten))
+        .prefetch(2)
+    )
     return dataset, math.ceil(len(rows) / cfg.batch_size)
 
 
 # --- step size -----------------------------------------------------------------
+
 
 def top_curvature(x: tf.Tensor | np.ndarray, kernel_shape: tuple[int, int], seed: int) -> float:
     """Largest eigenvalue of the MSE loss's Hessian in the kernel, on the batch x.
@@ -167,33 +191,40 @@ def _toeplitz_top_curvature(x: np.ndarray, kernel_shape: tuple[int, int], seed: 
     operator = LinearOperator((taps, taps), matvec=toeplitz_times, dtype=np.float64)
     start = streams.rng(seed, streams.CURVATURE).standard_normal(taps)
     v = eigsh(operator, k=1, which="LA", v0=start, tol=1e-6)[1][:, 0].reshape(kh, kw)
-    outputs = signal.fftconvolve(x.astype(np.float64), v[None, ::-1, ::-1], mode="valid",
-                                 axes=(1, 2))
-    return float(2.0 * np.mean(outputs ** 2) / np.sum(v ** 2))
+    outputs = signal.fftconvolve(
+        x.astype(np.float64), v[None, ::-1, ::-1], mode="valid", axes=(1, 2)
+    )
+    return float(2.0 * np.mean(outputs**2) / np.sum(v**2))
 
 
 # --- the fit -------------------------------------------------------------------
 
+
 def kernel_errors(learned: np.ndarray, true: np.ndarray) -> tuple[float, float]:
     """(mean squared difference, ‖w−k‖²/‖k‖²)."""
     diff = np.sum((learned - true) ** 2)
-    return float(diff / true.size), float(diff / np.sum(true ** 2))
+    return float(diff / true.size), float(diff / np.sum(true**2))
 
 
-def residual_moments(model: keras.Model, images: np.ndarray, targets: np.ndarray,
-                     rows: np.ndarray, batch_size: int = 16) -> tuple[float, float]:
+def residual_moments(
+    model: keras.Model,
+    images: np.ndarray,
+    targets: np.ndarray,
+    rows: np.ndarray,
+    batch_size: int = 16,
+) -> tuple[float, float]:
     """Mean and mean square of target − prediction over whole images, un-whitened, in the
     filter's padding: the bias's least-squares value, and the validation loss."""
     if len(rows) == 0:
         return float("nan"), float("nan")
     total, total_sq, count = 0.0, 0.0, 0
     for start in range(0, len(rows), batch_size):
-        idx = np.sort(rows[start:start + batch_size])
+        idx = np.sort(rows[start : start + batch_size])
         x = np.asarray(images[idx], dtype=np.float32)[..., None]
         t = np.asarray(targets[idx], dtype=np.float64)
         residual = t - model(x, training=False).numpy()[..., 0].astype(np.float64)
         total += float(np.sum(residual))
-        total_sq += float(np.sum(residual ** 2))
+        total_sq += float(np.sum(residual**2))
         count += t.size
     return total / count, total_sq / count
 
@@ -217,20 +248,33 @@ class EpochEnd(keras.callbacks.Callback):
         kernel = self.model.get_layer("conv").get_weights()[0]
         if not math.isfinite(loss) or not np.all(np.isfinite(kernel)):
             self.model.stop_training = True
-            raise UserError(f"training diverged: the loss became {loss} in epoch {epoch + 1}; "
-                            f"lower train.learning_rate (now {self.cfg.learning_rate:g})")
+            raise UserError(
+                f"training diverged: the loss became {loss} in epoch {epoch + 1}; "
+                f"lower train.learning_rate (now {self.cfg.learning_rate:g})"
+            )
         layer = self.final_model.get_layer("conv")
         layer.set_weights([kernel, np.zeros(1, np.float32)])
         bias, _ = residual_moments(self.final_model, self.images, self.targets, self.bias_rows)
         layer.set_weights([kernel, np.array([bias], np.float32)])
-        _, val_loss = residual_moments(self.final_model, self.images, self.targets,
-                                       self.val_rows)
-        kernel_mse, kernel_rel_error = kernel_errors(kernel[:, :, 0, 0].astype(np.float64),
-                                                     self.true_kernel)
-        logs.update(val_loss=val_loss, kernel_mse=kernel_mse, kernel_rel_error=kernel_rel_error,
-                    elapsed_s=time.perf_counter() - self.started)
-        log.info("epoch %d/%d  loss %.3e  val_loss %.3e  kernel_rel_error %.3e  %.1f s",
-                 epoch + 1, self.cfg.epochs, loss, val_loss, kernel_rel_error, logs["elapsed_s"])
+        _, val_loss = residual_moments(self.final_model, self.images, self.targets, self.val_rows)
+        kernel_mse, kernel_rel_error = kernel_errors(
+            kernel[:, :, 0, 0].astype(np.float64), self.true_kernel
+        )
+        logs.update(
+            val_loss=val_loss,
+            kernel_mse=kernel_mse,
+            kernel_rel_error=kernel_rel_error,
+            elapsed_s=time.perf_counter() - self.started,
+        )
+        log.info(
+            "epoch %d/%d  loss %.3e  val_loss %.3e  kernel_rel_error %.3e  %.1f s",
+            epoch + 1,
+            self.cfg.epochs,
+            loss,
+            val_loss,
+            kernel_rel_error,
+            logs["elapsed_s"],
+        )
 
 
 class KernelSnapshots(keras.callbacks.Callback):
@@ -258,10 +302,16 @@ def optimizer(cfg: TrainConfig, total_steps: int) -> keras.optimizers.Optimizer:
     return keras.optimizers.Adam(rate)
 
 
-def train(images: np.ndarray, targets: np.ndarray, true_kernel: np.ndarray, split: np.ndarray,
-          padding: str, cfg: TrainConfig, seed: int,
-          callbacks: Sequence[keras.callbacks.Callback] = ()) -> tuple[keras.Model,
-                                                                        keras.callbacks.History]:
+def train(
+    images: np.ndarray,
+    targets: np.ndarray,
+    true_kernel: np.ndarray,
+    split: np.ndarray,
+    padding: str,
+    cfg: TrainConfig,
+    seed: int,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
+) -> tuple[keras.Model, keras.callbacks.History]:
     """Fit the one-layer model. Returns it in the filter's padding, with its fitted bias,
     ready to predict, and Keras's History of the per-epoch logs (loss, val_loss,
     kernel_mse, kernel_rel_error, elapsed_s).
@@ -279,22 +329,47 @@ def train(images: np.ndarray, targets: np.ndarray, true_kernel: np.ndarray, spli
 
     # the steepest of the first batches: a step must be stable on every batch, not the
     # average (the same batches the training dataset starts with)
-    probe = crops(images, targets, train_rows, kernel_shape, padding, cfg.batch_size, cfg.crop,
-                  streams.rng(seed, streams.CROPS))
-    curvature = max(top_curvature(WHITENERS[cfg.whiten](x), kernel_shape, seed)
-                    for x, _ in itertools.islice(probe, PROBE_BATCHES))
+    probe = crops(
+        images,
+        targets,
+        train_rows,
+        kernel_shape,
+        padding,
+        cfg.batch_size,
+        cfg.crop,
+        streams.rng(seed, streams.CROPS),
+    )
+    curvature = max(
+        top_curvature(WHITENERS[cfg.whiten](x), kernel_shape, seed)
+        for x, _ in itertools.islice(probe, PROBE_BATCHES)
+    )
     scale = 1.0 / math.sqrt(curvature)
-    dataset, steps = training_dataset(images, targets, train_rows, kernel_shape, padding, cfg,
-                                      seed, scale)
-    log.info("conv %s, whiten %s, %d train / %d val images, %d steps per epoch, "
-             "data scaled by %.3g for unit curvature", conv, cfg.whiten, len(train_rows),
-             len(val_rows), steps, scale)
+    dataset, steps = training_dataset(
+        images, targets, train_rows, kernel_shape, padding, cfg, seed, scale
+    )
+    log.info(
+        "conv %s, whiten %s, %d train / %d val images, %d steps per epoch, "
+        "data scaled by %.3g for unit curvature",
+        conv,
+        cfg.whiten,
+        len(train_rows),
+        len(val_rows),
+        steps,
+        scale,
+    )
 
     model = build_model(kernel_shape, conv, "valid", use_bias=False)
     final = build_model(kernel_shape, conv, padding)
     model.compile(optimizer=optimizer(cfg, steps * cfg.epochs), loss="mse")
-    on_epoch = EpochEnd(final, true_kernel, images, targets, train_rows[:BIAS_IMAGES], val_rows,
-                        cfg)
-    history = model.fit(dataset, epochs=cfg.epochs, steps_per_epoch=steps, shuffle=False,
-                        verbose=0, callbacks=[on_epoch, *callbacks])
+    on_epoch = EpochEnd(
+        final, true_kernel, images, targets, train_rows[:BIAS_IMAGES], val_rows, cfg
+    )
+    history = model.fit(
+        dataset,
+        epochs=cfg.epochs,
+        steps_per_epoch=steps,
+        shuffle=False,
+        verbose=0,
+        callbacks=[on_epoch, *callbacks],
+    )
     return final, history

@@ -5,6 +5,7 @@ Writes data/raw/:
   manifest.csv  name,split — name relative to images/; split is train or val,
                 seeded by image, so which images are held out is on record
 """
+
 from __future__ import annotations
 
 import logging
@@ -27,8 +28,15 @@ def main() -> None:
         splits = sources.split(len(names), data.val_fraction, params.seed)
         stage_files.write_manifest(tmp, names, splits)
     counts = Counter(splits)
-    log.info("%d images from %s → %s: %d train, %d val, in %.1f s", len(names), data.source,
-             paths.RAW, counts["train"], counts["val"], time.perf_counter() - start)
+    log.info(
+        "%d images from %s → %s: %d train, %d val, in %.1f s",
+        len(names),
+        data.source,
+        paths.RAW,
+        counts["train"],
+        counts["val"],
+        time.perf_counter() - start,
+    )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ Reads data/gray/images.npy (N, S, S) float32; writes data/filtered/:
                single source of truth for later stages
   filter.json  kernel name, shape, operation, padding, noise_std
 """
+
 from __future__ import annotations
 
 import logging
@@ -30,9 +31,11 @@ def main() -> None:
         # Targets come from the float32 kernel that is saved, so kernel.npy gives them back as is.
         kernel = filtering.conv2d_kernel(params.true_kernel(), op).astype(np.float32)
         if kernel.shape[0] > height or kernel.shape[1] > width:
-            raise UserError(f"kernel: {params.kernel} is {kernel.shape[0]}×{kernel.shape[1]}, "
-                            f"larger than the {height}×{width} grayscale images; "
-                            "rerun `dvc repro grayscale`")
+            raise UserError(
+                f"kernel: {params.kernel} is {kernel.shape[0]}×{kernel.shape[1]}, "
+                f"larger than the {height}×{width} grayscale images; "
+                "rerun `dvc repro grayscale`"
+            )
         out_h, out_w = filtering.output_shape(height, width, kernel.shape, padding)
         rng = streams.rng(params.seed, streams.TARGET_NOISE)
 
@@ -40,12 +43,33 @@ def main() -> None:
         with atomic_dir(paths.FILTERED) as tmp:
             targets = filtering.make_targets(images, kernel, padding, noise_std=noise_std, rng=rng)
             stack.write_stack(tmp / paths.TARGETS.name, targets, n, (out_h, out_w))
-            stage_files.write_filter_outputs(tmp, kernel, stage_files.FilterInfo(
-                kernel=params.kernel, shape=kernel.shape, operation=op, padding=padding,
-                noise_std=noise_std, images=n, target_shape=(out_h, out_w)))
-    log.info("%d images %d×%d → targets %d×%d with %s %d×%d (%s, %s padding, noise %g) in %.1f s",
-             n, height, width, out_h, out_w, params.kernel, *kernel.shape, op, padding,
-             noise_std, time.perf_counter() - start)
+            stage_files.write_filter_outputs(
+                tmp,
+                kernel,
+                stage_files.FilterInfo(
+                    kernel=params.kernel,
+                    shape=kernel.shape,
+                    operation=op,
+                    padding=padding,
+                    noise_std=noise_std,
+                    images=n,
+                    target_shape=(out_h, out_w),
+                ),
+            )
+    log.info(
+        "%d images %d×%d → targets %d×%d with %s %d×%d (%s, %s padding, noise %g) in %.1f s",
+        n,
+        height,
+        width,
+        out_h,
+        out_w,
+        params.kernel,
+        *kernel.shape,
+        op,
+        padding,
+        noise_std,
+        time.perf_counter() - start,
+    )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ Reads data/raw/ (manifest.csv, images/); writes
   metrics/grayscale.json      images, train, val, skipped (and the first skipped names)
 Unreadable images are skipped with a warning, up to data.max_bad_fraction of them.
 """
+
 from __future__ import annotations
 
 import logging
@@ -27,20 +28,40 @@ def main() -> None:
     rows = list(stage_files.read_manifest().itertuples(index=False, name=None))
     start = time.perf_counter()
     with atomic_dir(paths.GRAY) as tmp:
-        result = grayscale.convert(rows, paths.RAW_IMAGES, size, tmp / paths.GRAY_IMAGES.name,
-                                   params.data.max_bad_fraction)
+        result = grayscale.convert(
+            rows, paths.RAW_IMAGES, size, tmp / paths.GRAY_IMAGES.name, params.data.max_bad_fraction
+        )
         stage_files.write_index(tmp, *map(list, zip(*result.kept)))
     counts = Counter(split for _, split in result.kept)
     skipped = [name for name, _ in result.skipped]
     stage_files.write_grayscale_metrics(
-        {"images": len(result.kept), "train": counts["train"], "val": counts["val"],
-         "skipped": len(skipped), "skipped_names": skipped[:NAMES_MAX]})
+        {
+            "images": len(result.kept),
+            "train": counts["train"],
+            "val": counts["val"],
+            "skipped": len(skipped),
+            "skipped_names": skipped[:NAMES_MAX],
+        }
+    )
     if skipped:
-        log.warning("skipped %d unreadable of %d images: %s%s", len(skipped), len(rows),
-                    ", ".join(skipped[:NAMES_MAX]), " …" if len(skipped) > NAMES_MAX else "")
-    log.info("%d images → %s (%d, %d, %d) float32: %d train, %d val, in %.1f s",
-             len(result.kept), paths.GRAY_IMAGES, len(result.kept), size, size,
-             counts["train"], counts["val"], time.perf_counter() - start)
+        log.warning(
+            "skipped %d unreadable of %d images: %s%s",
+            len(skipped),
+            len(rows),
+            ", ".join(skipped[:NAMES_MAX]),
+            " …" if len(skipped) > NAMES_MAX else "",
+        )
+    log.info(
+        "%d images → %s (%d, %d, %d) float32: %d train, %d val, in %.1f s",
+        len(result.kept),
+        paths.GRAY_IMAGES,
+        len(result.kept),
+        size,
+        size,
+        counts["train"],
+        counts["val"],
+        time.perf_counter() - start,
+    )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ Reads data/gray and data/filtered (only the rows each batch needs, src/stack.py)
 writes model/ (the learned kernel, its per-epoch history, the Keras model, the
 MLflow run id), metrics/train.json and the per-epoch metrics/history.csv.
 """
+
 from src import console
 
 if __name__ == "__main__":  # run as a stage, not imported by a test
@@ -30,8 +31,9 @@ class LogEpochToMlflow(keras.callbacks.Callback):
         self.run_id, self.value_range = run_id, value_range
 
     def on_epoch_end(self, epoch, logs=None):
-        tracking.log_epoch(self.run_id, epoch + 1, logs, layers.learned_kernel(self.model),
-                           self.value_range)
+        tracking.log_epoch(
+            self.run_id, epoch + 1, logs, layers.learned_kernel(self.model), self.value_range
+        )
 
 
 def main() -> None:
@@ -39,30 +41,62 @@ def main() -> None:
     stage_files.require_inputs("train")
     true_kernel = stage_files.read_true_kernel()
     split = stage_files.read_index()["split"].to_numpy()
-    with (tracking.training_run(params) as run_id,  # before the data: a bad store fails at once
-          stage_files.open_gray_images() as images, stage_files.open_targets() as targets):
+    with (
+        tracking.training_run(params) as run_id,  # before the data: a bad store fails at once
+        stage_files.open_gray_images() as images,
+        stage_files.open_targets() as targets,
+    ):
         value_range = figures.symmetric_range(true_kernel)
         snapshots = training.KernelSnapshots()
-        model, fit = training.train(images, targets, true_kernel, split, params.filter.padding,
-                                    params.train, params.seed,
-                                    callbacks=[snapshots, LogEpochToMlflow(run_id, value_range)])
+        model, fit = training.train(
+            images,
+            targets,
+            true_kernel,
+            split,
+            params.filter.padding,
+            params.train,
+            params.seed,
+            callbacks=[snapshots, LogEpochToMlflow(run_id, value_range)],
+        )
         history = pd.DataFrame(fit.history).assign(epoch=np.array(fit.epoch) + 1)
 
         with atomic_dir(paths.MODEL) as out:
-            stage_files.write_model(out, learned_kernel=layers.learned_kernel(model),
-                                    kernel_history=snapshots.stacked, model=model,
-                                    run={"run_id": run_id, "tracking_uri": paths.tracking_uri(),
-                                         "experiment": params.mlflow.experiment})
+            stage_files.write_model(
+                out,
+                learned_kernel=layers.learned_kernel(model),
+                kernel_history=snapshots.stacked,
+                model=model,
+                run={
+                    "run_id": run_id,
+                    "tracking_uri": paths.tracking_uri(),
+                    "experiment": params.mlflow.experiment,
+                },
+            )
         stage_files.write_history(history)
         last = history.iloc[-1]
-        stage_files.write_train_metrics({
-            "kernel_mse": last.kernel_mse, "kernel_rel_error": last.kernel_rel_error,
-            "val_loss": last.val_loss, "loss": last.loss, "epochs": int(last.epoch),
-            "train_seconds": round(last.elapsed_s, 2)})
-        tracking.log_final(run_id, true_kernel=true_kernel, learned_kernel=snapshots.kernels[-1],
-                           model_path=paths.MODEL_FILE, value_range=value_range)
-        log.info("kernel_rel_error %.3e after %d epochs in %.1f s", last.kernel_rel_error,
-                 last.epoch, last.elapsed_s)
+        stage_files.write_train_metrics(
+            {
+                "kernel_mse": last.kernel_mse,
+                "kernel_rel_error": last.kernel_rel_error,
+                "val_loss": last.val_loss,
+                "loss": last.loss,
+                "epochs": int(last.epoch),
+                "train_seconds": round(last.elapsed_s, 2),
+            }
+        )
+        tracking.log_final(
+            run_id,
+            true_kernel=true_kernel,
+            learned_kernel=snapshots.kernels[-1],
+            model_path=paths.MODEL_FILE,
+            value_range=value_range,
+        )
+        log.info(
+            "kernel_rel_error %.3e after %d epochs in %.1f s",
+            last.kernel_rel_error,
+            last.epoch,
+            last.elapsed_s,
+        )
 
 
 if __name__ == "__main__":

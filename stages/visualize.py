@@ -8,6 +8,7 @@ filter.json), data/gray and, for the colour original, data/raw/images. Writes fi
   sample.png       the first validation image: original, grayscale, target, prediction, residual
   curves.png       kernel_rel_error, kernel_mse, loss and val_loss per epoch
 """
+
 from src import console
 
 if __name__ == "__main__":  # run as a stage, not imported by a test
@@ -54,16 +55,21 @@ def load_model():
     try:
         return layers.load_model(paths.MODEL_FILE)
     except (ValueError, OSError, TypeError) as exc:
-        raise UserError(f"{paths.MODEL_FILE} could not be loaded ({type(exc).__name__}); "
-                        "rerun training with `dvc repro -f train`") from None
+        raise UserError(
+            f"{paths.MODEL_FILE} could not be loaded ({type(exc).__name__}); "
+            "rerun training with `dvc repro -f train`"
+        ) from None
 
 
 def main() -> None:
     stage_files.require_inputs("visualize")
     run = stage_files.read_run()
     if run.get("tracking_uri") and run["tracking_uri"] != paths.tracking_uri():
-        log.warning("training logged to %s, but the tracking URI is now %s",
-                    run["tracking_uri"], paths.tracking_uri())
+        log.warning(
+            "training logged to %s, but the tracking URI is now %s",
+            run["tracking_uri"],
+            paths.tracking_uri(),
+        )
 
     with tracking.resume_run(run["run_id"]):  # before the work: a bad store fails at once
         learned, kernels = stage_files.read_learned_kernels()
@@ -71,10 +77,12 @@ def main() -> None:
         padding = stage_files.read_filter_info().padding
         history = stage_files.read_history()
         if len(kernels) != len(history) or kernels.shape[1:] != true_kernel.shape:
-            raise UserError(f"{paths.KERNEL_HISTORY} {kernels.shape}, {paths.HISTORY} "
-                            f"({len(history)} epochs) and {paths.KERNEL} "
-                            f"{true_kernel.shape} don't match; "
-                            "rerun training with `dvc repro -f train`")
+            raise UserError(
+                f"{paths.KERNEL_HISTORY} {kernels.shape}, {paths.HISTORY} "
+                f"({len(history)} epochs) and {paths.KERNEL} "
+                f"{true_kernel.shape} don't match; "
+                "rerun training with `dvc repro -f train`"
+            )
 
         index = stage_files.read_index()
         names, splits = index["name"].tolist(), index["split"].tolist()
@@ -85,8 +93,10 @@ def main() -> None:
             target = targets[row]
         prediction = load_model()(gray[None, :, :, None], training=False).numpy()[0, :, :, 0]
         if prediction.shape != target.shape:
-            raise UserError(f"the model outputs {prediction.shape} for {names[row]}, but its "
-                            f"target is {target.shape}; rerun with `dvc repro -f train`")
+            raise UserError(
+                f"the model outputs {prediction.shape} for {names[row]}, but its "
+                f"target is {target.shape}; rerun with `dvc repro -f train`"
+            )
         original = read_original(names[row], gray.shape[0])
 
         errors = history["kernel_rel_error"].to_numpy()
@@ -96,8 +106,13 @@ def main() -> None:
             pictures = {
                 "comparison.png": figures.comparison(true_kernel, learned, errors[-1]),
                 "sample.png": figures.sample_strip(
-                    gray, target, prediction, original, window_centre(true_kernel.shape, padding),
-                    title=f"{names[row]} ({splits[row]}), {padding} padding"),
+                    gray,
+                    target,
+                    prediction,
+                    original,
+                    window_centre(true_kernel.shape, padding),
+                    title=f"{names[row]} ({splits[row]}), {padding} padding",
+                ),
                 "curves.png": figures.curves(history),
             }
             for name, fig in pictures.items():
@@ -105,8 +120,15 @@ def main() -> None:
         mlflow.log_artifacts(str(paths.FIGURES), artifact_path="figures")
 
     gif_kb = (paths.FIGURES / "convergence.gif").stat().st_size / 1024
-    log.info("%s: convergence.gif (%d frames of %d epochs, %.0f KB), %s; sample image %s",
-             paths.FIGURES, len(epochs), len(kernels), gif_kb, ", ".join(pictures), names[row])
+    log.info(
+        "%s: convergence.gif (%d frames of %d epochs, %.0f KB), %s; sample image %s",
+        paths.FIGURES,
+        len(epochs),
+        len(kernels),
+        gif_kb,
+        ", ".join(pictures),
+        names[row],
+    )
     log.info("logged them under figures/ in MLflow run %s", run["run_id"])
 
 

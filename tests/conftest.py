@@ -3,6 +3,7 @@
 End-to-end tests run the real `dvc` and `python -m stages.*` there, with the
 MLflow store in the copy (DVC_ROOT makes it the copy's mlflow.db).
 """
+
 from __future__ import annotations
 
 import os
@@ -43,14 +44,27 @@ class Workspace:
     def __init__(self, root: Path):
         self.root = root
 
-    def run(self, *args: str, check: bool = True, timeout: float = 600,
-            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-        result = subprocess.run(list(args), cwd=self.root, env=env or clean_env(), text=True,
-                                capture_output=True, timeout=timeout)
+    def run(
+        self,
+        *args: str,
+        check: bool = True,
+        timeout: float = 600,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.CompletedProcess:
+        result = subprocess.run(
+            list(args),
+            cwd=self.root,
+            env=env or clean_env(),
+            text=True,
+            capture_output=True,
+            timeout=timeout,
+        )
         if check and result.returncode != 0:
-            raise AssertionError(f"{' '.join(args)} exited {result.returncode}\n"
-                                 f"--- stdout\n{result.stdout[-4000:]}\n"
-                                 f"--- stderr\n{result.stderr[-4000:]}")
+            raise AssertionError(
+                f"{' '.join(args)} exited {result.returncode}\n"
+                f"--- stdout\n{result.stdout[-4000:]}\n"
+                f"--- stderr\n{result.stderr[-4000:]}"
+            )
         return result
 
     def dvc(self, *args: str, **kwargs) -> subprocess.CompletedProcess:
@@ -58,8 +72,9 @@ class Workspace:
 
     def set_params(self, changes: dict) -> None:
         path = self.root / "params.yaml"
-        path.write_text(yaml.safe_dump(merge(yaml.safe_load(path.read_text()), changes),
-                                       sort_keys=False))
+        path.write_text(
+            yaml.safe_dump(merge(yaml.safe_load(path.read_text()), changes), sort_keys=False)
+        )
 
     def commit(self, message: str = "change") -> None:
         self.run("git", "add", "-A")
@@ -98,11 +113,27 @@ def mlflow_server(tmp_path):
     url = f"http://127.0.0.1:{port}"
     log = open(tmp_path / "server.log", "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 's.db'}",
-         "--default-artifact-root", str(tmp_path / "art")],
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 's.db'}",
+            "--default-artifact-root",
+            str(tmp_path / "art"),
+        ],
         env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while True:

@@ -1,5 +1,6 @@
 """`make bench` on a tiny size (8 images of 64×64, sobel_x, 3 s budgets, DVC section skipped):
 the report, JSON and markdown, is complete and well formed. Its numbers are not judged."""
+
 from __future__ import annotations
 
 import json
@@ -22,9 +23,25 @@ def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     md, js = out / "BENCHMARKS.md", out / "results.json"
     result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench", "--quick", "--skip", "dvc",
-         "--workdir", str(out / "work"), "--out-md", str(md), "--out-json", str(js)],
-        cwd=REPO, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.bench",
+            "--quick",
+            "--skip",
+            "dvc",
+            "--workdir",
+            str(out / "work"),
+            "--out-md",
+            str(md),
+            "--out-json",
+            str(js),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     assert not (out / "work").exists(), "the workdir is removed unless --keep"
     return json.loads(js.read_text()), md.read_text()
@@ -58,8 +75,14 @@ def test_every_section_is_there_and_every_number_is_finite(quick):
 def test_sections_hold_their_measurements(quick):
     sections = quick[0]["sections"]
     stages = sections["stages"]["scales"]["8"]
-    assert set(stages) == {"download", "grayscale", "filter:smiley", "filter:sobel_x", "train",
-                           "visualize"}
+    assert set(stages) == {
+        "download",
+        "grayscale",
+        "filter:smiley",
+        "filter:sobel_x",
+        "train",
+        "visualize",
+    }
     for m in stages.values():
         assert m["seconds"] > 0 and m["peak_rss_mb"] > 0 and m["peak_anon_mb"] > 0
 
@@ -88,8 +111,16 @@ def test_targets_have_a_status_and_the_markdown_shows_them_all(quick):
     for target in results["targets"]:
         assert target["status"] in statuses
         assert target["target"] in md
-    for heading in ("## Machine", "## Targets", "## 1. ", "## 2. ", "## 3. ", "## 4. ",
-                    "## 5. ", "## 6. "):
+    for heading in (
+        "## Machine",
+        "## Targets",
+        "## 1. ",
+        "## 2. ",
+        "## 3. ",
+        "## 4. ",
+        "## 5. ",
+        "## 6. ",
+    ):
         assert heading in md
     assert "nan" not in md.lower().replace("nanosecond", "") and "None" not in md
     assert results["command"] in md
@@ -98,9 +129,19 @@ def test_targets_have_a_status_and_the_markdown_shows_them_all(quick):
 def test_reached_tells_first_touch_from_staying():
     trace = Trace(__import__("numpy").ones((1, 1)))
     # error falls to 5e-3, bounces back up, then falls for good
-    trace.points = [(0.1, 1, 1.0, 0), (0.2, 2, 5e-3, 0), (0.3, 3, 2e-2, 0), (0.4, 4, 1e-3, 0),
-                    (0.5, 5, 5e-4, 0)]
+    trace.points = [
+        (0.1, 1, 1.0, 0),
+        (0.2, 2, 5e-3, 0),
+        (0.3, 3, 2e-2, 0),
+        (0.4, 4, 1e-3, 0),
+        (0.5, 5, 5e-4, 0),
+    ]
     reached = trace.reached(1e-2)
     assert (reached["first_s"], reached["settled_s"]) == (0.2, 0.4)
-    assert trace.reached(1e-4) == {"threshold": 1e-4, "first_s": None, "first_step": None,
-                                   "settled_s": None, "settled_step": None}
+    assert trace.reached(1e-4) == {
+        "threshold": 1e-4,
+        "first_s": None,
+        "first_step": None,
+        "settled_s": None,
+        "settled_step": None,
+    }

@@ -36,40 +36,47 @@ def test_the_committed_params_are_valid_and_typed():
     assert params.true_kernel().shape == (3, 3)
 
 
-@pytest.mark.parametrize("path, value, message", [
-    ("kernel", "sobel_z", r"unknown kernel 'sobel_z'; choose from sobel_x, sobel_y, smiley"),
-    ("kernel", 3, "unknown kernel 3"),
-    ("train.epochs", "abc", r"train.epochs must be a whole number, got 'abc'"),
-    ("train.epochs", 0, "train.epochs must be at least 1, got 0"),
-    ("train.epochs", -2, "train.epochs must be at least 1"),
-    ("train.batch_size", 0, "train.batch_size must be at least 1"),
-    ("train.learning_rate", 0, "train.learning_rate must be greater than 0"),
-    ("train.learning_rate", -0.1, "train.learning_rate must be greater than 0"),
-    ("train.learning_rate", "fast", "train.learning_rate must be a number"),
-    ("train.learning_rate", float("nan"), "train.learning_rate must be a finite number"),
-    ("train.learning_rate", float("inf"), "train.learning_rate must be a finite number, got inf"),
-    ("train.learning_rate", True, "train.learning_rate must be a number, got True"),
-    ("train.epochs", "3", "train.epochs must be a whole number, got '3'"),
-    ("train.epochs", True, "train.epochs must be a whole number, got True"),
-    ("train.epochs", 2.5, "train.epochs must be a whole number, got 2.5"),
-    ("train.optimizer", "rmsprop", "train.optimizer must be one of sgd, adam; got 'rmsprop'"),
-    ("train.conv", "winograd", "train.conv must be one of auto, direct, fft"),
-    ("train.whiten", "zca", "train.whiten must be one of gradient, laplacian, none"),
-    ("filter.operation", "convolution", "filter.operation must be one of correlate, convolve"),
-    ("filter.padding", "full", "filter.padding must be one of valid, same"),
-    ("filter.noise_std", -1, "filter.noise_std must be at least 0"),
-    ("data.val_fraction", 1.5, "data.val_fraction must be at most 0.9"),
-    ("data.size", 4, "data.size must be at least 8"),
-    ("data.source", "", "data.source must be synthetic, mit_scenes, or a path"),
-    ("data.categories", ["forest", "moon"], "data.categories: unknown moon; choose from coast"),
-    ("data.sha256", "abc", "data.sha256 must be 64 hex digits"),
-    ("seed", 1.5, "seed must be a whole number"),
-    ("kernels.gaussian.sigma", 0, "kernels.gaussian.sigma must be a number greater than 0"),
-    ("kernels.box.size", "big", "kernels.box.size must be a whole number"),
-    ("kernels.box", 7, "kernels.box must be a mapping of settings, got 7"),
-    ("train", 3, "train must be a mapping of settings, got 3"),
-    ("mlflow.experiment", "", "mlflow.experiment must be a non-empty name, got ''"),
-])
+@pytest.mark.parametrize(
+    "path, value, message",
+    [
+        ("kernel", "sobel_z", r"unknown kernel 'sobel_z'; choose from sobel_x, sobel_y, smiley"),
+        ("kernel", 3, "unknown kernel 3"),
+        ("train.epochs", "abc", r"train.epochs must be a whole number, got 'abc'"),
+        ("train.epochs", 0, "train.epochs must be at least 1, got 0"),
+        ("train.epochs", -2, "train.epochs must be at least 1"),
+        ("train.batch_size", 0, "train.batch_size must be at least 1"),
+        ("train.learning_rate", 0, "train.learning_rate must be greater than 0"),
+        ("train.learning_rate", -0.1, "train.learning_rate must be greater than 0"),
+        ("train.learning_rate", "fast", "train.learning_rate must be a number"),
+        ("train.learning_rate", float("nan"), "train.learning_rate must be a finite number"),
+        (
+            "train.learning_rate",
+            float("inf"),
+            "train.learning_rate must be a finite number, got inf",
+        ),
+        ("train.learning_rate", True, "train.learning_rate must be a number, got True"),
+        ("train.epochs", "3", "train.epochs must be a whole number, got '3'"),
+        ("train.epochs", True, "train.epochs must be a whole number, got True"),
+        ("train.epochs", 2.5, "train.epochs must be a whole number, got 2.5"),
+        ("train.optimizer", "rmsprop", "train.optimizer must be one of sgd, adam; got 'rmsprop'"),
+        ("train.conv", "winograd", "train.conv must be one of auto, direct, fft"),
+        ("train.whiten", "zca", "train.whiten must be one of gradient, laplacian, none"),
+        ("filter.operation", "convolution", "filter.operation must be one of correlate, convolve"),
+        ("filter.padding", "full", "filter.padding must be one of valid, same"),
+        ("filter.noise_std", -1, "filter.noise_std must be at least 0"),
+        ("data.val_fraction", 1.5, "data.val_fraction must be at most 0.9"),
+        ("data.size", 4, "data.size must be at least 8"),
+        ("data.source", "", "data.source must be synthetic, mit_scenes, or a path"),
+        ("data.categories", ["forest", "moon"], "data.categories: unknown moon; choose from coast"),
+        ("data.sha256", "abc", "data.sha256 must be 64 hex digits"),
+        ("seed", 1.5, "seed must be a whole number"),
+        ("kernels.gaussian.sigma", 0, "kernels.gaussian.sigma must be a number greater than 0"),
+        ("kernels.box.size", "big", "kernels.box.size must be a whole number"),
+        ("kernels.box", 7, "kernels.box must be a mapping of settings, got 7"),
+        ("train", 3, "train must be a mapping of settings, got 3"),
+        ("mlflow.experiment", "", "mlflow.experiment must be a non-empty name, got ''"),
+    ],
+)
 def test_a_bad_value_names_the_key_and_what_is_allowed(path, value, message):
     doc = with_change(path, value)
     if path.startswith("kernels."):
@@ -134,37 +141,60 @@ def test_malformed_yaml_and_a_non_mapping_are_one_line_errors(tmp_path):
         config.load(tmp_path / "absent.yaml")
 
 
-@pytest.mark.parametrize("path, message", [
-    ("kernal", "kernal: unknown setting; did you mean kernel?"),
-    ("trian", "trian: unknown setting; did you mean train?"),
-    ("data.catgories", "data.catgories: unknown setting; did you mean data.categories?"),
-    ("filter.noise", "filter.noise: unknown setting; did you mean filter.noise_std?"),
-    ("train.epoch", "train.epoch: unknown setting; did you mean train.epochs?"),
-    ("mlflow.experiment_name",
-     "mlflow.experiment_name: unknown setting; did you mean mlflow.experiment?"),
-    ("kernels.gauss", "kernels.gauss: unknown setting; did you mean kernels.gaussian?"),
-    ("kernels.box.sise", "kernels.box.sise: unknown setting; did you mean kernels.box.size?"),
-    ("kernels.gaussian.sigms",
-     "kernels.gaussian.sigms: unknown setting; did you mean kernels.gaussian.sigma?"),
-    ("kernels.gaussian.covariances",
-     "kernels.gaussian.covariances: unknown setting; did you mean kernels.gaussian.covariance?"),
-    ("train.zzz", "train.zzz: unknown setting; choose from epochs, batch_size, learning_rate, "
-                  "optimizer, conv, whiten, crop"),
-])
+@pytest.mark.parametrize(
+    "path, message",
+    [
+        ("kernal", "kernal: unknown setting; did you mean kernel?"),
+        ("trian", "trian: unknown setting; did you mean train?"),
+        ("data.catgories", "data.catgories: unknown setting; did you mean data.categories?"),
+        ("filter.noise", "filter.noise: unknown setting; did you mean filter.noise_std?"),
+        ("train.epoch", "train.epoch: unknown setting; did you mean train.epochs?"),
+        (
+            "mlflow.experiment_name",
+            "mlflow.experiment_name: unknown setting; did you mean mlflow.experiment?",
+        ),
+        ("kernels.gauss", "kernels.gauss: unknown setting; did you mean kernels.gaussian?"),
+        ("kernels.box.sise", "kernels.box.sise: unknown setting; did you mean kernels.box.size?"),
+        (
+            "kernels.gaussian.sigms",
+            "kernels.gaussian.sigms: unknown setting; did you mean kernels.gaussian.sigma?",
+        ),
+        (
+            "kernels.gaussian.covariances",
+            "kernels.gaussian.covariances: unknown setting; "
+            "did you mean kernels.gaussian.covariance?",
+        ),
+        (
+            "train.zzz",
+            "train.zzz: unknown setting; choose from epochs, batch_size, learning_rate, "
+            "optimizer, conv, whiten, crop",
+        ),
+    ],
+)
 def test_an_unknown_key_names_the_closest_valid_one(path, message):
     with pytest.raises(UserError) as error:
         config.parse(with_change(path, 1))
     assert str(error.value) == message
 
 
-@pytest.mark.parametrize("kernel_settings, key", [
-    *[({"gaussian": {"sigma": sigma}}, "kernels.gaussian.sigma")
-      for sigma in (0, -1.0, "wide", True, float("nan"))],
-    *[({"gaussian": {"covariance": cov}}, "kernels.gaussian.covariance")
-      for cov in ([[1, 2], [2, 1]], [[1, 0.5], [0.4, 1]], [1, 2, 3], "x", [[1, 0], [0, "a"]])],
-    *[({name: {"size": size}}, f"kernels.{name}.size")
-      for name in ("box", "gaussian") for size in (0, -3, 2.5, "5", True)],
-])
+@pytest.mark.parametrize(
+    "kernel_settings, key",
+    [
+        *[
+            ({"gaussian": {"sigma": sigma}}, "kernels.gaussian.sigma")
+            for sigma in (0, -1.0, "wide", True, float("nan"))
+        ],
+        *[
+            ({"gaussian": {"covariance": cov}}, "kernels.gaussian.covariance")
+            for cov in ([[1, 2], [2, 1]], [[1, 0.5], [0.4, 1]], [1, 2, 3], "x", [[1, 0], [0, "a"]])
+        ],
+        *[
+            ({name: {"size": size}}, f"kernels.{name}.size")
+            for name in ("box", "gaussian")
+            for size in (0, -3, 2.5, "5", True)
+        ],
+    ],
+)
 def test_kernel_settings_are_checked_even_for_a_kernel_not_selected(kernel_settings, key):
     doc = defaults()  # kernel: sobel_x, which takes no settings
     for name, changes in kernel_settings.items():
@@ -190,7 +220,9 @@ def test_whole_numbers_and_numbers_keep_their_type():
     params = config.parse(with_change("train.learning_rate", 1))
     assert params.train.learning_rate == 1.0 and type(params.train.learning_rate) is float
     assert config.parse(with_change("data.categories", "forest, street")).data.categories == (
-        "forest", "street")
+        "forest",
+        "street",
+    )
 
 
 def test_the_models_are_frozen_and_buildable_from_keywords():
@@ -232,10 +264,13 @@ def test_flatten_names_nested_keys_with_dots():
     assert config.flatten({"a": 1, "b": {"c": 2, "d": {"e": 3}}}) == {"a": 1, "b.c": 2, "b.d.e": 3}
 
 
-@pytest.mark.parametrize("change, expected", [
-    ("kernel: sobel_z", "error: kernel: unknown kernel 'sobel_z'; choose from"),
-    ("train: {epochs: abc}", "error: train.epochs must be a whole number, got 'abc'"),
-])
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        ("kernel: sobel_z", "error: kernel: unknown kernel 'sobel_z'; choose from"),
+        ("train: {epochs: abc}", "error: train.epochs must be a whole number, got 'abc'"),
+    ],
+)
 def test_a_stage_reports_a_bad_param_in_one_line_and_exits_non_zero(tmp_path, change, expected):
     doc = defaults()
     doc.update(yaml.safe_load(change))
@@ -247,15 +282,20 @@ def test_a_stage_names_the_closest_key_for_a_typo(tmp_path):
     doc = defaults()
     doc["train"]["batch_sise"] = 4
     assert filter_stage_errors(tmp_path, doc) == [
-        "error: train.batch_sise: unknown setting; did you mean train.batch_size?"]
+        "error: train.batch_sise: unknown setting; did you mean train.batch_size?"
+    ]
 
 
 def filter_stage_errors(tmp_path, doc: dict) -> list[str]:
     """The non-blank stderr lines of `python -m stages.filter` run on `doc` as params.yaml."""
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(doc))
-    result = subprocess.run([sys.executable, "-m", "stages.filter"], cwd=tmp_path, text=True,
-                            capture_output=True,
-                            env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    result = subprocess.run(
+        [sys.executable, "-m", "stages.filter"],
+        cwd=tmp_path,
+        text=True,
+        capture_output=True,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+    )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     return [line for line in result.stderr.splitlines() if line.strip()]

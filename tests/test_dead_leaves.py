@@ -1,5 +1,6 @@
 """Dead-leaves images: seeded per (seed, index), covering the canvas, and natural-looking
 in the sense that matters here: a ≈1/f² power spectrum and sharp edges."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -52,7 +53,7 @@ def test_supersampling_draws_the_same_leaves_with_softer_edges(monkeypatch):
     assert smooth.shape == sharp.shape and smooth.dtype == np.uint8
     assert np.mean(np.abs(smooth.astype(int) - sharp)) < 20  # the same scene…
     colours = [len(np.unique(image.reshape(-1, 3), axis=0)) for image in (sharp, smooth)]
-    assert colours[1] > colours[0]                            # …with blended edge pixels
+    assert colours[1] > colours[0]  # …with blended edge pixels
 
 
 def test_skipping_hidden_leaves_never_changes_the_image(monkeypatch):
@@ -82,9 +83,9 @@ def test_radii_follow_the_inverse_cube_law():
     r = dead_leaves.leaf_radii(rng, 200_000, 2.0, 100.0)
     assert r.min() >= 2.0 and r.max() <= 100.0
     # P(r > 2 r_min) = ((2 r_min)^-2 - r_max^-2) / (r_min^-2 - r_max^-2) ≈ 1/4 under r^-3.
-    expected = (4.0 ** -2 - 100.0 ** -2) / (2.0 ** -2 - 100.0 ** -2)
+    expected = (4.0**-2 - 100.0**-2) / (2.0**-2 - 100.0**-2)
     assert abs(np.mean(r > 4.0) - expected) < 0.005
-    area = np.mean(np.pi * r ** 2)
+    area = np.mean(np.pi * r**2)
     assert dead_leaves.mean_leaf_area(2.0, 100.0) == pytest.approx(area, rel=0.02)
 
 
@@ -106,9 +107,9 @@ def test_sharp_edges_and_variety(images):
     for image in images:
         gray = luma(image)
         step = np.abs(np.diff(gray, axis=1))
-        assert np.mean(step > 0.1) > 0.01          # occluding edges, not smooth shading
-        assert np.mean(step < 1e-6) > 0.3          # flat leaf interiors between them
+        assert np.mean(step > 0.1) > 0.01  # occluding edges, not smooth shading
+        assert np.mean(step < 1e-6) > 0.3  # flat leaf interiors between them
         assert len(np.unique(image.reshape(-1, 3), axis=0)) > 100
         assert gray.std() > 0.05
     means = [luma(image).mean() for image in images]
-    assert np.std(means) > 0.01                    # images differ from one another
+    assert np.std(means) > 0.01  # images differ from one another

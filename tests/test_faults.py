@@ -3,6 +3,7 @@
 Each ends with one clear line, a non-zero exit, an MLflow run that is not left
 RUNNING, and no partial output; a rerun of `dvc repro` then completes.
 """
+
 from __future__ import annotations
 
 import os
@@ -13,9 +14,8 @@ import subprocess
 import time
 
 import pytest
-from mlflow import MlflowClient
-
 from conftest import BIN, clean_env
+from mlflow import MlflowClient
 
 
 def epochs_logged(ws) -> int:
@@ -60,14 +60,26 @@ def test_interrupted_training_is_marked_killed_and_a_rerun_completes(workspace, 
     workspace.set_params({"train": {"epochs": 400}})
     env = clean_env()
     if how == "ctrl-c on dvc repro":
-        process = subprocess.Popen([str(BIN / "dvc"), "repro"], cwd=workspace.root, env=env,
-                                   text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            [str(BIN / "dvc"), "repro"],
+            cwd=workspace.root,
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
         interrupt_training(workspace, process, signal.SIGINT, group=True)
     else:
         workspace.dvc("repro", "filter")
-        process = subprocess.Popen(["python", "-m", "stages.train"], cwd=workspace.root, env=env,
-                                   text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        process = subprocess.Popen(
+            ["python", "-m", "stages.train"],
+            cwd=workspace.root,
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         stderr = interrupt_training(workspace, process, signal.SIGTERM, group=False)
         assert "Traceback" not in stderr
         assert stderr.strip().splitlines()[-1].startswith("error: interrupted")
@@ -97,8 +109,9 @@ def test_an_unreachable_tracking_server_fails_before_training(workspace):
         port = s.getsockname()[1]  # closed again when the block ends: nothing listens
     uri = f"http://127.0.0.1:{port}"
     started = time.time()
-    result = workspace.run("python", "-m", "stages.train", check=False,
-                           env=clean_env(MLFLOW_TRACKING_URI=uri))
+    result = workspace.run(
+        "python", "-m", "stages.train", check=False, env=clean_env(MLFLOW_TRACKING_URI=uri)
+    )
     assert result.returncode == 2
     assert time.time() - started < 60
     lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]

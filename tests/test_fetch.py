@@ -3,6 +3,7 @@
 The network never leaves 127.0.0.1. Faults are real where they can be (a cut
 connection, a 404, a closed port); a full disk and Ctrl-C are injected.
 """
+
 from __future__ import annotations
 
 import errno
@@ -26,8 +27,8 @@ from PIL import Image
 from src import fetch
 from src.errors import UserError
 
-
 # --- an archive of real images -----------------------------------------------------
+
 
 def _image_bytes(rng: np.random.Generator, fmt: str) -> bytes:
     # Noise does not compress, so the archive spans many download chunks.
@@ -55,12 +56,13 @@ def _sha(data: bytes) -> str:
 
 # --- a local HTTP server with fault modes ------------------------------------------
 
+
 @dataclass
 class Server:
     url: str
     body: bytes
-    mode: str = "ok"            # ok | cut | 404 | 500 | norange
-    cut_after: int = 150_000    # bytes of body sent before a "cut" drops the connection
+    mode: str = "ok"  # ok | cut | 404 | 500 | norange
+    cut_after: int = 150_000  # bytes of body sent before a "cut" drops the connection
     ranges: list = field(default_factory=list)  # the Range header of each request, or None
 
 
@@ -92,7 +94,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
         if srv.mode == "cut":
-            payload = payload[:srv.cut_after]
+            payload = payload[: srv.cut_after]
         try:
             self.wfile.write(payload)
         except (BrokenPipeError, ConnectionResetError):  # the client stopped reading
@@ -116,8 +118,14 @@ def server(archive_bytes):
 @pytest.fixture(autouse=True)
 def no_proxy(monkeypatch):
     # A proxy from the environment must not carry 127.0.0.1 requests off this machine.
-    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy",
-                 "all_proxy"):
+    for name in (
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+    ):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
     monkeypatch.setenv("no_proxy", "127.0.0.1")
@@ -130,6 +138,7 @@ def _closed_port() -> int:
 
 
 # --- download ------------------------------------------------------------------
+
 
 def test_download_whole_file_with_progress(server, tmp_path, capsys):
     dest = tmp_path / "cache" / "scenes.zip"
@@ -215,8 +224,12 @@ def test_http_error_names_the_code_and_url(server, tmp_path, code):
 def test_unreachable_host_points_to_offline_sources(tmp_path):
     port = _closed_port()
     with pytest.raises(UserError) as info:
-        fetch.download(f"http://127.0.0.1:{port}/scenes.zip", tmp_path / "scenes.zip",
-                       progress=False, timeout=2)
+        fetch.download(
+            f"http://127.0.0.1:{port}/scenes.zip",
+            tmp_path / "scenes.zip",
+            progress=False,
+            timeout=2,
+        )
     message = str(info.value)
     assert f"127.0.0.1:{port}" in message and "data.source=synthetic" in message
     assert "\n" not in message
@@ -269,6 +282,7 @@ def test_full_disk_keeps_the_part_and_says_how_much_is_needed(server, tmp_path, 
 
 # --- extract_zip -----------------------------------------------------------------
 
+
 def _zip(path: Path, entries: dict[str, bytes], *, symlink: str | None = None) -> Path:
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
         for name, data in entries.items():
@@ -285,8 +299,12 @@ def test_extract_all_images(tmp_path, archive_bytes):
     archive.write_bytes(archive_bytes)
     files = fetch.extract_zip(archive, tmp_path / "out")
     names = sorted(p.relative_to(tmp_path / "out").as_posix() for p in files)
-    assert names == ["scenes/coast/a.png", "scenes/coast/b.jpg", "scenes/street/c.png",
-                     "scenes/street/d.jpg"]
+    assert names == [
+        "scenes/coast/a.png",
+        "scenes/coast/b.jpg",
+        "scenes/street/c.png",
+        "scenes/street/d.jpg",
+    ]
     with zipfile.ZipFile(archive) as zf:
         assert (tmp_path / "out/scenes/street/d.jpg").read_bytes() == zf.read("scenes/street/d.jpg")
     with Image.open(tmp_path / "out/scenes/coast/a.png") as image:
@@ -304,8 +322,16 @@ def test_members_filter_and_directories_skipped(tmp_path, archive_bytes):
     assert not (tmp_path / "out/scenes/empty").exists()
 
 
-@pytest.mark.parametrize("name", ["../evil.png", "images/../../evil.png", "/abs/path.png",
-                                  "C:/windows/evil.png", "..\\evil.png"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../evil.png",
+        "images/../../evil.png",
+        "/abs/path.png",
+        "C:/windows/evil.png",
+        "..\\evil.png",
+    ],
+)
 def test_zip_slip_is_rejected(tmp_path, name):
     archive = _zip(tmp_path / "bad.zip", {"ok.png": b"fine", name: b"evil"})
     with pytest.raises(UserError, match="outside the extraction folder") as info:
@@ -335,8 +361,17 @@ def test_declared_total_over_the_cap_is_rejected(tmp_path):
         fetch.extract_zip(archive, tmp_path / "out", max_total_bytes=1000)
     assert not (tmp_path / "out").exists()
     # The cap counts only the chosen members.
-    assert len(fetch.extract_zip(archive, tmp_path / "out", max_total_bytes=1000,
-                                 members=lambda name: name == "a.bin")) == 1
+    assert (
+        len(
+            fetch.extract_zip(
+                archive,
+                tmp_path / "out",
+                max_total_bytes=1000,
+                members=lambda name: name == "a.bin",
+            )
+        )
+        == 1
+    )
 
 
 def test_lying_size_header_never_writes_past_the_cap(tmp_path):

@@ -1,4 +1,5 @@
 """src/figures.py on tiny synthetic arrays: what each figure holds, and that it fits."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -43,10 +44,11 @@ def converging(true: np.ndarray, epochs: int) -> tuple[np.ndarray, np.ndarray]:
     """Kernels t·true for t rising to 1 at the last epoch, and their kernel_rel_error."""
     t = np.linspace(0.2, 1.0, epochs)[:, None, None]
     stack = t * true
-    return stack, np.sum((stack - true) ** 2, axis=(1, 2)) / np.sum(true ** 2)
+    return stack, np.sum((stack - true) ** 2, axis=(1, 2)) / np.sum(true**2)
 
 
 # --- the animation --------------------------------------------------------------
+
 
 def test_frame_epochs_keeps_every_epoch_up_to_the_limit():
     np.testing.assert_array_equal(figures.frame_epochs(1), [0])
@@ -102,7 +104,7 @@ def test_frames_share_one_fixed_colour_range():
         return int(np.all(frame == DARKEST_RED, axis=-1).sum())
 
     first, last = darkest_red(frames[0]), darkest_red(frames[-1])
-    assert first > 0        # the true kernel's +2 cells and the colour bar's top
+    assert first > 0  # the true kernel's +2 cells and the colour bar's top
     assert last > 1.5 * first  # at the end the learned +2 cells join them
 
 
@@ -112,7 +114,7 @@ def test_large_kernel_frames_and_a_small_gif(tmp_path):
     smiley = kernels.smiley()
     start = np.random.default_rng(0).normal(0, 0.03, smiley.shape)
     stack = smiley + start * np.exp(-np.linspace(0, 5, 90))[:, None, None]
-    rel = np.sum((stack - smiley) ** 2, axis=(1, 2)) / np.sum(smiley ** 2)
+    rel = np.sum((stack - smiley) ** 2, axis=(1, 2)) / np.sum(smiley**2)
     frames, epochs = figures.convergence_frames(stack, rel, smiley)
     assert len(frames) == figures.MAX_FRAMES and epochs[-1] == 90
     figures.write_gif(frames, tmp_path / "smiley.gif")
@@ -128,12 +130,16 @@ def test_convergence_rejects_mismatched_inputs():
 
 # --- learned vs true ----------------------------------------------------------------
 
+
 def test_comparison_of_a_3x3_kernel():
     learned = SOBEL + 0.01
     fig = figures.comparison(SOBEL, learned, rel_error=1.2e-3)
     axes = panels(fig)
     assert [ax.get_title().split("\n")[0] for ax in axes] == [
-        "ground truth", "learned", "difference (learned − truth)"]
+        "ground truth",
+        "learned",
+        "difference (learned − truth)",
+    ]
     assert len(colour_bars(fig)) == 1
     assert {image(ax).get_clim() for ax in axes} == {(-2.01, 2.01)}  # one shared scale
     for ax in axes:
@@ -146,8 +152,7 @@ def test_comparison_of_a_3x3_kernel():
     assert_fits(fig)
 
 
-@pytest.mark.parametrize("shape, labels", [((5, 5), 25), ((5, 2), 10), ((6, 6), 0),
-                                           ((32, 32), 0)])
+@pytest.mark.parametrize("shape, labels", [((5, 5), 25), ((5, 2), 10), ((6, 6), 0), ((32, 32), 0)])
 def test_comparison_writes_values_only_in_small_kernels(shape, labels):
     true = np.random.default_rng(1).normal(size=shape)
     fig = figures.comparison(true, true * 0.9)
@@ -163,6 +168,7 @@ def test_value_format_has_three_significant_digits():
 
 # --- one image through the model ----------------------------------------------------
 
+
 def test_sample_strip_with_a_colour_original():
     rng = np.random.default_rng(2)
     gray = rng.random((20, 20))
@@ -172,9 +178,13 @@ def test_sample_strip_with_a_colour_original():
     fig = figures.sample_strip(gray, target, prediction, original, offset=(1, 1), title="x.png")
     axes = panels(fig)
     assert [ax.get_title().split("\n")[0] for ax in axes] == [
-        "original", "input: grayscale", "target: filtered", "model prediction",
-        "residual: target − prediction"]
-    assert len(colour_bars(fig)) == 3      # grayscale, target+prediction, residual
+        "original",
+        "input: grayscale",
+        "target: filtered",
+        "model prediction",
+        "residual: target − prediction",
+    ]
+    assert len(colour_bars(fig)) == 3  # grayscale, target+prediction, residual
     assert image(axes[2]).get_clim() == image(axes[3]).get_clim()
     low, high = image(axes[4]).get_clim()
     assert low == -high and high == pytest.approx(np.abs(target - prediction).max())
@@ -196,14 +206,24 @@ def test_sample_strip_without_an_original_has_four_panels():
 
 # --- curves ----------------------------------------------------------------------
 
+
 def test_curves_one_log_panel_per_metric():
     epochs = np.arange(1, 6)
-    history = {"epoch": epochs, "loss": 1.0 / epochs, "val_loss": 2.0 / epochs,
-               "kernel_mse": 0.1 / epochs ** 2, "kernel_rel_error": 0.5 / epochs ** 2}
+    history = {
+        "epoch": epochs,
+        "loss": 1.0 / epochs,
+        "val_loss": 2.0 / epochs,
+        "kernel_mse": 0.1 / epochs**2,
+        "kernel_rel_error": 0.5 / epochs**2,
+    }
     fig = figures.curves(history)
     axes = panels(fig)
-    assert [ax.get_ylabel() for ax in axes] == ["kernel_rel_error", "kernel_mse", "loss",
-                                                "val_loss"]
+    assert [ax.get_ylabel() for ax in axes] == [
+        "kernel_rel_error",
+        "kernel_mse",
+        "loss",
+        "val_loss",
+    ]
     assert all(ax.get_yscale() == "log" for ax in axes)
     assert [ax.get_xlabel() for ax in axes[2:]] == ["epoch", "epoch"]
     np.testing.assert_array_equal(axes[0].lines[0].get_xdata(), epochs)
@@ -211,8 +231,13 @@ def test_curves_one_log_panel_per_metric():
 
 
 def test_curves_without_validation_images():
-    history = {"epoch": [1, 2], "loss": [1.0, 0.5], "val_loss": [np.nan, np.nan],
-               "kernel_mse": [0.1, 0.01], "kernel_rel_error": [0.2, 0.02]}
+    history = {
+        "epoch": [1, 2],
+        "loss": [1.0, 0.5],
+        "val_loss": [np.nan, np.nan],
+        "kernel_mse": [0.1, 0.01],
+        "kernel_rel_error": [0.2, 0.02],
+    }
     fig = figures.curves(history)
     val = panels(fig)[3]
     assert not val.lines and "no positive val_loss" in val.texts[0].get_text()
@@ -220,6 +245,7 @@ def test_curves_without_validation_images():
 
 
 # --- kernel pictures ------------------------------------------------------------
+
 
 def test_kernel_picture_is_upscaled_rgb():
     assert figures.kernel_picture(np.ones((3, 3)), SOBEL_RANGE).shape == (129, 129, 3)
@@ -232,9 +258,9 @@ def test_kernel_picture_colours_come_from_the_fixed_range():
     small = figures.kernel_picture(np.array([[0.0, 1.0]]), SOBEL_RANGE, min_pixels=2)
     large = figures.kernel_picture(np.array([[0.0, 50.0]]), SOBEL_RANGE, min_pixels=2)
     top = figures.kernel_picture(np.array([[2.0, -2.0]]), SOBEL_RANGE, min_pixels=2)
-    assert (small[0, 0] == large[0, 0]).all()          # zero looks the same, whatever else
-    assert (small[0, 0] > 230).all()                    # and is near white
-    assert (large[0, 1] == top[0, 0]).all()             # above the range is clipped
+    assert (small[0, 0] == large[0, 0]).all()  # zero looks the same, whatever else
+    assert (small[0, 0] > 230).all()  # and is near white
+    assert (large[0, 1] == top[0, 0]).all()  # above the range is clipped
     assert top[0, 0, 0] > top[0, 0, 2] and top[0, 1, 2] > top[0, 1, 0]  # + red, − blue
 
 

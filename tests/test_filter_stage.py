@@ -1,4 +1,5 @@
 """stages/filter.py on a tiny grayscale set in a temporary working directory."""
+
 from __future__ import annotations
 
 import json
@@ -20,10 +21,13 @@ REPO = Path(__file__).resolve().parents[1]
 N, SIZE = 5, 40
 
 
-def write_params(kernel="sobel_x", operation="correlate", padding="valid", noise_std=0.0,
-                 seed=0):
-    doc = {"kernel": kernel, "seed": seed, "data": {"size": SIZE},
-           "filter": {"operation": operation, "padding": padding, "noise_std": noise_std}}
+def write_params(kernel="sobel_x", operation="correlate", padding="valid", noise_std=0.0, seed=0):
+    doc = {
+        "kernel": kernel,
+        "seed": seed,
+        "data": {"size": SIZE},
+        "filter": {"operation": operation, "padding": padding, "noise_std": noise_std},
+    }
     Path("params.yaml").write_text(yaml.safe_dump(doc))
 
 
@@ -34,8 +38,9 @@ def workdir(tmp_path, monkeypatch):
     paths.GRAY.mkdir(parents=True)
     images = np.random.default_rng(0).random((N, SIZE, SIZE)).astype(np.float32)
     np.save(paths.GRAY_IMAGES, images)
-    paths.GRAY_INDEX.write_text("name,split\n" + "".join(
-        f"img{i}.png,{'val' if i == 0 else 'train'}\n" for i in range(N)))
+    paths.GRAY_INDEX.write_text(
+        "name,split\n" + "".join(f"img{i}.png,{'val' if i == 0 else 'train'}\n" for i in range(N))
+    )
     write_params()
     return images
 
@@ -52,11 +57,18 @@ def test_correlate_valid(workdir):
     assert kernel.dtype == np.float32
     np.testing.assert_array_equal(kernel, kernels.SOBEL_X)
     for img, target in zip(workdir, targets):
-        np.testing.assert_allclose(target, signal.correlate2d(img, kernels.SOBEL_X, "valid"),
-                                   atol=1e-5)
-    assert info == {"kernel": "sobel_x", "shape": [3, 3], "operation": "correlate",
-                    "padding": "valid", "noise_std": 0.0, "images": N,
-                    "target_shape": [SIZE - 2, SIZE - 2]}
+        np.testing.assert_allclose(
+            target, signal.correlate2d(img, kernels.SOBEL_X, "valid"), atol=1e-5
+        )
+    assert info == {
+        "kernel": "sobel_x",
+        "shape": [3, 3],
+        "operation": "correlate",
+        "padding": "valid",
+        "noise_std": 0.0,
+        "images": N,
+        "target_shape": [SIZE - 2, SIZE - 2],
+    }
 
 
 def test_convolve_saves_the_flipped_kernel_a_conv2d_must_learn(workdir):
@@ -65,8 +77,9 @@ def test_convolve_saves_the_flipped_kernel_a_conv2d_must_learn(workdir):
     targets, kernel, info = outputs()
     np.testing.assert_array_equal(kernel, kernels.SOBEL_X[::-1, ::-1])
     for img, target in zip(workdir, targets):
-        np.testing.assert_allclose(target, signal.convolve2d(img, kernels.SOBEL_X, "valid"),
-                                   atol=1e-5)
+        np.testing.assert_allclose(
+            target, signal.convolve2d(img, kernels.SOBEL_X, "valid"), atol=1e-5
+        )
     # kernel.npy is the single source of truth: correlating with it reproduces the targets
     np.testing.assert_array_equal(targets, filtering.correlate(workdir, kernel, "valid"))
     assert info["operation"] == "convolve"
@@ -106,7 +119,10 @@ def test_rerun_replaces_the_outputs_and_leaves_no_temporaries(workdir):
     write_params(padding="same")
     filter_stage.main()
     assert sorted(p.name for p in paths.FILTERED.iterdir()) == [
-        "filter.json", "kernel.npy", "targets.npy"]
+        "filter.json",
+        "kernel.npy",
+        "targets.npy",
+    ]
     assert sorted(p.name for p in Path("data").iterdir()) == ["filtered", "gray"]
     assert np.load(paths.TARGETS).shape == (N, SIZE, SIZE)
 
@@ -152,8 +168,13 @@ def test_failure_midway_keeps_the_previous_outputs(workdir, monkeypatch):
 
 def test_entry_point_turns_a_user_error_into_one_line(workdir):
     paths.GRAY_IMAGES.unlink()
-    result = subprocess.run([sys.executable, "-m", "stages.filter"], capture_output=True,
-                            text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "stages.filter"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=60,
+    )
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and "dvc repro grayscale" in result.stderr
     assert "Traceback" not in result.stderr

@@ -1,4 +1,5 @@
 """src/filtering.py: orientation, padding, agreement with SciPy and with a real Keras Conv2D."""
+
 from __future__ import annotations
 
 import os
@@ -22,24 +23,26 @@ ASYMMETRIC = {  # no symmetry, so any flip or one-pixel shift shows
 def step_image(height: int = 8, width: int = 8) -> np.ndarray:
     """Dark on the left, bright on the right."""
     img = np.zeros((1, height, width), dtype=np.float32)
-    img[:, :, width // 2:] = 1.0
+    img[:, :, width // 2 :] = 1.0
     return img
 
 
 def by_definition(images, k, a, b):
     """What a Conv2D computes at output pixel (a, b): sum of k * the patch under it."""
     kh, kw = k.shape
-    return (images[:, a:a + kh, b:b + kw].astype(np.float64) * k).sum(axis=(1, 2))
+    return (images[:, a : a + kh, b : b + kw].astype(np.float64) * k).sum(axis=(1, 2))
 
 
 # --- conv2d_kernel and same_padding ----------------------------------------------
+
 
 def test_conv2d_kernel_is_the_kernel_for_correlate_and_flipped_for_convolve():
     k = ASYMMETRIC[(5, 4)]
     np.testing.assert_array_equal(filtering.conv2d_kernel(k, "correlate"), k)
     np.testing.assert_array_equal(filtering.conv2d_kernel(k, "convolve"), k[::-1, ::-1])
-    np.testing.assert_array_equal(filtering.conv2d_kernel(kernels.EDGE, "convolve"),
-                                  [[1, 1], [-1, -1]])
+    np.testing.assert_array_equal(
+        filtering.conv2d_kernel(kernels.EDGE, "convolve"), [[1, 1], [-1, -1]]
+    )
 
 
 def test_conv2d_kernel_returns_a_copy():
@@ -54,18 +57,22 @@ def test_conv2d_kernel_rejects_unknown_operation():
         filtering.conv2d_kernel(SOBEL_X, "deconvolve")
 
 
-@pytest.mark.parametrize("shape,expected", [
-    ((1, 1), ((0, 0), (0, 0))),
-    ((2, 2), ((0, 1), (0, 1))),
-    ((3, 3), ((1, 1), (1, 1))),
-    ((4, 5), ((1, 2), (2, 2))),
-    ((32, 32), ((15, 16), (15, 16))),
-])
+@pytest.mark.parametrize(
+    "shape,expected",
+    [
+        ((1, 1), ((0, 0), (0, 0))),
+        ((2, 2), ((0, 1), (0, 1))),
+        ((3, 3), ((1, 1), (1, 1))),
+        ((4, 5), ((1, 2), (2, 2))),
+        ((32, 32), ((15, 16), (15, 16))),
+    ],
+)
 def test_same_padding_puts_the_odd_pixel_after(shape, expected):
     assert filtering.same_padding(*shape) == expected
 
 
 # --- orientation: the course notes' correlation vs convolution -------------------
+
 
 @pytest.mark.parametrize("method", ["direct", "fft"])
 def test_sobel_x_correlated_with_a_rising_step_is_positive(method):
@@ -80,8 +87,9 @@ def test_sobel_x_convolved_with_a_rising_step_is_negative(method):
     out = filtering.correlate(step_image(), conv, "valid", method=method)
     assert out.min() == pytest.approx(-4.0, abs=1e-5)
     assert out.max() < 1e-5
-    np.testing.assert_allclose(out[0], signal.convolve2d(step_image()[0], SOBEL_X, "valid"),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        out[0], signal.convolve2d(step_image()[0], SOBEL_X, "valid"), atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("shape", [(2, 2), (3, 3), (5, 4), (32, 32)])
@@ -104,6 +112,7 @@ def test_the_course_notes_2x2_example_changes_sign():
 
 # --- agreement with SciPy ----------------------------------------------------------
 
+
 @pytest.mark.parametrize("shape", [(2, 2), (3, 3), (5, 4), (2, 5), (32, 32)])
 @pytest.mark.parametrize("method", ["direct", "fft"])
 def test_correlate_valid_equals_scipy_correlate_interior(shape, method):
@@ -112,8 +121,9 @@ def test_correlate_valid_equals_scipy_correlate_interior(shape, method):
     out = filtering.correlate(IMAGES, k, "valid", method=method)
     for i, img in enumerate(IMAGES.astype(np.float64)):
         full = ndimage.correlate(img, k, mode="constant")
-        interior = full[kh // 2:kh // 2 + img.shape[0] - kh + 1,
-                        kw // 2:kw // 2 + img.shape[1] - kw + 1]
+        interior = full[
+            kh // 2 : kh // 2 + img.shape[0] - kh + 1, kw // 2 : kw // 2 + img.shape[1] - kw + 1
+        ]
         np.testing.assert_allclose(out[i], interior, atol=1e-5)
         np.testing.assert_allclose(out[i], signal.correlate2d(img, k, "valid"), atol=1e-5)
 
@@ -122,8 +132,9 @@ def test_correlate_valid_equals_scipy_correlate_interior(shape, method):
 @pytest.mark.parametrize("method", ["direct", "fft"])
 def test_convolve_valid_equals_scipy_convolve2d(shape, method):
     k = ASYMMETRIC[shape]
-    out = filtering.correlate(IMAGES, filtering.conv2d_kernel(k, "convolve"), "valid",
-                              method=method)
+    out = filtering.correlate(
+        IMAGES, filtering.conv2d_kernel(k, "convolve"), "valid", method=method
+    )
     for i, img in enumerate(IMAGES.astype(np.float64)):
         np.testing.assert_allclose(out[i], signal.convolve2d(img, k, mode="valid"), atol=1e-5)
 
@@ -155,11 +166,13 @@ def test_kernel_as_large_as_the_image_gives_one_pixel():
     img = IMAGES[:, :32, :32]
     out = filtering.correlate(img, ASYMMETRIC[(32, 32)], "valid")
     assert out.shape == (3, 1, 1)
-    np.testing.assert_allclose(out[:, 0, 0], by_definition(img, ASYMMETRIC[(32, 32)], 0, 0),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        out[:, 0, 0], by_definition(img, ASYMMETRIC[(32, 32)], 0, 0), atol=1e-5
+    )
 
 
 # --- direct vs FFT -----------------------------------------------------------------
+
 
 @pytest.mark.parametrize("shape", [(2, 2), (3, 3), (5, 4), (7, 7), (32, 32)])
 @pytest.mark.parametrize("padding", ["valid", "same"])
@@ -170,18 +183,21 @@ def test_fft_equals_direct(shape, padding):
     np.testing.assert_allclose(fft, direct, atol=1e-5)
 
 
-@pytest.mark.parametrize("shape,uses_fft", [((3, 3), False), ((7, 7), False), ((8, 8), True),
-                                            ((32, 32), True)])
+@pytest.mark.parametrize(
+    "shape,uses_fft", [((3, 3), False), ((7, 7), False), ((8, 8), True), ((32, 32), True)]
+)
 def test_auto_picks_fft_only_for_large_kernels(monkeypatch, shape, uses_fft):
     calls = []
     real = filtering.signal.fftconvolve
-    monkeypatch.setattr(filtering.signal, "fftconvolve",
-                        lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(
+        filtering.signal, "fftconvolve", lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    )
     filtering.correlate(IMAGES, RNG.standard_normal(shape), "valid")
     assert bool(calls) == uses_fft
 
 
 # --- a real Keras Conv2D -------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def keras():
@@ -219,6 +235,7 @@ def test_keras_learns_the_flipped_kernel_for_convolve(keras):
 
 # --- input checks ---------------------------------------------------------------------
 
+
 def test_accepts_float64_and_integer_images():
     ints = (IMAGES * 255).astype(np.uint8)
     out = filtering.correlate(ints, SOBEL_X, "valid")
@@ -226,19 +243,23 @@ def test_accepts_float64_and_integer_images():
     np.testing.assert_allclose(out, filtering.correlate(ints.astype(np.float64), SOBEL_X, "valid"))
 
 
-@pytest.mark.parametrize("images,k,padding,method,match", [
-    (IMAGES[0], SOBEL_X, "valid", "auto", "N, H, W"),
-    (IMAGES, SOBEL_X[None], "valid", "auto", "2-D"),
-    (IMAGES, SOBEL_X, "full", "auto", "padding"),
-    (IMAGES, SOBEL_X, "valid", "winograd", "method"),
-    (IMAGES[:, :20, :20], np.ones((21, 3)), "valid", "auto", "does not fit"),
-])
+@pytest.mark.parametrize(
+    "images,k,padding,method,match",
+    [
+        (IMAGES[0], SOBEL_X, "valid", "auto", "N, H, W"),
+        (IMAGES, SOBEL_X[None], "valid", "auto", "2-D"),
+        (IMAGES, SOBEL_X, "full", "auto", "padding"),
+        (IMAGES, SOBEL_X, "valid", "winograd", "method"),
+        (IMAGES[:, :20, :20], np.ones((21, 3)), "valid", "auto", "does not fit"),
+    ],
+)
 def test_bad_arguments_raise(images, k, padding, method, match):
     with pytest.raises(ValueError, match=match):
         filtering.correlate(images, k, padding, method=method)
 
 
 # --- noise and chunking ----------------------------------------------------------------
+
 
 def test_noise_is_seeded():
     targets = filtering.correlate(IMAGES, SOBEL_X, "valid")
@@ -259,8 +280,9 @@ def test_noise_has_the_asked_std_and_zero_mean():
 
 def test_zero_noise_changes_nothing():
     targets = filtering.correlate(IMAGES, SOBEL_X, "valid")
-    np.testing.assert_array_equal(filtering.add_noise(targets, 0.0, np.random.default_rng(0)),
-                                  targets)
+    np.testing.assert_array_equal(
+        filtering.add_noise(targets, 0.0, np.random.default_rng(0)), targets
+    )
     with pytest.raises(ValueError):
         filtering.add_noise(targets, -0.1, np.random.default_rng(0))
 
@@ -272,8 +294,18 @@ def test_chunking_does_not_change_the_targets(noise_std, padding):
     k = ASYMMETRIC[(4, 4)]
     results = []
     for chunk in (1, 3, 7, 64):
-        targets = np.stack(list(filtering.make_targets(
-            images, k, padding, noise_std=noise_std, rng=np.random.default_rng(5), chunk=chunk)))
+        targets = np.stack(
+            list(
+                filtering.make_targets(
+                    images,
+                    k,
+                    padding,
+                    noise_std=noise_std,
+                    rng=np.random.default_rng(5),
+                    chunk=chunk,
+                )
+            )
+        )
         assert targets.shape == (7, *filtering.output_shape(20, 20, k.shape, padding))
         results.append(targets)
     for targets in results:
@@ -306,8 +338,9 @@ def test_make_targets_streams_from_stack_to_stack(tmp_path):
         targets = filtering.make_targets(recorded, k, "valid", chunk=2)
         assert write_stack(tmp_path / "targets.npy", targets, 5, (9, 9)) == 5
     assert recorded.keys == [slice(0, 2), slice(2, 4), slice(4, 6)]  # one chunk at a time
-    np.testing.assert_allclose(np.load(tmp_path / "targets.npy"),
-                               filtering.correlate(images, k, "valid"), atol=0)
+    np.testing.assert_allclose(
+        np.load(tmp_path / "targets.npy"), filtering.correlate(images, k, "valid"), atol=0
+    )
 
 
 def test_make_targets_needs_an_rng_for_noise():

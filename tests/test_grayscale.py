@@ -1,6 +1,7 @@
 """The grayscale stack: streamed row by row into an .npy of exactly the readable images,
 with the unreadable ones skipped and counted, up to data.max_bad_fraction.
 (write_stack itself is tested in test_stack.py.)"""
+
 from __future__ import annotations
 
 import csv
@@ -65,6 +66,7 @@ def write_params(root: Path, **data) -> None:
 
 # --- convert ----------------------------------------------------------------------
 
+
 def test_convert_streams_the_readable_images(workdir):
     rows = make_raw(workdir, good=6, bad=2)
     out = workdir / "images.npy"
@@ -105,6 +107,7 @@ def test_convert_too_many_bad_images(workdir):
 
 # --- the stage --------------------------------------------------------------------
 
+
 def test_stage_writes_stack_index_and_metrics(workdir):
     rows = make_raw(workdir, good=9, bad=1)
     write_params(workdir, size=24, max_bad_fraction=0.1)
@@ -114,9 +117,13 @@ def test_stage_writes_stack_index_and_metrics(workdir):
     assert stack.shape == (9, 24, 24) and stack.dtype == np.float32
     assert index == [row for row in rows if row[0] != "bad000.jpg"]
     metrics = json.loads((workdir / "metrics/grayscale.json").read_text())
-    assert metrics == {"images": 9, "train": sum(s == "train" for _, s in index),
-                       "val": sum(s == "val" for _, s in index), "skipped": 1,
-                       "skipped_names": ["bad000.jpg"]}
+    assert metrics == {
+        "images": 9,
+        "train": sum(s == "train" for _, s in index),
+        "val": sum(s == "val" for _, s in index),
+        "skipped": 1,
+        "skipped_names": ["bad000.jpg"],
+    }
     assert sorted(p.name for p in (workdir / "data").iterdir()) == ["gray", "raw"]
 
 

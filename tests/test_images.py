@@ -1,5 +1,6 @@
 """Decoding every image mode to float [0, 1], BT.601 luma, EXIF rotation, bad files,
 and the centre-crop-and-resize fit."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -17,9 +18,18 @@ def rgb() -> np.ndarray:
 
 # --- luma -----------------------------------------------------------------------
 
-@pytest.mark.parametrize("pixel, expected", [((1, 0, 0), 0.299), ((0, 1, 0), 0.587),
-                                             ((0, 0, 1), 0.114), ((1, 1, 1), 1.0),
-                                             ((0, 0, 0), 0.0), ((0.5, 0.5, 0.5), 0.5)])
+
+@pytest.mark.parametrize(
+    "pixel, expected",
+    [
+        ((1, 0, 0), 0.299),
+        ((0, 1, 0), 0.587),
+        ((0, 0, 1), 0.114),
+        ((1, 1, 1), 1.0),
+        ((0, 0, 0), 0.0),
+        ((0.5, 0.5, 0.5), 0.5),
+    ],
+)
 def test_luma_of_known_pixels(pixel, expected):
     gray = images.luma(np.full((2, 3, 3), pixel, dtype=np.float32))
     assert gray.shape == (2, 3) and gray.dtype == np.float32
@@ -41,6 +51,7 @@ def test_luma_passes_grayscale_through_and_refuses_other_shapes():
 
 # --- read_image: every mode -----------------------------------------------------
 
+
 def test_rgb_png_and_jpeg(tmp_path, rgb):
     Image.fromarray(rgb).save(tmp_path / "a.png")
     out = images.read_image(tmp_path / "a.png")
@@ -56,8 +67,8 @@ def test_rgba_is_composited_on_white(tmp_path):
     Image.fromarray(pixels, "RGBA").save(tmp_path / "a.png")
     out = images.read_image(tmp_path / "a.png")
     assert out.shape == (1, 3, 3)
-    assert out[0, 0] == pytest.approx([1, 0, 0])   # opaque: its own colour
-    assert out[0, 1] == pytest.approx([1, 1, 1])   # transparent: white, not the hidden blue
+    assert out[0, 0] == pytest.approx([1, 0, 0])  # opaque: its own colour
+    assert out[0, 1] == pytest.approx([1, 1, 1])  # transparent: white, not the hidden blue
     assert out[0, 2] == pytest.approx([127 / 255] * 3, abs=1 / 255)  # half black on white
 
 
@@ -65,8 +76,9 @@ def test_l_and_la(tmp_path):
     gray = np.array([[0, 128, 255]], dtype=np.uint8)
     Image.fromarray(gray, "L").save(tmp_path / "l.png")
     assert images.read_image(tmp_path / "l.png") == pytest.approx(gray / 255.0, abs=1e-7)
-    la = Image.merge("LA", [Image.fromarray(gray), Image.fromarray(np.array([[255, 255, 0]],
-                                                                             dtype=np.uint8))])
+    la = Image.merge(
+        "LA", [Image.fromarray(gray), Image.fromarray(np.array([[255, 255, 0]], dtype=np.uint8))]
+    )
     la.save(tmp_path / "la.png")
     out = images.read_image(tmp_path / "la.png")
     assert out.shape == (1, 3) and out[0] == pytest.approx([0, 128 / 255, 1.0])
@@ -97,8 +109,9 @@ def test_cmyk(tmp_path, rgb):
     assert np.abs(images.read_image(tmp_path / "c.tif") - rgb / 255).max() < 2 / 255
 
 
-@pytest.mark.parametrize("name, mode", [("g16.png", "I;16"), ("g16.tif", "I;16"),
-                                        ("g16b.tif", "I;16B")])
+@pytest.mark.parametrize(
+    "name, mode", [("g16.png", "I;16"), ("g16.tif", "I;16"), ("g16b.tif", "I;16B")]
+)
 def test_sixteen_bit_is_divided_by_65535(tmp_path, name, mode):
     values = np.array([[0, 1000, 32768, 65535]], dtype=np.uint16)
     if mode == "I;16B":  # big-endian, as some scanners and TIFF writers store it
@@ -137,6 +150,7 @@ def test_exif_orientation_is_applied(tmp_path, rgb):
 
 
 # --- bad files --------------------------------------------------------------------
+
 
 def test_bad_image_is_a_user_error():
     assert issubclass(images.BadImage, UserError)
@@ -181,9 +195,10 @@ def test_a_message_is_one_line(tmp_path, rgb):
 
 # --- fit --------------------------------------------------------------------------
 
+
 def test_fit_crops_the_centre_then_resizes():
     wide = np.full((60, 100), 0.5, dtype=np.float32)
-    wide[:, :20] = 1.0   # outside the centred 60×60 square
+    wide[:, :20] = 1.0  # outside the centred 60×60 square
     wide[:, 80:] = 0.0
     out = images.fit(wide, 32)
     assert out.shape == (32, 32) and out.dtype == np.float32
@@ -209,8 +224,9 @@ def test_fit_mixed_sizes_stay_in_range(shape):
 
 def test_rgb_fitted_has_the_same_crop_as_gray_fitted(tmp_path):
     x = np.linspace(0, 1, 120)
-    smooth = np.stack([np.outer(np.linspace(0, 1, 80), x), np.tile(x, (80, 1)),
-                       np.full((80, 120), 0.3)], axis=2)
+    smooth = np.stack(
+        [np.outer(np.linspace(0, 1, 80), x), np.tile(x, (80, 1)), np.full((80, 120), 0.3)], axis=2
+    )
     Image.fromarray((smooth * 255).round().astype(np.uint8)).save(tmp_path / "c.png")
     rgb = images.read_rgb_fitted(tmp_path / "c.png", 40)
     gray = images.read_gray_fitted(tmp_path / "c.png", 40)

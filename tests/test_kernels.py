@@ -1,4 +1,5 @@
 """src/kernels.py: exact values, orientation, Gaussian shape, the smiley, kernels from files."""
+
 from __future__ import annotations
 
 import pickle
@@ -65,6 +66,7 @@ def test_every_builtin_is_a_finite_2d_float64():
 
 # --- gaussian ------------------------------------------------------------------
 
+
 def test_gaussian_matches_the_formula():
     k = kernels.make("gaussian", settings(gaussian={"size": 7, "sigma": 1.5}))
     r = np.arange(7) - 3.0
@@ -107,6 +109,7 @@ def test_gaussian_with_covariance_is_tilted_like_the_course_notes():
 
 # --- smiley --------------------------------------------------------------------
 
+
 def test_smiley_is_32x32_unit_norm_and_nonnegative():
     k = kernels.make("smiley")
     assert k.shape == (32, 32)
@@ -118,12 +121,13 @@ def test_smiley_is_upright_and_roughly_left_right_symmetric():
     k = kernels.make("smiley")
     norm = np.linalg.norm
     assert norm(k - k[:, ::-1]) < 0.15  # a face mirrors left-right...
-    assert norm(k - k[::-1, :]) > 0.3   # ...but not upside down: eyes above the smile
+    assert norm(k - k[::-1, :]) > 0.3  # ...but not upside down: eyes above the smile
     smile_bottom, its_mirror = k[22:24, 12:20], k[8:10, 12:20]
     assert smile_bottom.mean() > 0.03 and its_mirror.mean() < 0.005
 
 
 # --- kernels from files ----------------------------------------------------------
+
 
 def test_file_npy(tmp_path):
     want = np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.5]])
@@ -202,8 +206,23 @@ def _write_bad(tmp_path, case):
     return path
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "3-D", "1-D", "nan", "inf", "zeros",
-                                  "pickle", "strings", "garbage", "bad csv", "bad png"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing",
+        "empty",
+        "3-D",
+        "1-D",
+        "nan",
+        "inf",
+        "zeros",
+        "pickle",
+        "strings",
+        "garbage",
+        "bad csv",
+        "bad png",
+    ],
+)
 def test_bad_kernel_files_give_one_line(tmp_path, case):
     path = _write_bad(tmp_path, case)
     with pytest.raises(UserError) as excinfo:

@@ -1,4 +1,5 @@
 """src/layers.py: FFTConv2D is Conv2D by FFTs, and a saved model loads with this module alone."""
+
 import os
 import subprocess
 import sys
@@ -43,7 +44,6 @@ def test_auto_conv_is_direct_for_small_kernels_and_fft_for_large():
     assert layers.choose_conv((32, 32), "direct") == "direct"
 
 
-
 @pytest.mark.parametrize("conv", ["direct", "fft"])
 def test_a_saved_model_loads_with_only_the_layers_module(tmp_path, conv):
     model = layers.build_model((4, 3), conv, "same")
@@ -52,12 +52,15 @@ def test_a_saved_model_loads_with_only_the_layers_module(tmp_path, conv):
     x = RNG.normal(size=(1, 12, 10, 1)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
     # a fresh process that imports nothing of ours but src.layers
-    code = ("import sys, numpy as np; from src import layers; "
-            f"m = layers.load_model({str(path)!r}); "
-            f"np.save({str(tmp_path / 'y.npy')!r}, m(np.load({str(tmp_path / 'x.npy')!r})));"
-            "print(sorted(n for n in sys.modules if n.startswith('src.')))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            cwd=REPO, timeout=120)
+    code = (
+        "import sys, numpy as np; from src import layers; "
+        f"m = layers.load_model({str(path)!r}); "
+        f"np.save({str(tmp_path / 'y.npy')!r}, m(np.load({str(tmp_path / 'x.npy')!r})));"
+        "print(sorted(n for n in sys.modules if n.startswith('src.')))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "src.training" not in result.stdout
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), model(x).numpy(), atol=1e-6)

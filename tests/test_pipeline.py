@@ -1,5 +1,6 @@
 """End to end: the real `dvc repro`, `dvc exp run` (workspace, --temp, queued) and MLflow,
 in a temporary git copy of the repo on a tiny config (8 images of 64×64, 2 epochs)."""
+
 from __future__ import annotations
 
 import json
@@ -7,9 +8,8 @@ import time
 
 import numpy as np
 import pytest
-from mlflow import MlflowClient
-
 from conftest import TINY, clean_env, ran_stages
+from mlflow import MlflowClient
 
 EPOCHS = TINY["train"]["epochs"]
 ALL_STAGES = ["download", "grayscale", "filter", "train", "visualize"]

@@ -1,4 +1,5 @@
 """The README's commands, run as written on a tiny config, so it cannot drift from the code."""
+
 from __future__ import annotations
 
 import os
@@ -6,10 +7,8 @@ import re
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import requests
-
 from conftest import REPO, clean_env, free_port
 
 README = (REPO / "README.md").read_text()
@@ -35,8 +34,11 @@ def commands(text: str) -> list[str]:
 def test_setup_is_two_commands_and_ci_runs_the_test_one():
     setup = commands(section("Setup: two commands"))
     assert setup == ["make run", "make test"]
-    ci = [line for line in (REPO / ".ci/run").read_text().splitlines()
-          if line.strip() and not line.startswith("#") and not line.startswith(("set ", "cd "))]
+    ci = [
+        line
+        for line in (REPO / ".ci/run").read_text().splitlines()
+        if line.strip() and not line.startswith("#") and not line.startswith(("set ", "cd "))
+    ]
     assert ci == ["make test"]
 
 
@@ -46,8 +48,14 @@ def test_the_walkthrough_runs_as_written(workspace):
     assert walkthrough[-1] == "mlflow ui"
     env = clean_env()
     for line in walkthrough[1:-1]:
-        result = subprocess.run(["bash", "-c", line], cwd=workspace.root, env=env, text=True,
-                                capture_output=True, timeout=900)
+        result = subprocess.run(
+            ["bash", "-c", line],
+            cwd=workspace.root,
+            env=env,
+            text=True,
+            capture_output=True,
+            timeout=900,
+        )
         assert result.returncode == 0, f"{line}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
         if line.startswith("dvc exp show"):
             for kernel in ("smiley", "sobel_y", "prewitt_x", "laplacian"):
@@ -57,9 +65,14 @@ def test_the_walkthrough_runs_as_written(workspace):
 
     # `mlflow ui`, as written, from the root; on a free port since 5000 may be taken here
     port = free_port()
-    ui = subprocess.Popen(["bash", "-c", f"exec mlflow ui --port {port}"], cwd=workspace.root,
-                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                          start_new_session=True)
+    ui = subprocess.Popen(
+        ["bash", "-c", f"exec mlflow ui --port {port}"],
+        cwd=workspace.root,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         base = f"http://127.0.0.1:{port}"
         deadline = time.time() + 120
@@ -71,15 +84,21 @@ def test_the_walkthrough_runs_as_written(workspace):
                 pass
             assert time.time() < deadline, "mlflow ui did not start"
             time.sleep(1)
-        experiments = requests.post(f"{base}/api/2.0/mlflow/experiments/search",
-                                    json={"max_results": 10}, timeout=10).json()["experiments"]
+        experiments = requests.post(
+            f"{base}/api/2.0/mlflow/experiments/search", json={"max_results": 10}, timeout=10
+        ).json()["experiments"]
         ours = next(e for e in experiments if e["name"] == "learn-linear-filter")
-        found = requests.post(f"{base}/api/2.0/mlflow/runs/search",
-                              json={"experiment_ids": [ours["experiment_id"]]},
-                              timeout=10).json()["runs"]
-        kernels = sorted(r["data"]["tags"][i]["value"] for r in found
-                         for i in range(len(r["data"]["tags"]))
-                         if r["data"]["tags"][i]["key"] == "kernel")
+        found = requests.post(
+            f"{base}/api/2.0/mlflow/runs/search",
+            json={"experiment_ids": [ours["experiment_id"]]},
+            timeout=10,
+        ).json()["runs"]
+        kernels = sorted(
+            r["data"]["tags"][i]["value"]
+            for r in found
+            for i in range(len(r["data"]["tags"]))
+            if r["data"]["tags"][i]["key"] == "kernel"
+        )
         # repro, the smiley experiment, and the three queued ones: every run in one store
         assert kernels == sorted(["sobel_x", "smiley", "sobel_y", "prewitt_x", "laplacian"])
     finally:

@@ -1,5 +1,6 @@
 """Image sources and the seeded split: synthetic, a local folder or .zip, and mit_scenes
 against an HTTP server on 127.0.0.1 (never the real network); then the download stage."""
+
 from __future__ import annotations
 
 import csv
@@ -41,9 +42,20 @@ def read_manifest(root: Path) -> list[dict]:
 
 # --- split and subset -------------------------------------------------------------
 
-@pytest.mark.parametrize("count, fraction, expected", [
-    (10, 0.2, 2), (11, 0.2, 2), (13, 0.5, 7), (2, 0.2, 1), (1, 0.5, 0), (10, 0.0, 0),
-    (5, 0.9, 4), (2688, 0.2, 538)])
+
+@pytest.mark.parametrize(
+    "count, fraction, expected",
+    [
+        (10, 0.2, 2),
+        (11, 0.2, 2),
+        (13, 0.5, 7),
+        (2, 0.2, 1),
+        (1, 0.5, 0),
+        (10, 0.0, 0),
+        (5, 0.9, 4),
+        (2688, 0.2, 538),
+    ],
+)
 def test_val_count(count, fraction, expected):
     assert sources.val_count(count, fraction) == expected
 
@@ -66,6 +78,7 @@ def test_subset():
 
 # --- synthetic --------------------------------------------------------------------
 
+
 def test_synthetic_images_are_the_dead_leaves_of_their_index(tmp_path):
     names = sources.gather(data_config(count=4), seed=5, images_dir=tmp_path / "all")
     assert names == [f"leaves_0000{i}.png" for i in range(4)]
@@ -80,13 +93,20 @@ def test_synthetic_images_are_the_dead_leaves_of_their_index(tmp_path):
 
 # --- a local folder or .zip --------------------------------------------------------
 
+
 @pytest.fixture
 def folder(tmp_path) -> Path:
     root = tmp_path / "photos"
-    files = {"b.png": png_bytes(1), "a.JPG": png_bytes(2, fmt="JPEG"),
-             "trip/day 1/c.tiff": png_bytes(3, fmt="TIFF"), "trip/d.jpeg": png_bytes(4, fmt="JPEG"),
-             "trip/notes.txt": b"not an image", ".hidden/e.png": png_bytes(5),
-             "._b.png": b"macOS fork", "empty/.keep": b""}
+    files = {
+        "b.png": png_bytes(1),
+        "a.JPG": png_bytes(2, fmt="JPEG"),
+        "trip/day 1/c.tiff": png_bytes(3, fmt="TIFF"),
+        "trip/d.jpeg": png_bytes(4, fmt="JPEG"),
+        "trip/notes.txt": b"not an image",
+        ".hidden/e.png": png_bytes(5),
+        "._b.png": b"macOS fork",
+        "empty/.keep": b"",
+    }
     for name, data in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_bytes(data)
@@ -101,13 +121,20 @@ def test_local_folder_nested_mixed_formats(folder, tmp_path):
     assert names == EXPECTED
     for name in names:
         assert (tmp_path / "out" / name).read_bytes() == (folder / name).read_bytes()
-    assert sorted(p.relative_to(tmp_path / "out").as_posix()
-                  for p in (tmp_path / "out").rglob("*") if p.is_file()) == EXPECTED
+    assert (
+        sorted(
+            p.relative_to(tmp_path / "out").as_posix()
+            for p in (tmp_path / "out").rglob("*")
+            if p.is_file()
+        )
+        == EXPECTED
+    )
 
 
 def test_local_folder_limit(folder, tmp_path):
-    names = sources.gather(data_config(source=str(folder), limit=2), seed=0,
-                           images_dir=tmp_path / "out")
+    names = sources.gather(
+        data_config(source=str(folder), limit=2), seed=0, images_dir=tmp_path / "out"
+    )
     assert len(names) == 2 and set(names) <= set(EXPECTED)
 
 
@@ -156,9 +183,16 @@ def test_unknown_source_names_the_options(tmp_path):
 # --- mit_scenes against 127.0.0.1 -----------------------------------------------------
 
 MIT_DIR = "spatial_envelope_256x256_static_8outdoorcategories"
-MIT_FILES = [f"{category}_{tag}{i}.jpg" for category, tag in
-             (("coast", "n"), ("forest", "nat"), ("street", "par"), ("tallbuilding", "a"))
-             for i in range(3)]
+MIT_FILES = [
+    f"{category}_{tag}{i}.jpg"
+    for category, tag in (
+        ("coast", "n"),
+        ("forest", "nat"),
+        ("street", "par"),
+        ("tallbuilding", "a"),
+    )
+    for i in range(3)
+]
 
 
 class Server:
@@ -175,8 +209,9 @@ class Server:
             def log_message(inner, *args):
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0),
-                                         functools.partial(Handler, directory=str(root)))
+        self.httpd = ThreadingHTTPServer(
+            ("127.0.0.1", 0), functools.partial(Handler, directory=str(root))
+        )
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
@@ -226,6 +261,7 @@ def test_mit_scenes_sha256_pin_mismatch(mit_server, tmp_path):
 
 # --- the stage --------------------------------------------------------------------------
 
+
 def write_params(root: Path, **data) -> None:
     doc = yaml.safe_load((REPO / "params.yaml").read_text())
     doc["data"].update(data)
@@ -240,8 +276,9 @@ def test_download_stage_records_a_reproducible_split(tmp_path, monkeypatch):
     assert [r["name"] for r in rows] == [f"leaves_{i:05d}.png" for i in range(10)]
     assert sum(r["split"] == "val" for r in rows) == 3
     assert {r["split"] for r in rows} == {"train", "val"}
-    assert sorted(p.name for p in (tmp_path / "data/raw/images").iterdir()) == \
-        [r["name"] for r in rows]
+    assert sorted(p.name for p in (tmp_path / "data/raw/images").iterdir()) == [
+        r["name"] for r in rows
+    ]
     download.main()  # again: the same split, and nothing left beside data/raw
     assert read_manifest(tmp_path) == rows
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["raw"]

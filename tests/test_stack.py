@@ -1,5 +1,6 @@
 """src/stack.py: a stack written row by row, and read back row by row exactly as numpy
 reads the same .npy, with file I/O that leaves nothing mapped into the process."""
+
 from __future__ import annotations
 
 import threading
@@ -32,6 +33,7 @@ def path(request, tmp_path) -> Path:
 
 # --- write_stack ------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("written", [5, 3, 0])
 def test_write_stack_holds_exactly_the_rows_written(tmp_path, written):
     rows = RNG.random((written, 4, 6)).astype(np.float32)
@@ -51,11 +53,23 @@ def test_write_stack_refuses_a_wrong_shape(tmp_path):
 # --- reading ----------------------------------------------------------------------
 
 KEYS = [
-    0, 8, -1, np.int64(4),                              # one row
-    (3, slice(2, 9), slice(1, 7)),                      # a crop, as training.crops cuts it
-    (3, slice(None), 5), (2, 4), (5, slice(10, 2)),     # a column, a pixel, no lines
-    slice(2, 6), slice(None), slice(1, 8, 3), slice(-3, None), slice(5, 5),
-    np.array([0, 1, 2, 5, 6, 8]), np.array([7, 2, 2]), [4], np.array([], int),
+    0,
+    8,
+    -1,
+    np.int64(4),  # one row
+    (3, slice(2, 9), slice(1, 7)),  # a crop, as training.crops cuts it
+    (3, slice(None), 5),
+    (2, 4),
+    (5, slice(10, 2)),  # a column, a pixel, no lines
+    slice(2, 6),
+    slice(None),
+    slice(1, 8, 3),
+    slice(-3, None),
+    slice(5, 5),
+    np.array([0, 1, 2, 5, 6, 8]),
+    np.array([7, 2, 2]),
+    [4],
+    np.array([], int),
     (np.array([1, 4]), slice(0, 3), slice(2, 4)),
 ]
 
@@ -98,11 +112,13 @@ def test_threads_can_share_one_stack(tmp_path):
     write_stack(tmp_path / "s.npy", iter(rows), len(rows), (32, 32))
     wrong = []
     with Stack(tmp_path / "s.npy") as stack:
+
         def read(seed):
             order = np.random.default_rng(seed).permutation(len(rows))
             for i in order:
                 if not np.array_equal(stack[int(i), 3:20, 5:30], rows[i, 3:20, 5:30]):
                     wrong.append(i)
+
         threads = [threading.Thread(target=read, args=(seed,)) for seed in range(4)]
         for thread in threads:
             thread.start()
@@ -113,20 +129,24 @@ def test_threads_can_share_one_stack(tmp_path):
 
 # --- not a stack ------------------------------------------------------------------
 
+
 def save(path: Path, array: np.ndarray) -> Path:
     np.save(path, array)
     return path
 
 
-@pytest.mark.parametrize("make,reason", [
-    (lambda p: save(p, ROWS.astype(np.float64)), "dtype <f8"),
-    (lambda p: save(p, ROWS.astype(">f4")), "dtype >f4"),
-    (lambda p: save(p, np.asfortranarray(ROWS)), "Fortran order"),
-    (lambda p: save(p, ROWS[0]), "not (N, H, W)"),
-    (lambda p: p.write_text("name,split\n"), "magic string"),
-    (lambda p: p.write_bytes(b""), "magic string"),
-    (lambda p: p.write_bytes(save(p, ROWS).read_bytes()[:-4]), "its header needs"),
-])
+@pytest.mark.parametrize(
+    "make,reason",
+    [
+        (lambda p: save(p, ROWS.astype(np.float64)), "dtype <f8"),
+        (lambda p: save(p, ROWS.astype(">f4")), "dtype >f4"),
+        (lambda p: save(p, np.asfortranarray(ROWS)), "Fortran order"),
+        (lambda p: save(p, ROWS[0]), "not (N, H, W)"),
+        (lambda p: p.write_text("name,split\n"), "magic string"),
+        (lambda p: p.write_bytes(b""), "magic string"),
+        (lambda p: p.write_bytes(save(p, ROWS).read_bytes()[:-4]), "its header needs"),
+    ],
+)
 def test_not_a_stack_is_a_one_line_user_error(tmp_path, make, reason):
     path = tmp_path / "images.npy"
     make(path)
@@ -142,8 +162,8 @@ def test_missing_file_is_a_user_error(tmp_path):
         Stack(tmp_path / "images.npy", fix=FIX)
 
 
-
 # --- memory -----------------------------------------------------------------------
+
 
 def rss_file_kb() -> int:
     """Resident pages of files mapped into this process (RssFile), in kB."""

@@ -1,5 +1,6 @@
 """src/stage_files.py: each file one stage hands to the next, written and read back, and
 a missing or malformed one named with the stage that rewrites it."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -22,14 +23,17 @@ def save(path, array):
 
 
 def test_manifest_and_index_round_trip():
-    for folder, write, read in ((paths.RAW, stage_files.write_manifest,
-                                 stage_files.read_manifest),
-                                (paths.GRAY, stage_files.write_index, stage_files.read_index)):
+    for folder, write, read in (
+        (paths.RAW, stage_files.write_manifest, stage_files.read_manifest),
+        (paths.GRAY, stage_files.write_index, stage_files.read_index),
+    ):
         folder.mkdir(parents=True)
         write(folder, ["a.png", "sub/b,c.jpg", "NA"], ["train", "val", "train"])
         table = read()
-        assert table.to_dict("list") == {"name": ["a.png", "sub/b,c.jpg", "NA"],
-                                         "split": ["train", "val", "train"]}
+        assert table.to_dict("list") == {
+            "name": ["a.png", "sub/b,c.jpg", "NA"],
+            "split": ["train", "val", "train"],
+        }
 
 
 def test_read_manifest_errors():
@@ -57,9 +61,15 @@ def test_an_index_that_disagrees_with_the_images_names_the_stage():
 
 def test_filter_outputs_round_trip():
     paths.FILTERED.mkdir(parents=True)
-    info = stage_files.FilterInfo(kernel="smiley", shape=(32, 32), operation="convolve",
-                                  padding="same", noise_std=0.01, images=9,
-                                  target_shape=(12, 10))
+    info = stage_files.FilterInfo(
+        kernel="smiley",
+        shape=(32, 32),
+        operation="convolve",
+        padding="same",
+        noise_std=0.01,
+        images=9,
+        target_shape=(12, 10),
+    )
     stage_files.write_filter_outputs(paths.FILTERED, np.eye(3, dtype=np.float32), info)
     assert stage_files.read_filter_info() == info
     kernel = stage_files.read_true_kernel()
@@ -72,9 +82,17 @@ def test_filter_outputs_round_trip():
 
 def test_history_round_trip_and_a_broken_one_names_train():
     paths.METRICS.mkdir()
-    history = pd.DataFrame({"epoch": [1, 2], "loss": [1.0, 0.5], "val_loss": [2.0, 1.0],
-                            "kernel_mse": [0.1, 1e-12], "kernel_rel_error": [0.2, 3e-17],
-                            "elapsed_s": [0.5, 1.0], "extra": [0, 0]})
+    history = pd.DataFrame(
+        {
+            "epoch": [1, 2],
+            "loss": [1.0, 0.5],
+            "val_loss": [2.0, 1.0],
+            "kernel_mse": [0.1, 1e-12],
+            "kernel_rel_error": [0.2, 3e-17],
+            "elapsed_s": [0.5, 1.0],
+            "extra": [0, 0],
+        }
+    )
     stage_files.write_history(history)
     back = stage_files.read_history()
     assert list(back.columns) == stage_files.HISTORY_COLUMNS
@@ -85,17 +103,23 @@ def test_history_round_trip_and_a_broken_one_names_train():
 
 
 def test_inputs_are_checked_in_order_and_name_their_stage():
-    with pytest.raises(UserError, match=r"^data/gray/images.npy is missing; "
-                                        r"run `dvc repro grayscale` first"):
+    with pytest.raises(
+        UserError,
+        match=r"^data/gray/images.npy is missing; "
+        r"run `dvc repro grayscale` first",
+    ):
         stage_files.require_inputs("train")
     with pytest.raises(UserError, match=r"^model/kernels.npy is missing; run `dvc repro train`"):
         stage_files.require_inputs("visualize")
 
 
-@pytest.mark.parametrize("open_stage_output, path, stage", [
-    (stage_files.open_gray_images, paths.GRAY_IMAGES, "grayscale"),
-    (stage_files.open_targets, paths.TARGETS, "filter"),
-])
+@pytest.mark.parametrize(
+    "open_stage_output, path, stage",
+    [
+        (stage_files.open_gray_images, paths.GRAY_IMAGES, "grayscale"),
+        (stage_files.open_targets, paths.TARGETS, "filter"),
+    ],
+)
 def test_a_stage_output_names_the_stage_that_rewrites_it(open_stage_output, path, stage):
     with pytest.raises(UserError, match=f"not found; rerun `dvc repro -f {stage}`"):
         open_stage_output()

@@ -1,5 +1,6 @@
 """src/tracking.py against real MLflow: a SQLite store in tmp_path, parallel
 processes on a fresh store, and a real `mlflow server` on 127.0.0.1."""
+
 from __future__ import annotations
 
 import os
@@ -14,8 +15,8 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
-import requests
 import sqlalchemy
+from conftest import free_port
 from mlflow import MlflowClient
 from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
@@ -23,34 +24,42 @@ from src import config, tracking
 from src.errors import UserError
 from src.tracking import log_epoch, log_final, resume_run, training_run
 
-from conftest import free_port
-
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT = "tracking-test"
 SOBEL_RANGE = (-2.0, 2.0)
 
 
 def make_params(**data) -> config.Params:
-    return config.parse({
-        "kernel": "sobel_x",
-        "seed": 3,
-        "kernels": {"gaussian": {"size": 7, "covariance": None}},
-        "data": {"categories": [], **data},
-        "train": {"epochs": 3, "learning_rate": 0.01},
-        "mlflow": {"experiment": EXPERIMENT},
-    })
+    return config.parse(
+        {
+            "kernel": "sobel_x",
+            "seed": 3,
+            "kernels": {"gaussian": {"size": 7, "covariance": None}},
+            "data": {"categories": [], **data},
+            "train": {"epochs": 3, "learning_rate": 0.01},
+            "mlflow": {"experiment": EXPERIMENT},
+        }
+    )
 
 
 def kernel_images(client: MlflowClient, run_id: str) -> list[str]:
-    return [f.path for f in client.list_artifacts(run_id, "images")
-            if Path(f.path).name.startswith("kernel+step+") and f.path.endswith(".png")]
+    return [
+        f.path
+        for f in client.list_artifacts(run_id, "images")
+        if Path(f.path).name.startswith("kernel+step+") and f.path.endswith(".png")
+    ]
 
 
 @pytest.fixture
 def store(tmp_path, monkeypatch) -> str:
     """A fresh SQLite store with DVC_ROOT = tmp_path, as `dvc exp run` would set it."""
-    for var in ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "MLFLOW_RUN_ID",
-                "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
+    for var in (
+        "DVC_EXP_NAME",
+        "DVC_EXP_BASELINE_REV",
+        "MLFLOW_RUN_ID",
+        "MLFLOW_EXPERIMENT_NAME",
+        "MLFLOW_EXPERIMENT_ID",
+    ):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -67,13 +76,15 @@ def test_param_values_are_strings_that_fit_mlflow():
 
 # --- runs on a SQLite store -----------------------------------------------------
 
+
 @pytest.mark.parametrize("in_dvc_exp", [True, False], ids=["dvc-exp", "workspace"])
 def test_run_has_name_tags_and_flattened_params(store, tmp_path, monkeypatch, in_dvc_exp):
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com"]
     subprocess.run(git + ["init", "-q"], check=True)
     subprocess.run(git + ["commit", "-q", "--allow-empty", "-m", "base"], check=True)
-    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                          check=True).stdout.strip()
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     if in_dvc_exp:
         monkeypatch.setenv("DVC_EXP_NAME", "brisk-lamb")
         monkeypatch.setenv("DVC_EXP_BASELINE_REV", "0123abc")
@@ -92,7 +103,8 @@ def test_run_has_name_tags_and_flattened_params(store, tmp_path, monkeypatch, in
         "git_commit": head,
         "data.source": "synthetic",
     }
-    assert run.data.params == {k: str(v) for k, v in config.flatten(params.model_dump(mode="json")).items()}
+    flat = config.flatten(params.model_dump(mode="json"))
+    assert run.data.params == {k: str(v) for k, v in flat.items()}
     assert run.data.params["train.epochs"] == "3"
     assert run.data.params["data.categories"] == "[]"
 
@@ -106,8 +118,13 @@ def test_epochs_and_final_artifacts(store, tmp_path):
     with training_run(params) as run_id:
         for epoch in (1, 2, 3):
             learned = true_kernel * epoch / 3
-            log_epoch(run_id, epoch, {"loss": 1.0 / epoch, "val_loss": np.float32(2.0 / epoch)},
-                      learned[:, :, None, None], SOBEL_RANGE)
+            log_epoch(
+                run_id,
+                epoch,
+                {"loss": 1.0 / epoch, "val_loss": np.float32(2.0 / epoch)},
+                learned[:, :, None, None],
+                SOBEL_RANGE,
+            )
         log_final(run_id, true_kernel=true_kernel, learned_kernel=learned, model_path=model)
 
     client = MlflowClient(store)
@@ -143,7 +160,7 @@ def test_resume_run_adds_to_the_same_run(store, tmp_path):
     experiment = client.get_experiment_by_name(EXPERIMENT)
     runs = client.search_runs([experiment.experiment_id])
     assert [r.info.run_id for r in runs] == [run_id]
-    assert runs[0].info.status == "FINISHED"            # training's status, kept
+    assert runs[0].info.status == "FINISHED"  # training's status, kept
     assert [f.path for f in client.list_artifacts(run_id, "figures")] == ["figures/kernel.gif"]
     assert mlflow.active_run() is None
 
@@ -157,8 +174,9 @@ def test_resume_run_of_an_unknown_run_is_a_user_error(store):
 
 
 @pytest.mark.parametrize("dvc_root_set", [True, False], ids=["DVC_ROOT", "cwd-only"])
-def test_artifacts_stay_under_the_main_root_from_an_experiment_copy(store, tmp_path,
-                                                                   monkeypatch, dvc_root_set):
+def test_artifacts_stay_under_the_main_root_from_an_experiment_copy(
+    store, tmp_path, monkeypatch, dvc_root_set
+):
     copy = tmp_path / ".dvc" / "tmp" / "exps" / "tmpabc"
     copy.mkdir(parents=True)
     monkeypatch.chdir(copy)
@@ -202,9 +220,15 @@ def test_parallel_runs_on_a_fresh_store(store, tmp_path):
     procs = []
     for i in range(workers):
         env = {**os.environ, "PYTHONPATH": str(REPO), "DVC_EXP_NAME": f"exp-{i}"}
-        procs.append(subprocess.Popen(
-            [sys.executable, "-c", WORKER, str(tmp_path / f"ready-{i}"), str(go)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", WORKER, str(tmp_path / f"ready-{i}"), str(go)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     try:
         deadline = time.monotonic() + 60
         while not all((tmp_path / f"ready-{i}").exists() for i in range(workers)):
@@ -231,6 +255,7 @@ def test_parallel_runs_on_a_fresh_store(store, tmp_path):
 
 
 # --- a real tracking server -----------------------------------------------------
+
 
 @pytest.mark.mlflow_server
 def test_tracking_server(store, tmp_path, monkeypatch, mlflow_server):
@@ -267,6 +292,7 @@ def test_unreachable_server_fails_fast(store, monkeypatch, server):
 
 # --- store problems -------------------------------------------------------------
 
+
 def test_old_schema_asks_for_db_upgrade(store, tmp_path):
     db = tmp_path / "mlflow.db"
     # A current schema made outside MLflow's per-URI store cache, then marked as older.
@@ -283,9 +309,10 @@ def test_old_schema_asks_for_db_upgrade(store, tmp_path):
     assert "\n" not in str(error.value)
 
 
-@pytest.mark.parametrize("stop, status", [(KeyboardInterrupt, "KILLED"),
-                                          (signal.SIGTERM, "KILLED"),
-                                          (RuntimeError, "FAILED")])
+@pytest.mark.parametrize(
+    "stop, status",
+    [(KeyboardInterrupt, "KILLED"), (signal.SIGTERM, "KILLED"), (RuntimeError, "FAILED")],
+)
 def test_run_status_when_training_stops(store, stop, status):
     sigterm_before = signal.getsignal(signal.SIGTERM)
     started = []
@@ -317,16 +344,16 @@ def test_an_interrupt_inside_a_store_write_waits_for_it_and_the_run_is_killed(st
             os.kill(os.getpid(), signum)
             time.sleep(0.2)  # Python runs the handler here, inside the write
 
-    sqlalchemy.event.listen(sqlalchemy.engine.Engine, "before_cursor_execute",
-                            interrupt_the_insert)
+    sqlalchemy.event.listen(sqlalchemy.engine.Engine, "before_cursor_execute", interrupt_the_insert)
     try:
         with pytest.raises(KeyboardInterrupt):
             with training_run(make_params()) as run_id:
                 log_epoch(run_id, 1, {"kernel_mse": 0.5}, np.eye(3), SOBEL_RANGE)
                 pytest.fail("the interrupt was not delivered after the write")
     finally:
-        sqlalchemy.event.remove(sqlalchemy.engine.Engine, "before_cursor_execute",
-                                interrupt_the_insert)
+        sqlalchemy.event.remove(
+            sqlalchemy.engine.Engine, "before_cursor_execute", interrupt_the_insert
+        )
 
     assert sent, "no metric INSERT ran"
     run = MlflowClient(store).get_run(run_id)

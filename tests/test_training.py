@@ -22,8 +22,10 @@ def pink_images(count: int, size: int, seed: int = 0) -> np.ndarray:
     fy = np.fft.fftfreq(size)[:, None]
     fx = np.fft.rfftfreq(size)[None, :]
     amplitude = 1.0 / np.maximum(np.hypot(fy, fx), 1.0 / size)
-    spectrum = amplitude * (rng.normal(size=(count, size, size // 2 + 1))
-                            + 1j * rng.normal(size=(count, size, size // 2 + 1)))
+    spectrum = amplitude * (
+        rng.normal(size=(count, size, size // 2 + 1))
+        + 1j * rng.normal(size=(count, size, size // 2 + 1))
+    )
     images = np.fft.irfft2(spectrum, s=(size, size))
     images -= images.min(axis=(1, 2), keepdims=True)
     images /= images.max(axis=(1, 2), keepdims=True)
@@ -50,8 +52,9 @@ def test_crops_cut_targets_aligned_with_their_inputs(padding):
     images = pink_images(5, 40)
     k = kernels.make("smiley")[:6, :4]  # even and odd sides, not symmetric
     targets = correlate(images, k, padding)
-    batches = training.crops(images, targets, np.arange(5), k.shape, padding, 2, 16,
-                             np.random.default_rng(0))
+    batches = training.crops(
+        images, targets, np.arange(5), k.shape, padding, 2, 16, np.random.default_rng(0)
+    )
     seen = 0
     for x, t in batches:
         np.testing.assert_allclose(t[..., 0], correlate(x[..., 0], k, "valid"), atol=1e-5)
@@ -75,12 +78,14 @@ def explicit_top_curvature(x: np.ndarray, shape: tuple[int, int]) -> float:
 def test_top_curvature_of_a_small_kernel_is_the_explicit_hessians(side, shape):
     x = RNG.normal(size=(3, side, side, 1)).astype(np.float32)
     assert training.top_curvature(tf.constant(x), shape, seed=0) == pytest.approx(
-        explicit_top_curvature(x, shape), rel=1e-9)
+        explicit_top_curvature(x, shape), rel=1e-9
+    )
 
 
 @pytest.mark.parametrize("side, shape, within", [(64, (16, 16), 0.05), (48, (12, 11), 0.02)])
 def test_top_curvature_of_a_large_kernel_is_close_to_the_explicit_hessians_and_never_above(
-        side, shape, within):
+    side, shape, within
+):
     assert shape[0] * shape[1] > training.EXACT_HESSIAN_MAX_TAPS  # the Toeplitz estimate
     # whitened smooth images, as in training; borders matter more on small crops
     smooth = ndimage.gaussian_filter(RNG.normal(size=(4, side + 1, side + 1)), (0, 2, 2))
@@ -104,8 +109,9 @@ def train_tiny(kernel_name="sobel_x", padding="valid", seed=0, size=48, **overri
     targets = correlate(images, true, padding)
     split = np.array(["train"] * 16 + ["val"] * 2)
     snapshots = training.KernelSnapshots()
-    model, fit = training.train(images, targets, true, split, padding, config(**overrides), seed,
-                                callbacks=[snapshots])
+    model, fit = training.train(
+        images, targets, true, split, padding, config(**overrides), seed, callbacks=[snapshots]
+    )
     history = pd.DataFrame(fit.history).assign(epoch=np.array(fit.epoch) + 1)
     assert len(snapshots.kernels) == len(history)
     np.testing.assert_array_equal(snapshots.kernels[-1], layers.learned_kernel(model))
@@ -159,8 +165,15 @@ def test_no_training_images_is_a_user_error():
     images = pink_images(2, 16)
     true = kernels.make("sobel_x")
     with pytest.raises(UserError, match="no training images"):
-        training.train(images, correlate(images, true, "valid"), true, np.array(["val", "val"]),
-                       "valid", config(), 0)
+        training.train(
+            images,
+            correlate(images, true, "valid"),
+            true,
+            np.array(["val", "val"]),
+            "valid",
+            config(),
+            0,
+        )
 
 
 def test_scipy_agrees_on_orientation_of_the_learned_kernel():
@@ -168,5 +181,6 @@ def test_scipy_agrees_on_orientation_of_the_learned_kernel():
     model, _, images, _, true = train_tiny()
     learned = layers.learned_kernel(model)
     x = images[0].astype(np.float64)
-    np.testing.assert_allclose(ndimage.correlate(x, learned)[1:-1, 1:-1],
-                               ndimage.correlate(x, true)[1:-1, 1:-1], atol=0.05)
+    np.testing.assert_allclose(
+        ndimage.correlate(x, learned)[1:-1, 1:-1], ndimage.correlate(x, true)[1:-1, 1:-1], atol=0.05
+    )

@@ -1,5 +1,6 @@
 """stages/visualize.py after a real (tiny) training, with real Keras and a real MLflow
 store in tmp_path: it writes every figure and adds them to the training's own run."""
+
 from __future__ import annotations
 
 import os
@@ -28,10 +29,17 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("ws")
     with pytest.MonkeyPatch.context() as mp:
         enter(mp, root)
-        (root / "params.yaml").write_text(yaml.safe_dump({
-            "kernel": "sobel_x", "seed": 0, "data": {"size": SIZE},
-            "train": {"epochs": EPOCHS, "batch_size": 4, "crop": 32},
-            "mlflow": {"experiment": EXPERIMENT}}))
+        (root / "params.yaml").write_text(
+            yaml.safe_dump(
+                {
+                    "kernel": "sobel_x",
+                    "seed": 0,
+                    "data": {"size": SIZE},
+                    "train": {"epochs": EPOCHS, "batch_size": 4, "crop": 32},
+                    "mlflow": {"experiment": EXPERIMENT},
+                }
+            )
+        )
         paths.RAW_IMAGES.mkdir(parents=True)
         names = [f"leaves{i}.png" for i in range(N)]
         for i, name in enumerate(names):  # colour, and not square: the crop must match
@@ -39,24 +47,38 @@ def trained(tmp_path_factory):
         gray = np.stack([images.read_gray_fitted(paths.RAW_IMAGES / n, SIZE) for n in names])
         paths.GRAY.mkdir(parents=True)
         np.save(paths.GRAY_IMAGES, gray)
-        paths.GRAY_INDEX.write_text("name,split\n" + "".join(
-            f"{n},{'val' if i in (2, 5) else 'train'}\n" for i, n in enumerate(names)))
+        paths.GRAY_INDEX.write_text(
+            "name,split\n"
+            + "".join(f"{n},{'val' if i in (2, 5) else 'train'}\n" for i, n in enumerate(names))
+        )
         paths.FILTERED.mkdir(parents=True)
         targets = filtering.correlate(gray, kernels.SOBEL_X, "valid")
         np.save(paths.TARGETS, targets)
-        stage_files.write_filter_outputs(paths.FILTERED, kernels.SOBEL_X.astype(np.float32),
-                                         stage_files.FilterInfo(
-                                             kernel="sobel_x", shape=(3, 3),
-                                             operation="correlate", padding="valid",
-                                             noise_std=0.0, images=N,
-                                             target_shape=targets.shape[1:]))
+        stage_files.write_filter_outputs(
+            paths.FILTERED,
+            kernels.SOBEL_X.astype(np.float32),
+            stage_files.FilterInfo(
+                kernel="sobel_x",
+                shape=(3, 3),
+                operation="correlate",
+                padding="valid",
+                noise_std=0.0,
+                images=N,
+                target_shape=targets.shape[1:],
+            ),
+        )
         train_stage.main()
     return root
 
 
 def enter(mp: pytest.MonkeyPatch, root) -> None:
-    for var in ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "MLFLOW_RUN_ID",
-                "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
+    for var in (
+        "DVC_EXP_NAME",
+        "DVC_EXP_BASELINE_REV",
+        "MLFLOW_RUN_ID",
+        "MLFLOW_EXPERIMENT_NAME",
+        "MLFLOW_EXPERIMENT_ID",
+    ):
         mp.delenv(var, raising=False)
     mp.setenv("DVC_ROOT", str(root))
     mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
@@ -95,8 +117,9 @@ def test_writes_every_figure_into_the_training_run(workspace, caplog):
     assert run.info.status == "FINISHED"
     logged = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
     assert logged == {f"figures/{name}" for name in FIGURES}
-    assert any("figures" in r.getMessage() and "convergence.gif" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        "figures" in r.getMessage() and "convergence.gif" in r.getMessage() for r in caplog.records
+    )
 
 
 def test_running_again_replaces_the_figures_in_the_same_run(workspace):
@@ -124,8 +147,14 @@ def test_the_original_is_shown_only_for_a_colour_source(tmp_path, monkeypatch):
     assert visualize.read_original("gone.png", 32) is None
 
 
-@pytest.mark.parametrize("shape, padding, centre", [
-    ((3, 3), "valid", (1.0, 1.0)), ((32, 32), "valid", (15.5, 15.5)),
-    ((3, 3), "same", (0.0, 0.0)), ((4, 2), "same", (0.5, 0.5))])
+@pytest.mark.parametrize(
+    "shape, padding, centre",
+    [
+        ((3, 3), "valid", (1.0, 1.0)),
+        ((32, 32), "valid", (15.5, 15.5)),
+        ((3, 3), "same", (0.0, 0.0)),
+        ((4, 2), "same", (0.5, 0.5)),
+    ],
+)
 def test_window_centre_lines_the_target_up_with_the_input(shape, padding, centre):
     assert visualize.window_centre(shape, padding) == centre
