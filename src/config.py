@@ -44,6 +44,11 @@ Padding = Literal["valid", "same"]
 OPERATIONS = get_args(Operation)
 PADDINGS = get_args(Padding)
 
+# Each image is a size² float32 array (64 MB at 4096) and the filter and train stages hold
+# several at once; no kernel or Gaussian can be wider than the images.
+DATA_SIZE_MAX = 4096
+SEED_MAX = 2**32 - 1  # keras.utils.set_random_seed refuses larger seeds
+
 
 def _integral_float_to_int(value: Any) -> Any:
     return int(value) if isinstance(value, float) and value.is_integer() else value
@@ -115,7 +120,7 @@ class DataConfig(Section):
     source: str = "synthetic"
     count: Whole = Field(512, ge=1)
     limit: Whole = Field(0, ge=0)
-    size: Whole = Field(256, ge=8)
+    size: Whole = Field(256, ge=8)  # at most DATA_SIZE_MAX, with the reason: _fits_in_memory
     val_fraction: Number = Field(0.2, ge=0, le=0.9)
     categories: tuple[str, ...] = ()
     sha256: str = ""
@@ -130,6 +135,17 @@ class DataConfig(Section):
                 f"or .zip of images; got {source!r}"
             )
         return source.strip()
+
+    @field_validator("size")
+    @classmethod
+    def _fits_in_memory(cls, size: int) -> int:
+        if size > DATA_SIZE_MAX:
+            raise ValueError(
+                f"data.size must be at most {DATA_SIZE_MAX}, got {size}: each image is held as "
+                f"size² float32 values ({4 * size**2 / 2**20:,.0f} MB at {size}) and the filter "
+                "and train stages hold several at once; lower data.size"
+            )
+        return size
 
     @field_validator("categories", mode="before")
     @classmethod
@@ -182,7 +198,7 @@ class MlflowConfig(Section):
 
 class Params(Section):
     kernel: str = "sobel_x"
-    seed: Whole = Field(0, ge=0)
+    seed: Whole = Field(0, ge=0, le=SEED_MAX)
     kernels: KernelSettings = KernelSettings()
     data: DataConfig = DataConfig()
     filter: FilterConfig = FilterConfig()

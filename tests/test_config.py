@@ -70,6 +70,9 @@ def test_the_committed_params_are_valid_and_typed():
         ("data.categories", ["forest", "moon"], "data.categories: unknown moon; choose from coast"),
         ("data.sha256", "abc", "data.sha256 must be 64 hex digits"),
         ("seed", 1.5, "seed must be a whole number"),
+        ("seed", -1, "seed must be at least 0"),
+        ("seed", 2**32, "seed must be at most 4294967295, got 4294967296"),
+        ("data.size", 100000, "data.size must be at most 4096, got 100000: each image is"),
         ("kernels.gaussian.sigma", 0, "kernels.gaussian.sigma must be a number greater than 0"),
         ("kernels.box.size", "big", "kernels.box.size must be a whole number"),
         ("kernels.box", 7, "kernels.box must be a mapping of settings, got 7"),
@@ -269,6 +272,8 @@ def test_flatten_names_nested_keys_with_dots():
     [
         ("kernel: sobel_z", "error: kernel: unknown kernel 'sobel_z'; choose from"),
         ("train: {epochs: abc}", "error: train.epochs must be a whole number, got 'abc'"),
+        ("seed: 4294967296", "error: seed must be at most 4294967295, got 4294967296"),
+        ("data: {size: 100000}", "error: data.size must be at most 4096, got 100000"),
     ],
 )
 def test_a_stage_reports_a_bad_param_in_one_line_and_exits_non_zero(tmp_path, change, expected):
