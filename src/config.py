@@ -47,6 +47,9 @@ PADDINGS = get_args(Padding)
 # Each image is a size² float32 array (64 MB at 4096) and the filter and train stages hold
 # several at once; no kernel or Gaussian can be wider than the images.
 DATA_SIZE_MAX = 4096
+# A Gaussian narrower than a tenth of a pixel samples as one pixel (an even-sized one as 0/0);
+# one wider than any image is flat over it. Covariances are held to the same range.
+SIGMA_MIN, SIGMA_MAX = 0.1, DATA_SIZE_MAX
 SEED_MAX = 2**32 - 1  # keras.utils.set_random_seed refuses larger seeds
 
 
@@ -81,10 +84,11 @@ class GaussianSettings(Section):
 
     @field_validator("sigma")
     @classmethod
-    def _positive(cls, sigma: float) -> float:
-        if not sigma > 0:
+    def _in_range(cls, sigma: float) -> float:
+        if not SIGMA_MIN <= sigma <= SIGMA_MAX:
             raise ValueError(
-                f"kernels.gaussian.sigma must be a number greater than 0, got {sigma:g}"
+                f"kernels.gaussian.sigma must be from {SIGMA_MIN:g} to {SIGMA_MAX:g} pixels "
+                f"(narrower is one pixel, wider is flat), got {sigma:g}"
             )
         return sigma
 
@@ -95,18 +99,22 @@ class GaussianSettings(Section):
             return None
         try:
             cov = np.asarray(value, dtype=np.float64)
-            ok = (
-                cov.shape == (2, 2)
-                and bool(np.all(np.isfinite(cov)))
-                and np.allclose(cov, cov.T)
-                and bool(np.all(np.linalg.eigvalsh(cov) > 0))
-            )
+            ok = cov.shape == (2, 2) and bool(np.all(np.isfinite(cov))) and np.allclose(cov, cov.T)
+            variances = np.linalg.eigvalsh(cov) if ok else None
         except (TypeError, ValueError):
             ok = False
-        if not ok:
+        if not ok or variances[0] <= 0:
             raise ValueError(
                 "kernels.gaussian.covariance must be a symmetric positive-definite "
                 f"[[sxx, sxy], [sxy, syy]] or null, got {value!r}"
+            )
+        # Bounding each principal axis as sigma is bounded also bounds the condition number.
+        stds = np.sqrt(variances)
+        if stds[0] < SIGMA_MIN or stds[1] > SIGMA_MAX:
+            raise ValueError(
+                "kernels.gaussian.covariance must have principal standard deviations (the "
+                f"square roots of its eigenvalues) from {SIGMA_MIN:g} to {SIGMA_MAX:g} pixels, "
+                f"like sigma; it has {stds[0]:.3g} and {stds[1]:.3g}: {value!r}"
             )
         return cov.tolist()
 

@@ -79,6 +79,7 @@ def gaussian(size: int, sigma: float | None = None, covariance: Any = None) -> n
     offsets = np.arange(size) - (size - 1) / 2.0
     yy, xx = np.meshgrid(offsets, offsets, indexing="ij")
     k = multivariate_normal(mean=[0.0, 0.0], cov=cov).pdf(np.dstack((yy, xx)))
+    k = np.reshape(k, (size, size))  # pdf returns a scalar for a single point: size 1
     return k / k.sum()
 
 

@@ -73,7 +73,9 @@ def test_the_committed_params_are_valid_and_typed():
         ("seed", -1, "seed must be at least 0"),
         ("seed", 2**32, "seed must be at most 4294967295, got 4294967296"),
         ("data.size", 100000, "data.size must be at most 4096, got 100000: each image is"),
-        ("kernels.gaussian.sigma", 0, "kernels.gaussian.sigma must be a number greater than 0"),
+        ("kernels.gaussian.sigma", 0, "kernels.gaussian.sigma must be from 0.1 to 4096 pixels"),
+        ("kernels.gaussian.sigma", 1e200, "kernels.gaussian.sigma must be from 0.1 to 4096"),
+        ("kernels.gaussian.sigma", 0.01, "kernels.gaussian.sigma must be from 0.1 to 4096"),
         ("kernels.box.size", "big", "kernels.box.size must be a whole number"),
         ("kernels.box", 7, "kernels.box must be a mapping of settings, got 7"),
         ("train", 3, "train must be a mapping of settings, got 3"),
@@ -113,6 +115,26 @@ def test_a_kernel_larger_than_the_images_is_refused():
     doc["data"]["size"] = 16
     with pytest.raises(UserError, match=r"32×32, larger than the 16×16 images"):
         config.parse(doc)
+
+
+@pytest.mark.parametrize(
+    "covariance, stds",
+    [
+        ([[1, 0.9999999], [0.9999999, 1]], "0.000316 and 1.41"),  # a diagonal line 1/3000 px wide
+        ([[1e-12, 0], [0, 1]], "1e-06 and 1"),
+        ([[1e-9, 0], [0, 1e-9]], "3.16e-05 and 3.16e-05"),
+        ([[1e8, 0], [0, 1]], "1 and 1e+04"),
+    ],
+)
+def test_a_nearly_singular_too_narrow_or_too_wide_covariance_is_refused(covariance, stds):
+    doc = with_change("kernel", "gaussian")
+    doc["kernels"]["gaussian"]["covariance"] = covariance
+    with pytest.raises(UserError) as error:
+        config.parse(doc)
+    assert str(error.value).startswith(
+        "kernels.gaussian.covariance must have principal standard deviations (the square roots "
+        f"of its eigenvalues) from 0.1 to 4096 pixels, like sigma; it has {stds}"
+    )
 
 
 def test_a_crop_smaller_than_the_kernel_is_refused():

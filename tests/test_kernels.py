@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from src import kernels
+from src import config, kernels
 from src.config import KernelSettings
 from src.errors import UserError
 
@@ -20,6 +20,12 @@ EXACT = {
     "laplacian": [[0, 1, 0], [1, -4, 1], [0, 1, 0]],
     "edge": [[-1, -1], [1, 1]],
 }
+
+
+def _rotated(std_a: float, std_b: float) -> list[list[float]]:
+    """The covariance with these principal standard deviations, its axes at 45°."""
+    turn = np.array([[1.0, -1.0], [1.0, 1.0]]) / np.sqrt(2)
+    return (turn @ np.diag([std_a**2, std_b**2]) @ turn.T).tolist()
 
 
 def settings(**doc) -> KernelSettings:
@@ -102,6 +108,30 @@ def test_gaussian_with_covariance_is_tilted_like_the_course_notes():
     # an isotropic one has no preferred diagonal
     iso = kernels.make("gaussian", settings(gaussian={"size": 7, "sigma": 1.0}))
     np.testing.assert_allclose(np.diag(iso), np.diag(iso[:, ::-1]), atol=1e-15)
+
+
+@pytest.mark.parametrize("size", [1, 2, 6, 7, 64])
+@pytest.mark.parametrize(
+    "gaussian",
+    [
+        {"sigma": config.SIGMA_MIN},
+        {"sigma": config.SIGMA_MAX},
+        # the narrowest and widest principal axes config allows, along a diagonal
+        {"covariance": _rotated(config.SIGMA_MIN, config.SIGMA_MAX)},
+        {"covariance": _rotated(config.SIGMA_MIN, config.SIGMA_MIN)},
+    ],
+)
+def test_gaussians_within_configs_bounds_are_finite_and_sum_to_one(size, gaussian):
+    # Outside them an even-sized one is 0/0: size 6 with sigma 0.01 was all NaN.
+    k = kernels.make("gaussian", settings(gaussian={"size": size, **gaussian}))
+    assert k.shape == (size, size) and np.all(np.isfinite(k)) and k.min() >= 0
+    assert k.sum() == pytest.approx(1.0, abs=1e-12)
+    assert np.sum(k.astype(np.float32) ** 2) > np.finfo(np.float32).tiny
+
+
+def test_a_1x1_gaussian_is_the_identity():
+    k = kernels.make("gaussian", settings(gaussian={"size": 1}))
+    assert k.dtype == np.float64 and k.tolist() == [[1.0]]
 
 
 # The range checks of sizes, sigma and covariance are config's: tests/test_config.py.
