@@ -74,11 +74,11 @@ class Section(BaseModel):
 
 
 class BoxSettings(Section):
-    size: Whole = Field(5, ge=1)
+    size: Whole = Field(5, ge=1, le=DATA_SIZE_MAX)
 
 
 class GaussianSettings(Section):
-    size: Whole = Field(7, ge=1)
+    size: Whole = Field(7, ge=1, le=DATA_SIZE_MAX)
     sigma: Number = 1.5
     covariance: tuple[tuple[float, float], tuple[float, float]] | None = None  # replaces sigma
 
@@ -199,6 +199,11 @@ class TrainConfig(Section):
     whiten: Literal["gradient", "laplacian", "none"] = "gradient"
     crop: Whole = Field(128, ge=0)
 
+    def crop_side(self, image_size: int) -> int:
+        """The side of the crops training takes (src/training.py, crops): whole images
+        when crop is 0 or not smaller than them."""
+        return self.crop if 0 < self.crop < image_size else image_size
+
 
 class MlflowConfig(Section):
     experiment: str = Field("learn-linear-filter", min_length=1)
@@ -225,19 +230,21 @@ class Params(Section):
 
     @model_validator(mode="after")
     def _kernel_fits(self) -> Params:
+        # The shape only, so a large box or Gaussian is not built just to be refused.
         # A file: kernel's UserError is no ValueError, so it passes through pydantic as is.
-        shape = self.true_kernel().shape
-        side = max(shape)
-        if side > self.data.size:
+        kh, kw = kernels.shape(self.kernel, self.kernels)
+        need = max(kh, kw) + 2  # the Laplacian whitening trims 2 pixels off a crop's target
+        size = self.data.size
+        if size < need:
             raise ValueError(
-                f"kernel: {self.kernel} is {shape[0]}×{shape[1]}, larger than the "
-                f"{self.data.size}×{self.data.size} images; raise data.size or "
-                "choose a smaller kernel"
+                f"kernel: {self.kernel} is {kh}×{kw}, too large for the {size}×{size} images: "
+                f"training needs images of at least the kernel size + 2 ({need}); "
+                "raise data.size or choose a smaller kernel"
             )
-        if self.train.crop and self.train.crop < side + 2:
+        if self.train.crop_side(size) < need:
             raise ValueError(
-                f"train.crop must be 0 or at least the kernel size + 2 "
-                f"({side + 2}), got {self.train.crop}"
+                f"train.crop must be 0 or at least the kernel size + 2 ({need}), "
+                f"got {self.train.crop}"
             )
         return self
 

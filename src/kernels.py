@@ -138,6 +138,12 @@ BUILTIN = {
 NAMES = tuple(BUILTIN)
 
 
+def shape(name: str, settings: KernelSettings) -> tuple[int, int]:
+    """The shape of make(name, settings), without building a box or Gaussian."""
+    side = {"box": settings.box.size, "gaussian": settings.gaussian.size}.get(name)
+    return (side, side) if side else make(name, settings).shape
+
+
 def make(name: str, settings: KernelSettings | None = None) -> np.ndarray:
     """The kernel called `name` (a built-in, or file:<path>), as float64.
 

@@ -1,6 +1,7 @@
 import re
 import subprocess
 import sys
+import tracemalloc
 from pathlib import Path
 
 import pydantic
@@ -76,6 +77,8 @@ def test_the_committed_params_are_valid_and_typed():
         ("kernels.gaussian.sigma", 0, "kernels.gaussian.sigma must be from 0.1 to 4096 pixels"),
         ("kernels.gaussian.sigma", 1e200, "kernels.gaussian.sigma must be from 0.1 to 4096"),
         ("kernels.gaussian.sigma", 0.01, "kernels.gaussian.sigma must be from 0.1 to 4096"),
+        ("kernels.gaussian.size", 10**9, "kernels.gaussian.size must be at most 4096"),
+        ("kernels.box.size", 10**9, "kernels.box.size must be at most 4096, got 1000000000"),
         ("kernels.box.size", "big", "kernels.box.size must be a whole number"),
         ("kernels.box", 7, "kernels.box must be a mapping of settings, got 7"),
         ("train", 3, "train must be a mapping of settings, got 3"),
@@ -110,11 +113,38 @@ def test_kernel_settings_are_settable_like_dvc_exp_run_S():
     assert config.parse(doc).true_kernel().shape == (4, 4)
 
 
-def test_a_kernel_larger_than_the_images_is_refused():
+@pytest.mark.parametrize("size", [16, 32, 33])
+@pytest.mark.parametrize("crop", [0, 128])
+def test_images_too_small_for_the_kernel_are_refused(size, crop):
+    # Crops of 0 or larger than the images are whole images: those must fit the kernel + 2.
     doc = with_change("kernel", "smiley")
-    doc["data"]["size"] = 16
-    with pytest.raises(UserError, match=r"32×32, larger than the 16×16 images"):
+    doc["data"]["size"], doc["train"]["crop"] = size, crop
+    with pytest.raises(UserError) as error:
         config.parse(doc)
+    assert str(error.value) == (
+        f"kernel: smiley is 32×32, too large for the {size}×{size} images: training needs "
+        "images of at least the kernel size + 2 (34); raise data.size or choose a smaller kernel"
+    )
+
+
+@pytest.mark.parametrize("crop", [0, 34, 128])
+def test_images_of_the_kernel_size_plus_2_are_enough(crop):
+    doc = with_change("kernel", "smiley")
+    doc["data"]["size"], doc["train"]["crop"] = 34, crop
+    assert config.parse(doc).true_kernel().shape == (32, 32)
+
+
+def test_a_kernel_too_large_for_the_images_is_refused_before_it_is_built():
+    doc = with_change("kernel", "box")
+    doc["kernels"]["box"]["size"] = 4096  # 128 MB as float64
+    tracemalloc.start()
+    try:
+        with pytest.raises(UserError, match=r"box is 4096×4096, too large for the 256×256 images"):
+            config.parse(doc)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 2**20
 
 
 @pytest.mark.parametrize(
