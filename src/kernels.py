@@ -110,6 +110,10 @@ def from_file(path: str | Path) -> np.ndarray:
             "save it as a 2-D .npy, .csv or image"
         ) from None
     k = np.asarray(k)
+    if np.iscomplexobj(k):
+        raise UserError(
+            f"{where} holds complex numbers; a kernel is real: save np.real(k) if that is meant"
+        )
     if k.size == 0:
         raise UserError(f"{where} is empty; it must hold a 2-D array of numbers")
     if k.ndim != 2:
@@ -121,6 +125,16 @@ def from_file(path: str | Path) -> np.ndarray:
         raise UserError(f"{where} holds NaN or inf values; every value must be finite")
     if not np.any(k):
         raise UserError(f"{where} is all zeros; there is nothing to learn")
+    # It is trained and saved as float32, and the kernel error divides by its ‖k‖² there:
+    # values around 1e-300 would become zeros, around 1e200 inf.
+    with np.errstate(over="ignore", under="ignore"):
+        norm2 = np.sum(k.astype(np.float32) ** 2)
+    if not np.finfo(np.float32).tiny <= norm2 < np.inf:
+        raise UserError(
+            f"{where}: its values are out of float32's range, in which it is trained "
+            f"(largest |value| {np.abs(k).max():.3g}); scale it so that ‖k‖² is between "
+            "1e-37 and 1e38"
+        )
     return k
 
 

@@ -221,6 +221,18 @@ def _write_bad(tmp_path, case):
         np.save(path, np.array([[1.0, np.inf], [0.0, 1.0]]))
     elif case == "zeros":
         np.save(path, np.zeros((3, 3)))
+    elif case == "zeros in float32":
+        np.save(path, np.array(EXACT["sobel_x"]) * 1e-300)
+    elif case == "norm underflows in float32":
+        np.save(path, np.array(EXACT["sobel_x"]) * 1e-25)  # values fit, ‖k‖² = 1.2e-49 does not
+    elif case == "inf in float32":
+        np.save(path, np.array(EXACT["sobel_x"]) * 1e200)
+    elif case == "norm overflows in float32":
+        np.save(path, np.array(EXACT["sobel_x"]) * 1e19)
+    elif case == "complex":
+        np.save(path, np.array(EXACT["sobel_x"]) * (1 + 1j))
+    elif case == "complex, zero imaginary part":
+        np.save(path, np.array(EXACT["sobel_x"], dtype=np.complex128))
     elif case == "pickle":
         np.save(path, np.array([{"not": "a kernel"}, None], dtype=object), allow_pickle=True)
     elif case == "strings":
@@ -246,6 +258,12 @@ def _write_bad(tmp_path, case):
         "nan",
         "inf",
         "zeros",
+        "zeros in float32",
+        "norm underflows in float32",
+        "inf in float32",
+        "norm overflows in float32",
+        "complex",
+        "complex, zero imaginary part",
         "pickle",
         "strings",
         "garbage",
@@ -259,6 +277,27 @@ def test_bad_kernel_files_give_one_line(tmp_path, case):
         kernels.make(f"file:{path}")
     message = one_line_user_error(excinfo)
     assert f"file:{path}" in message
+
+
+@pytest.mark.parametrize("scale", [1e-15, 1e15])
+def test_file_kernels_with_a_norm_float32_holds_are_accepted(tmp_path, scale):
+    np.save(tmp_path / "k.npy", np.array(EXACT["sobel_x"]) * scale)
+    k = kernels.from_file(tmp_path / "k.npy")
+    np.testing.assert_array_equal(k, np.array(EXACT["sobel_x"]) * scale)
+
+
+@pytest.mark.parametrize(
+    "values, reason",
+    [
+        (np.array(EXACT["sobel_x"]) * 1e-300, "its values are out of float32's range"),
+        (np.array(EXACT["sobel_x"]) * (1 + 2j), "holds complex numbers"),
+    ],
+)
+def test_a_kernel_float32_or_a_real_array_cannot_hold_is_named(tmp_path, values, reason):
+    np.save(tmp_path / "k.npy", values)
+    with pytest.raises(UserError) as excinfo:
+        kernels.from_file(tmp_path / "k.npy")
+    assert reason in one_line_user_error(excinfo)
 
 
 def test_pickled_file_is_never_unpickled(tmp_path, monkeypatch):
