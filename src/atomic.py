@@ -57,6 +57,8 @@ def atomic_file(path: str | Path, mode: str = "w") -> Iterator:
 
 
 def write_json(path: str | Path, data: dict) -> None:
+    """Strict JSON: NaN or infinity raises ValueError (the caller decides what a missing
+    value is), since jq and `dvc exp show` cannot read them; the old file is kept."""
     with atomic_file(path) as handle:
-        json.dump(data, handle, indent=2, sort_keys=True)
+        json.dump(data, handle, indent=2, sort_keys=True, allow_nan=False)
         handle.write("\n")

@@ -29,6 +29,7 @@ from src.stack import Stack
 SPLITS = ("train", "val")
 SPLIT_COLUMNS = ["name", "split"]
 HISTORY_COLUMNS = ["epoch", "loss", "val_loss", "kernel_mse", "kernel_rel_error", "elapsed_s"]
+OPTIONAL_HISTORY_COLUMNS = {"val_loss"}  # none without held-out images: its cells stay empty
 
 
 # Who writes what: a missing file names the stage that makes it.
@@ -236,12 +237,13 @@ def read_learned_kernels() -> tuple[np.ndarray, np.ndarray]:
 
 
 def write_history(history: pd.DataFrame) -> None:
-    """metrics/history.csv: one row per epoch, the columns of HISTORY_COLUMNS."""
-    missing = [c for c in HISTORY_COLUMNS if c not in history.columns]
+    """metrics/history.csv: one row per epoch, the columns of HISTORY_COLUMNS; an optional
+    one that is absent is written as empty cells."""
+    missing = set(HISTORY_COLUMNS) - OPTIONAL_HISTORY_COLUMNS - set(history.columns)
     if missing:
-        raise ValueError(f"the history lacks {', '.join(missing)}")
+        raise ValueError(f"the history lacks {', '.join(sorted(missing))}")
     with atomic_file(paths.HISTORY) as handle:
-        history[HISTORY_COLUMNS].to_csv(handle, index=False, float_format="%.6g")
+        history.reindex(columns=HISTORY_COLUMNS).to_csv(handle, index=False, float_format="%.6g")
 
 
 def read_history() -> pd.DataFrame:

@@ -115,15 +115,31 @@ def crops(
 
 
 def training_dataset(
-    images, targets, rows, kernel_shape, padding, cfg: TrainConfig, seed: int, scale: float = 1.0
+    images,
+    targets,
+    rows,
+    kernel_shape,
+    padding,
+    cfg: TrainConfig,
+    seed: int,
+    scale: float = 1.0,
+    read_errors: list[UserError] | None = None,
 ) -> tuple[tf.data.Dataset, int]:
+    """The endless whitened, scaled batches, and the steps in an epoch. A UserError while
+    reading a batch (a corrupted stage file) is appended to `read_errors`: tf.data itself
+    only raises an UnknownError with the traceback in its message."""
     rng = streams.rng(seed, streams.CROPS)
 
     def epochs():
-        while True:
-            yield from crops(
-                images, targets, rows, kernel_shape, padding, cfg.batch_size, cfg.crop, rng
-            )
+        try:
+            while True:
+                yield from crops(
+                    images, targets, rows, kernel_shape, padding, cfg.batch_size, cfg.crop, rng
+                )
+        except UserError as exc:
+            if read_errors is not None:
+                read_errors.append(exc)
+            raise
 
     spec = (
         tf.TensorSpec((None, None, None, 1), tf.float32),
@@ -183,6 +199,8 @@ def _toeplitz_top_curvature(x: np.ndarray, kernel_shape: tuple[int, int], seed: 
     dy, dx = np.arange(1 - kh, kh), np.arange(1 - kw, kw)
     overlaps = n * np.outer(h - np.abs(dy), w - np.abs(dx))
     r = autocorrelation[np.ix_(dy % shape[0], dx % shape[1])] / overlaps  # mean x[q]·x[q+d]
+    if not np.any(r):
+        return 0.0  # all-zero crops; ARPACK refuses a zero operator
 
     def toeplitz_times(v: np.ndarray) -> np.ndarray:  # (Tv)[a] = Σ_b r[b−a]·v[b]
         return signal.correlate(r, v.reshape(kh, kw), mode="valid")[::-1, ::-1].ravel()
@@ -216,7 +234,7 @@ def residual_moments(
     """Mean and mean square of target − prediction over whole images, un-whitened, in the
     filter's padding: the bias's least-squares value, and the validation loss."""
     if len(rows) == 0:
-        return float("nan"), float("nan")
+        raise ValueError("residual_moments needs at least one row")
     total, total_sq, count = 0.0, 0.0, 0
     for start in range(0, len(rows), batch_size):
         idx = np.sort(rows[start : start + batch_size])
@@ -256,23 +274,24 @@ class EpochEnd(keras.callbacks.Callback):
         layer.set_weights([kernel, np.zeros(1, np.float32)])
         bias, _ = residual_moments(self.final_model, self.images, self.targets, self.bias_rows)
         layer.set_weights([kernel, np.array([bias], np.float32)])
-        _, val_loss = residual_moments(self.final_model, self.images, self.targets, self.val_rows)
+        if len(self.val_rows):  # with no held-out images val_loss is absent, as in Keras
+            _, logs["val_loss"] = residual_moments(
+                self.final_model, self.images, self.targets, self.val_rows
+            )
         kernel_mse, kernel_rel_error = kernel_errors(
             kernel[:, :, 0, 0].astype(np.float64), self.true_kernel
         )
         logs.update(
-            val_loss=val_loss,
             kernel_mse=kernel_mse,
             kernel_rel_error=kernel_rel_error,
             elapsed_s=time.perf_counter() - self.started,
         )
+        shown = ("loss", "val_loss", "kernel_rel_error")
         log.info(
-            "epoch %d/%d  loss %.3e  val_loss %.3e  kernel_rel_error %.3e  %.1f s",
+            "epoch %d/%d  %s  %.1f s",
             epoch + 1,
             self.cfg.epochs,
-            loss,
-            val_loss,
-            kernel_rel_error,
+            "  ".join(f"{key} {float(logs[key]):.3e}" for key in shown if key in logs),
             logs["elapsed_s"],
         )
 
@@ -313,8 +332,8 @@ def train(
     callbacks: Sequence[keras.callbacks.Callback] = (),
 ) -> tuple[keras.Model, keras.callbacks.History]:
     """Fit the one-layer model. Returns it in the filter's padding, with its fitted bias,
-    ready to predict, and Keras's History of the per-epoch logs (loss, val_loss,
-    kernel_mse, kernel_rel_error, elapsed_s).
+    ready to predict, and Keras's History of the per-epoch logs (loss, val_loss
+    when any image is held out, kernel_mse, kernel_rel_error, elapsed_s).
 
     `images` (N, S, S) and `targets` are arrays or stacks; `split` holds 'train' or
     'val' per row. `callbacks` run after EpochEnd, so their logs hold its metrics.
@@ -339,13 +358,19 @@ def train(
         cfg.crop,
         streams.rng(seed, streams.CROPS),
     )
-    curvature = max(
-        top_curvature(WHITENERS[cfg.whiten](x), kernel_shape, seed)
-        for x, _ in itertools.islice(probe, PROBE_BATCHES)
-    )
+    batches = [x for x, _ in itertools.islice(probe, PROBE_BATCHES)]
+    curvature = max(top_curvature(WHITENERS[cfg.whiten](x), kernel_shape, seed) for x in batches)
+    if not curvature > 0:
+        raise UserError(
+            "the training images have no contrast to learn from: the first "
+            f"{sum(map(len, batches))} training crops are all zero after whitening "
+            f"(train.whiten={cfg.whiten}), as flat single-colour photos are; "
+            "use photos with edges and texture in data.source"
+        )
     scale = 1.0 / math.sqrt(curvature)
+    read_errors: list[UserError] = []
     dataset, steps = training_dataset(
-        images, targets, train_rows, kernel_shape, padding, cfg, seed, scale
+        images, targets, train_rows, kernel_shape, padding, cfg, seed, scale, read_errors
     )
     log.info(
         "conv %s, whiten %s, %d train / %d val images, %d steps per epoch, "
@@ -364,12 +389,17 @@ def train(
     on_epoch = EpochEnd(
         final, true_kernel, images, targets, train_rows[:BIAS_IMAGES], val_rows, cfg
     )
-    history = model.fit(
-        dataset,
-        epochs=cfg.epochs,
-        steps_per_epoch=steps,
-        shuffle=False,
-        verbose=0,
-        callbacks=[on_epoch, *callbacks],
-    )
+    try:
+        history = model.fit(
+            dataset,
+            epochs=cfg.epochs,
+            steps_per_epoch=steps,
+            shuffle=False,
+            verbose=0,
+            callbacks=[on_epoch, *callbacks],
+        )
+    except tf.errors.OpError:
+        if read_errors:
+            raise read_errors[0] from None
+        raise
     return final, history

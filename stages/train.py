@@ -74,16 +74,16 @@ def main() -> None:
             )
         stage_files.write_history(history)
         last = history.iloc[-1]
-        stage_files.write_train_metrics(
-            {
-                "kernel_mse": last.kernel_mse,
-                "kernel_rel_error": last.kernel_rel_error,
-                "val_loss": last.val_loss,
-                "loss": last.loss,
-                "epochs": int(last.epoch),
-                "train_seconds": round(last.elapsed_s, 2),
-            }
-        )
+        metrics = {
+            "kernel_mse": last.kernel_mse,
+            "kernel_rel_error": last.kernel_rel_error,
+            "loss": last.loss,
+            "epochs": int(last.epoch),
+            "train_seconds": round(last.elapsed_s, 2),
+        }
+        if "val_loss" in history:  # absent with no held-out images: left out, not NaN
+            metrics["val_loss"] = last.val_loss
+        stage_files.write_train_metrics(metrics)
         tracking.log_final(
             run_id,
             true_kernel=true_kernel,

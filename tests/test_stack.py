@@ -186,3 +186,19 @@ def test_reading_and_writing_map_nothing_into_the_process(tmp_path):
         total += float(stack[np.arange(0, rows, 2)].sum())
     assert total > 0
     assert rss_file_kb() - before < 8 * 1024
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_nan_or_infinity_read_is_a_one_line_user_error(tmp_path, bad):
+    rows = ROWS.copy()
+    rows[6, 3, 4] = bad
+    path = save(tmp_path / "images.npy", rows)
+    expected = f"{path} holds NaN or infinity (row 6): it is corrupted; {FIX}"
+    with Stack(path, fix=FIX) as stack:
+        for key in (6, (6, slice(2, 5)), slice(4, 8), np.array([1, 6, 7])):
+            with pytest.raises(UserError) as caught:
+                stack[key]
+            assert str(caught.value) == expected
+        # what is read is checked, and nothing more is read to check it
+        np.testing.assert_array_equal(stack[5], ROWS[5])
+        np.testing.assert_array_equal(stack[6, 4:], ROWS[6, 4:])

@@ -97,6 +97,10 @@ def test_history_round_trip_and_a_broken_one_names_train():
     back = stage_files.read_history()
     assert list(back.columns) == stage_files.HISTORY_COLUMNS
     np.testing.assert_allclose(back.kernel_rel_error, [0.2, 3e-17])
+    # no held-out images: no val_loss, written as empty cells, not NaN
+    stage_files.write_history(history.drop(columns="val_loss"))
+    assert paths.HISTORY.read_text().splitlines()[1] == "1,1,,0.1,0.2,0.5"
+    assert stage_files.read_history().val_loss.isna().all()
     paths.HISTORY.write_text("epoch,loss\n1,0.5\n")
     with pytest.raises(UserError, match="lacks val_loss.*dvc repro -f train"):
         stage_files.read_history()
@@ -130,3 +134,11 @@ def test_a_stage_output_names_the_stage_that_rewrites_it(open_stage_output, path
     save(path, ROWS)
     with open_stage_output() as opened:
         np.testing.assert_array_equal(opened[2], ROWS[2])
+    corrupted = ROWS.copy()
+    corrupted[4, 0, 0] = np.nan
+    save(path, corrupted)
+    with (
+        open_stage_output() as opened,
+        pytest.raises(UserError, match=rf"^{path} holds NaN.*rerun `dvc repro -f {stage}`$"),
+    ):
+        opened[4]

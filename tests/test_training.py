@@ -1,4 +1,6 @@
+import json
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -6,12 +8,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import tensorflow as tf
+from mlflow import MlflowClient
 from scipy import ndimage
 
-from src import kernels, layers, training
+from src import kernels, layers, paths, stage_files, streams, training
 from src.config import TrainConfig
 from src.errors import UserError
 from src.filtering import correlate
+from src.stack import write_stack
 
 RNG = np.random.default_rng(7)
 
@@ -184,3 +188,121 @@ def test_scipy_agrees_on_orientation_of_the_learned_kernel():
     np.testing.assert_allclose(
         ndimage.correlate(x, learned)[1:-1, 1:-1], ndimage.correlate(x, true)[1:-1, 1:-1], atol=0.05
     )
+
+
+@pytest.mark.parametrize(
+    "kernel_name, whiten, level",
+    [("sobel_x", "gradient", 0.5), ("smiley", "laplacian", 0.5), ("sobel_x", "none", 0.0)],
+)
+def test_flat_single_colour_images_are_a_user_error(kernel_name, whiten, level):
+    """Nothing to learn: after whitening every crop is zero, so is the loss's curvature."""
+    images = np.full((6, 96, 96), level, np.float32)
+    true = kernels.make(kernel_name)
+    with pytest.raises(UserError) as caught:
+        training.train(
+            images,
+            correlate(images, true, "valid"),
+            true,
+            np.array(["train"] * 6),
+            "valid",
+            config(whiten=whiten, crop=80),
+            0,
+        )
+    message = str(caught.value)
+    assert message.startswith("the training images have no contrast to learn from")
+    assert f"train.whiten={whiten}" in message and "data.source" in message
+    assert "\n" not in message
+
+
+def probe_row(seed: int = 0) -> int:
+    """A training row of train_tiny that the step-size probe reads, before fitting."""
+    return int(streams.rng(seed, streams.CROPS).permutation(16)[0])
+
+
+def late_row(seed: int = 0) -> int:
+    """A training row of train_tiny read in the last step of epoch 1, inside tf.data."""
+    return int(streams.rng(seed, streams.CROPS).permutation(16)[-1])
+
+
+@pytest.mark.parametrize(
+    "path, row, stage",
+    [
+        (paths.GRAY_IMAGES, probe_row(), "grayscale"),
+        (paths.TARGETS, late_row(), "filter"),
+        (paths.GRAY_IMAGES, 17, "grayscale"),  # a validation image, read after epoch 1
+    ],
+    ids=["gray-probe", "targets-in-tf.data", "gray-val"],
+)
+def test_a_nan_in_a_stage_file_stops_training_naming_the_stage_to_rerun(
+    tmp_path, monkeypatch, path, row, stage
+):
+    monkeypatch.chdir(tmp_path)  # stage paths are relative to the repo root
+    images = pink_images(18, 48, seed=1)
+    true = kernels.make("sobel_x")
+    arrays = {paths.GRAY_IMAGES: images, paths.TARGETS: correlate(images, true, "valid")}
+    arrays[path][row, 24, 23] = np.nan  # under every 32² crop of its row
+    for file, array in arrays.items():
+        file.parent.mkdir(parents=True, exist_ok=True)
+        write_stack(file, iter(array), len(array), array.shape[1:])
+    split = np.array(["train"] * 16 + ["val"] * 2)
+    with (
+        stage_files.open_gray_images() as gray,
+        stage_files.open_targets() as targets,
+        pytest.raises(UserError) as caught,
+    ):
+        training.train(gray, targets, true, split, "valid", config(epochs=2), 0)
+    assert str(caught.value) == (
+        f"{path} holds NaN or infinity (row {row}): it is corrupted; rerun `dvc repro -f {stage}`"
+    )
+
+
+def test_without_validation_images_the_logs_have_no_val_loss():
+    images = pink_images(8, 48, seed=1)
+    true = kernels.make("sobel_x")
+    _, fit = training.train(
+        images,
+        correlate(images, true, "valid"),
+        true,
+        np.array(["train"] * 8),
+        "valid",
+        config(epochs=2),
+        0,
+    )
+    assert "val_loss" not in fit.history  # not NaN: absent, as Keras leaves it without val data
+    assert all(np.all(np.isfinite(values)) for values in fit.history.values())
+
+
+def refuse_constant(constant):
+    raise ValueError(f"{constant} is not JSON")
+
+
+def test_train_stage_without_held_out_images_then_on_a_corrupted_target(workspace):
+    """End to end, real dvc, stages and MLflow: with data.val_fraction=0 the metrics are
+    strict JSON and hold no val_loss anywhere; then a NaN in targets.npy stops
+    `python -m stages.train` with one line naming the stage to rerun, keeping the outputs."""
+    root = workspace.root
+    workspace.set_params({"data": {"val_fraction": 0.0}})
+    workspace.commit("no held-out images")
+    workspace.dvc("repro")  # visualize too: it reads the history without val_loss
+    before = (root / "metrics/train.json").read_text()
+    metrics = json.loads(before, parse_constant=refuse_constant)
+    assert "val_loss" not in metrics and metrics["kernel_rel_error"] < 1.0
+    history = pd.read_csv(root / "metrics/history.csv", keep_default_na=False)
+    assert history.val_loss.tolist() == [""] * len(history)
+    client = MlflowClient(workspace.tracking_uri)
+    experiment = client.get_experiment_by_name("learn-linear-filter")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert "kernel_rel_error" in run.data.metrics and "val_loss" not in run.data.metrics
+
+    targets = np.load(root / "data/filtered/targets.npy", mmap_mode="r+")
+    targets[3, 30, 30] = np.nan  # every training image is read whole for the bias
+    targets.flush()
+    del targets
+    result = workspace.run(sys.executable, "-m", "stages.train", check=False)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        "error: data/filtered/targets.npy holds NaN or infinity (row 3): it is corrupted; "
+        "rerun `dvc repro -f filter`"
+    )
+    assert "Traceback" not in result.stderr
+    assert (root / "metrics/train.json").read_text() == before
