@@ -131,6 +131,14 @@ def test_local_folder_nested_mixed_formats(folder, tmp_path):
     )
 
 
+def test_an_animated_gif_is_one_of_the_images(folder, tmp_path):
+    frames = [Image.fromarray(np.full((40, 40), v, dtype=np.uint8)) for v in (10, 128, 250)]
+    frames[0].save(folder / "anim.gif", save_all=True, append_images=frames[1:], duration=100)
+    names = sources.gather(data_config(source=str(folder)), seed=0, images_dir=tmp_path / "out")
+    assert names == sorted([*EXPECTED, "anim.gif"])
+    assert (tmp_path / "out/anim.gif").read_bytes() == (folder / "anim.gif").read_bytes()
+
+
 def test_local_folder_limit(folder, tmp_path):
     names = sources.gather(
         data_config(source=str(folder), limit=2), seed=0, images_dir=tmp_path / "out"
