@@ -142,14 +142,14 @@ def synthetic(count: int, limit: int, seed: int, images_dir: Path) -> list[str]:
     return [_leaf_name(i, count) for i in indices]
 
 
-def _is_image(name: str) -> bool:
+def _is_hidden(name: str) -> bool:
     # Hidden files and folders (.DS_Store, macOS "._x.jpg" forks, .git) are never images.
-    parts = PurePosixPath(name).parts
-    return (
-        bool(parts)
-        and PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES
-        and not any(p.startswith(".") or p == "__MACOSX" for p in parts)
-    )
+    return any(p.startswith(".") or p == "__MACOSX" for p in PurePosixPath(name).parts)
+
+
+def _is_image(name: str) -> bool:
+    path = PurePosixPath(name)
+    return bool(path.parts) and path.suffix.lower() in IMAGE_SUFFIXES and not _is_hidden(name)
 
 
 def _none_found(where: Path) -> UserError:
@@ -157,6 +157,34 @@ def _none_found(where: Path) -> UserError:
         f"data.source: {where} holds no images ({', '.join(IMAGE_SUFFIXES)}); "
         "add some, or set data.source to synthetic or mit_scenes"
     )
+
+
+def folder_images(root: Path) -> list[str]:
+    """The image files under `root`, recursively, as sorted names relative to it.
+
+    A symlink (to a file or a folder) that leads out of `root` is refused, as a zip's
+    symlink entries are: following it would copy a file from anywhere on the machine
+    into data/raw, the DVC cache and any remote it is pushed to. Silently skipping it
+    would instead drop photos the user linked in on purpose, so we say what to do.
+    A link to a file inside `root` is read like that file.
+    """
+    inside = Path(os.path.realpath(root))
+    names = []
+    for folder, dirs, files in os.walk(root):  # does not descend into symlinked folders
+        dirs[:] = [d for d in dirs if not _is_hidden(d)]
+        files = [f for f in files if _is_image(f)]
+        for path in (Path(folder, entry) for entry in dirs + files):
+            if path.is_symlink() and not Path(os.path.realpath(path)).is_relative_to(inside):
+                raise UserError(
+                    f"data.source: {path.relative_to(root).as_posix()} in {root} is a symbolic "
+                    f"link to {os.path.realpath(path)}, outside the folder; replace the link "
+                    "with a copy of what it points to (cp -L, or cp -rL for a folder), or "
+                    "remove it"
+                )
+        # is_file: not a broken link, a socket or a fifo that happens to end in .jpg
+        images = (Path(folder, f) for f in files)
+        names += [p.relative_to(root).as_posix() for p in images if p.is_file()]
+    return sorted(names)
 
 
 def from_folder(root: Path, limit: int, seed: int, images_dir: Path) -> list[str]:
@@ -167,11 +195,7 @@ def from_folder(root: Path, limit: int, seed: int, images_dir: Path) -> list[str
             f"data.source: {root} holds the pipeline's own output folder; point "
             "it at a folder of images outside data/"
         )
-    names = sorted(
-        p.relative_to(root).as_posix()
-        for p in root.rglob("*")
-        if p.is_file() and _is_image(p.relative_to(root).as_posix())
-    )
+    names = folder_images(root)
     if not names:
         raise _none_found(root)
     names = [names[i] for i in subset(len(names), limit, seed)]

@@ -159,6 +159,18 @@ def test_local_zip(folder, tmp_path):
     assert not (tmp_path / "out/photos/trip/notes.txt").exists()
 
 
+@pytest.mark.parametrize("link, target", [("trip/leak.jpg", "secret.png"), ("more", "")])
+def test_a_symlink_out_of_the_folder_is_refused(folder, tmp_path, link, target):
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "secret.png").write_bytes(png_bytes(9))  # could be /etc/passwd renamed
+    (folder / link).symlink_to(outside / target)
+    with pytest.raises(UserError, match=f"{link} .*symbolic link .*outside") as caught:
+        sources.gather(data_config(source=str(folder)), 0, tmp_path / "out")
+    assert "\n" not in str(caught.value) and "cp -L" in str(caught.value)
+    assert not [p for p in tmp_path.joinpath("out").rglob("*") if p.is_file()]  # nothing copied
+
+
 def test_a_folder_holding_the_output_is_refused(folder, tmp_path):
     with pytest.raises(UserError, match="own output"):
         sources.gather(data_config(source=str(tmp_path)), 0, tmp_path / "data/.raw.tmp/images")
