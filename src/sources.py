@@ -7,8 +7,10 @@ data.source is one of
   a path      a folder (searched recursively) or a .zip of your own images
 
 `gather` copies the chosen images into an images/ folder and returns their names
-relative to it, sorted. data.limit keeps a seeded subset; the split is made
-afterwards, by image, so the manifest shows exactly which images are held out.
+relative to it, sorted. Repeats (one path written twice in a zip, or the same
+bytes under two names) are dropped first, so no image is on both sides of the
+split. data.limit then keeps a seeded subset; the split is made afterwards, by
+image, so the manifest shows exactly which images are held out.
 The MIT archive URL can be overridden with the LLF_MIT_URL environment
 variable, e.g. to point at a mirror or, in tests, at a local server.
 """
@@ -19,6 +21,8 @@ import logging
 import os
 import shutil
 import zipfile
+from collections import Counter
+from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
@@ -198,6 +202,7 @@ def from_folder(root: Path, limit: int, seed: int, images_dir: Path) -> list[str
     names = folder_images(root)
     if not names:
         raise _none_found(root)
+    names = distinct(names, root.joinpath, root)
     names = [names[i] for i in subset(len(names), limit, seed)]
     for name in names:
         target = images_dir / name
@@ -206,31 +211,38 @@ def from_folder(root: Path, limit: int, seed: int, images_dir: Path) -> list[str
     return names
 
 
-def zip_images(archive: Path) -> list[str]:
-    """The image entries of a zip archive, sorted."""
+def zip_images(
+    archive: Path, rename: Callable[[str], str | None] = lambda path: path
+) -> tuple[dict[str, str], list[tuple[str, str]]]:
+    """The image entries of a zip archive as {name: entry}, name being `rename` of the path
+    the entry unpacks to (None leaves it out), and the (entry, kept entry) pairs left out
+    because an earlier entry in sorted order has the same name: `a.png` twice, `./a.png`,
+    or `x//b.png` beside `x/b.png` all unpack to one file."""
     try:
         with zipfile.ZipFile(archive) as zf:
-            return sorted(
-                info.filename
-                for info in zf.infolist()
-                if not info.is_dir() and _is_image(info.filename)
-            )
+            entries = sorted(info.filename for info in zf.infolist() if not info.is_dir())
     except (zipfile.BadZipFile, OSError) as exc:
         raise UserError(
             f"{archive} is not a readable zip archive ({exc}); delete it and "
             "re-run, or point data.source at a valid .zip"
         ) from None
+    found, repeated = {}, []
+    for entry in entries:
+        path = fetch.entry_path(entry)
+        name = rename(path) if _is_image(path) else None
+        if name in found:
+            repeated.append((entry, found[name]))
+        elif name is not None:
+            found[name] = entry
+    return found, repeated
 
 
 def from_zip(archive: Path, limit: int, seed: int, images_dir: Path) -> list[str]:
     """Safely unpack the images of a .zip into `images_dir`, keeping their paths."""
-    names = zip_images(archive)
-    if not names:
+    entries, repeated = zip_images(archive)
+    if not entries:
         raise _none_found(archive)
-    names = [names[i] for i in subset(len(names), limit, seed)]
-    wanted = set(names)
-    fetch.extract_zip(archive, images_dir, members=wanted.__contains__)
-    return [name.replace("\\", "/") for name in names]  # as extract_zip lays them out
+    return _unpack(archive, entries, repeated, limit, seed, images_dir)
 
 
 def mit_scenes(
@@ -243,23 +255,82 @@ def mit_scenes(
     cache = paths.repo_root() / paths.DOWNLOADS / PurePosixPath(urlsplit(url).path).name
     archive = fetch.download(url, cache, sha256=sha256)
     wanted = categories or MIT_CATEGORIES
-    entries: dict[str, str] = {}  # flat name -> archive entry; the first of a repeated name wins
-    for entry in zip_images(archive):
-        name = PurePosixPath(entry).name
-        if name.split("_", 1)[0] in wanted:
-            entries.setdefault(name, entry)
+
+    def flat(path: str) -> str | None:
+        name = PurePosixPath(path).name
+        return name if name.split("_", 1)[0] in wanted else None
+
+    entries, repeated = zip_images(archive, flat)
     if not entries:
         raise UserError(
             f"{archive} holds no images of {', '.join(wanted)}; delete it and "
             "re-run to download it again"
         )
-    names = sorted(entries)
-    names = [names[i] for i in subset(len(names), limit, seed)]
+    return _unpack(archive, entries, repeated, limit, seed, images_dir)
+
+
+def _unpack(
+    archive: Path,
+    entries: dict[str, str],
+    repeated: list[tuple[str, str]],
+    limit: int,
+    seed: int,
+    images_dir: Path,
+) -> list[str]:
+    """Unpack `entries` ({name in images_dir: archive entry}) beside `images_dir`, drop the
+    repeated images, and move the data.limit subset of the rest into `images_dir`."""
     unpack = images_dir.parent / f".{images_dir.name}.unpack"
+    staged = {name: unpack / fetch.entry_path(entry) for name, entry in entries.items()}
     try:
-        fetch.extract_zip(archive, unpack, members={entries[n] for n in names}.__contains__)
+        # All of them: repeats must go before the subset is drawn, and finding them needs the bytes.
+        fetch.extract_zip(archive, unpack, members=set(entries.values()).__contains__)
+        names = distinct(sorted(entries), staged.__getitem__, archive, repeated)
+        names = [names[i] for i in subset(len(names), limit, seed)]
         for name in names:
-            os.replace(unpack.joinpath(*PurePosixPath(entries[name]).parts), images_dir / name)
+            (images_dir / name).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staged[name], images_dir / name)
     finally:
         shutil.rmtree(unpack, ignore_errors=True)
     return names
+
+
+# --- repeats: one image, one name, so it is never on both sides of the split -------------
+
+SHOWN_REPEATS = 5  # named in the warning; the rest are counted
+
+
+def distinct(
+    names: list[str],
+    path_of: Callable[[str], Path],
+    source: Path,
+    repeated: Iterable[tuple[str, str]] = (),
+) -> list[str]:
+    """The sorted `names` less those whose file holds the same bytes as an earlier one's.
+
+    A photo saved under two names would otherwise be trained on and held out at once.
+    Only files whose size another shares are hashed. One warning counts the dropped
+    and names a few, together with `repeated`: (name, kept name) pairs the caller
+    dropped already because their path was taken.
+    """
+    sizes = {name: path_of(name).stat().st_size for name in names}
+    shared = Counter(sizes.values())
+    kept, dropped, first = [], list(repeated), {}  # first: sha256 -> the name kept
+    for name in names:
+        if shared[sizes[name]] > 1:
+            digest = fetch.file_sha256(path_of(name))
+            if digest in first:
+                dropped.append((name, first[digest]))
+                continue
+            first[digest] = name
+        kept.append(name)
+    if dropped:
+        shown = ", ".join(f"{name} (same as {same})" for name, same in dropped[:SHOWN_REPEATS])
+        log.warning(
+            "%s: dropped %d repeated image(s) before the split, keeping the first in sorted "
+            "order: %s%s",
+            source,
+            len(dropped),
+            shown,
+            ", …" if len(dropped) > SHOWN_REPEATS else "",
+        )
+    return kept

@@ -159,6 +159,69 @@ def test_local_zip(folder, tmp_path):
     assert not (tmp_path / "out/photos/trip/notes.txt").exists()
 
 
+# Archive order; the same path written three ways, and the same bytes under two names.
+REPEATS = [
+    ("a.png", 1),
+    ("x//b.png", 2),
+    ("a.png", 1),
+    ("c.png", 3),
+    ("./a.png", 1),
+    ("x/b.png", 2),
+    ("copy/c.png", 3),
+    ("d.png", 4),
+    ("e.png", 5),
+]
+DISTINCT = ["a.png", "c.png", "d.png", "e.png", "x/b.png"]
+
+
+@pytest.fixture
+def repeats_zip(tmp_path) -> Path:
+    archive = tmp_path / "repeats.zip"
+    with pytest.warns(UserWarning, match="Duplicate name"), zipfile.ZipFile(archive, "w") as zf:
+        for name, seed in REPEATS:
+            zf.writestr(name, png_bytes(seed, (40, 40)))
+    return archive
+
+
+def test_a_zip_keeps_each_path_and_each_image_once(repeats_zip, tmp_path, caplog):
+    names = sources.gather(data_config(source=str(repeats_zip)), 0, tmp_path / "out")
+    assert names == DISTINCT
+    files = sorted(p for p in (tmp_path / "out").rglob("*") if p.is_file())
+    assert [p.relative_to(tmp_path / "out").as_posix() for p in files] == DISTINCT
+    assert len({p.read_bytes() for p in files}) == len(DISTINCT)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "dropped 4 repeated image(s)" in warnings[0]
+    assert "copy/c.png" in warnings[0] and "x/b.png" in warnings[0]
+    # data.limit picks among the distinct images only
+    some = sources.gather(data_config(source=str(repeats_zip), limit=4), 0, tmp_path / "some")
+    assert len(some) == 4 and set(some) <= set(DISTINCT)
+
+
+def test_a_folder_keeps_each_image_once(folder, tmp_path):
+    (folder / "trip/b copy.png").write_bytes((folder / "b.png").read_bytes())
+    (folder / "zz").mkdir()
+    (folder / "zz/b.png").symlink_to("../b.png")  # a link within the folder is kept, once
+    names = sources.gather(data_config(source=str(folder)), 0, tmp_path / "out")
+    assert names == EXPECTED  # the first name in sorted order stays
+    assert sources.gather(data_config(source=str(folder), limit=3), 0, tmp_path / "b") == [
+        EXPECTED[i] for i in sources.subset(len(EXPECTED), 3, 0)
+    ]
+
+
+def test_download_stage_puts_no_image_on_both_sides(repeats_zip, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_params(tmp_path, source=str(repeats_zip), val_fraction=0.5)
+    download.main()
+    rows = read_manifest(tmp_path)
+    assert sorted(r["name"] for r in rows) == DISTINCT
+    images = tmp_path / "data/raw/images"
+    sides = {
+        split: {(images / r["name"]).read_bytes() for r in rows if r["split"] == split}
+        for split in ("train", "val")
+    }
+    assert sides["train"] and sides["val"] and not sides["train"] & sides["val"]
+
+
 @pytest.mark.parametrize("link, target", [("trip/leak.jpg", "secret.png"), ("more", "")])
 def test_a_symlink_out_of_the_folder_is_refused(folder, tmp_path, link, target):
     outside = tmp_path / "elsewhere"
@@ -271,6 +334,16 @@ def test_mit_scenes_category_subset_is_downloaded_once(mit_server, tmp_path):
     all_names = sources.gather(data_config(source="mit_scenes", limit=5), 0, tmp_path / "b")
     assert len(all_names) == 5 and set(all_names) <= set(MIT_FILES)
     assert mit_server.requests == 1
+
+
+def test_mit_scenes_keeps_each_image_once(mit_server, tmp_path):
+    with zipfile.ZipFile(tmp_path / "served/scenes.zip", "a") as zf:
+        zf.writestr(f"{MIT_DIR}/street_copy.jpg", zf.read(f"{MIT_DIR}/{MIT_FILES[0]}"))
+        zf.writestr(f"again/{MIT_FILES[1]}", png_bytes(99, (32, 32), fmt="JPEG"))
+    names = sources.gather(data_config(source="mit_scenes"), 0, tmp_path / "a")
+    assert names == sorted(MIT_FILES)
+    files = list((tmp_path / "a").iterdir())
+    assert len({p.read_bytes() for p in files}) == len(files) == len(MIT_FILES)
 
 
 def test_mit_scenes_sha256_pin_mismatch(mit_server, tmp_path):
