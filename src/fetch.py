@@ -280,10 +280,16 @@ class _CappedWriter:
 _DRIVE = re.compile(r"^[A-Za-z]:")
 
 
+def entry_path(name: str) -> str:
+    """Where extract_zip puts entry `name`, relative to its folder: `./a.png` and `a.png`
+    both land on `a.png`, `x//b.png` and `x\\b.png` on `x/b.png`."""
+    return "/".join(p for p in name.replace("\\", "/").split("/") if p not in ("", "."))
+
+
 def _entry_parts(archive: Path, info: zipfile.ZipInfo) -> list[str]:
     """The entry's path components, or UserError if it could land outside the folder."""
     name = info.filename.replace("\\", "/")
-    parts = [p for p in name.split("/") if p not in ("", ".")]
+    parts = [p for p in entry_path(name).split("/") if p]
     if name.startswith("/") or _DRIVE.match(name) or ".." in parts:
         raise UserError(
             f"{archive}: entry {info.filename!r} points outside the extraction folder "
@@ -309,8 +315,10 @@ def extract_zip(
 
     Refuses the whole archive if any entry escapes `dest_dir` or is a symlink, if it
     has more than `max_entries` entries, or if the chosen files would unpack to more
-    than `max_total_bytes`. Each file is written atomically, but files extracted
-    before an error stay: extract into `src.atomic.atomic_dir` for all or nothing.
+    than `max_total_bytes`. Of chosen entries that land on one path (see entry_path),
+    the first in the archive is written and the rest skipped, never overwriting it.
+    Each file is written atomically, but files extracted before an error stay:
+    extract into `src.atomic.atomic_dir` for all or nothing.
     """
     archive, dest_dir = Path(archive), Path(dest_dir)
     fix = "delete it and re-run to download it again, or point data.source at a valid .zip"
@@ -330,12 +338,15 @@ def extract_zip(
                 "came from"
             )
         root = dest_dir.resolve()
-        chosen = []
+        chosen, taken = [], set()
         for info in infos:
             parts = _entry_parts(archive, info)
             if info.is_dir() or not parts or (members is not None and not members(info.filename)):
                 continue
             target = dest_dir.joinpath(*parts)
+            if target in taken:
+                continue
+            taken.add(target)
             if not target.resolve().is_relative_to(root):  # e.g. through a symlinked subfolder
                 raise UserError(
                     f"{archive}: entry {info.filename!r} would land outside "

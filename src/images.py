@@ -1,8 +1,8 @@
 """Decode user images to float arrays, convert colour to grayscale, fit to a square.
 
-read_image turns any JPEG, PNG or TIFF Pillow can open into float32 in [0, 1]:
-HxW for grayscale modes, HxWx3 for colour ones, with the EXIF orientation
-applied, so a portrait photo is upright. A file that cannot be decoded raises
+read_image turns any JPEG, PNG, TIFF, BMP, WebP or GIF Pillow can open into
+float32 in [0, 1]: HxW for grayscale modes, HxWx3 for colour ones, with the EXIF
+orientation applied, so a portrait photo is upright. A file that cannot be decoded raises
 BadImage with a one-line reason, which the grayscale stage counts and skips.
 """
 
@@ -17,7 +17,8 @@ from PIL import Image, ImageOps
 
 from src.errors import UserError
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
+# A GIF, animated or not, is read as its first frame, as any multi-frame file is.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif")
 
 # ITU-R BT.601 luma, the weights of Pillow's convert("L") and of OpenCV.
 LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)

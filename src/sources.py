@@ -7,8 +7,10 @@ data.source is one of
   a path      a folder (searched recursively) or a .zip of your own images
 
 `gather` copies the chosen images into an images/ folder and returns their names
-relative to it, sorted. data.limit keeps a seeded subset; the split is made
-afterwards, by image, so the manifest shows exactly which images are held out.
+relative to it, sorted. Repeats (one path written twice in a zip, or the same
+bytes under two names) are dropped first, so no image is on both sides of the
+split. data.limit then keeps a seeded subset; the split is made afterwards, by
+image, so the manifest shows exactly which images are held out.
 The MIT archive URL can be overridden with the LLF_MIT_URL environment
 variable, e.g. to point at a mirror or, in tests, at a local server.
 """
@@ -19,6 +21,8 @@ import logging
 import os
 import shutil
 import zipfile
+from collections import Counter
+from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
@@ -142,14 +146,14 @@ def synthetic(count: int, limit: int, seed: int, images_dir: Path) -> list[str]:
     return [_leaf_name(i, count) for i in indices]
 
 
-def _is_image(name: str) -> bool:
+def _is_hidden(name: str) -> bool:
     # Hidden files and folders (.DS_Store, macOS "._x.jpg" forks, .git) are never images.
-    parts = PurePosixPath(name).parts
-    return (
-        bool(parts)
-        and PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES
-        and not any(p.startswith(".") or p == "__MACOSX" for p in parts)
-    )
+    return any(p.startswith(".") or p == "__MACOSX" for p in PurePosixPath(name).parts)
+
+
+def _is_image(name: str) -> bool:
+    path = PurePosixPath(name)
+    return bool(path.parts) and path.suffix.lower() in IMAGE_SUFFIXES and not _is_hidden(name)
 
 
 def _none_found(where: Path) -> UserError:
@@ -157,6 +161,34 @@ def _none_found(where: Path) -> UserError:
         f"data.source: {where} holds no images ({', '.join(IMAGE_SUFFIXES)}); "
         "add some, or set data.source to synthetic or mit_scenes"
     )
+
+
+def folder_images(root: Path) -> list[str]:
+    """The image files under `root`, recursively, as sorted names relative to it.
+
+    A symlink (to a file or a folder) that leads out of `root` is refused, as a zip's
+    symlink entries are: following it would copy a file from anywhere on the machine
+    into data/raw, the DVC cache and any remote it is pushed to. Silently skipping it
+    would instead drop photos the user linked in on purpose, so we say what to do.
+    A link to a file inside `root` is read like that file.
+    """
+    inside = Path(os.path.realpath(root))
+    names = []
+    for folder, dirs, files in os.walk(root):  # does not descend into symlinked folders
+        dirs[:] = [d for d in dirs if not _is_hidden(d)]
+        files = [f for f in files if _is_image(f)]
+        for path in (Path(folder, entry) for entry in dirs + files):
+            if path.is_symlink() and not Path(os.path.realpath(path)).is_relative_to(inside):
+                raise UserError(
+                    f"data.source: {path.relative_to(root).as_posix()} in {root} is a symbolic "
+                    f"link to {os.path.realpath(path)}, outside the folder; replace the link "
+                    "with a copy of what it points to (cp -L, or cp -rL for a folder), or "
+                    "remove it"
+                )
+        # is_file: not a broken link, a socket or a fifo that happens to end in .jpg
+        images = (Path(folder, f) for f in files)
+        names += [p.relative_to(root).as_posix() for p in images if p.is_file()]
+    return sorted(names)
 
 
 def from_folder(root: Path, limit: int, seed: int, images_dir: Path) -> list[str]:
@@ -167,13 +199,10 @@ def from_folder(root: Path, limit: int, seed: int, images_dir: Path) -> list[str
             f"data.source: {root} holds the pipeline's own output folder; point "
             "it at a folder of images outside data/"
         )
-    names = sorted(
-        p.relative_to(root).as_posix()
-        for p in root.rglob("*")
-        if p.is_file() and _is_image(p.relative_to(root).as_posix())
-    )
+    names = folder_images(root)
     if not names:
         raise _none_found(root)
+    names = distinct(names, root.joinpath, root)
     names = [names[i] for i in subset(len(names), limit, seed)]
     for name in names:
         target = images_dir / name
@@ -182,31 +211,38 @@ def from_folder(root: Path, limit: int, seed: int, images_dir: Path) -> list[str
     return names
 
 
-def zip_images(archive: Path) -> list[str]:
-    """The image entries of a zip archive, sorted."""
+def zip_images(
+    archive: Path, rename: Callable[[str], str | None] = lambda path: path
+) -> tuple[dict[str, str], list[tuple[str, str]]]:
+    """The image entries of a zip archive as {name: entry}, name being `rename` of the path
+    the entry unpacks to (None leaves it out), and the (entry, kept entry) pairs left out
+    because an earlier entry in sorted order has the same name: `a.png` twice, `./a.png`,
+    or `x//b.png` beside `x/b.png` all unpack to one file."""
     try:
         with zipfile.ZipFile(archive) as zf:
-            return sorted(
-                info.filename
-                for info in zf.infolist()
-                if not info.is_dir() and _is_image(info.filename)
-            )
+            entries = sorted(info.filename for info in zf.infolist() if not info.is_dir())
     except (zipfile.BadZipFile, OSError) as exc:
         raise UserError(
             f"{archive} is not a readable zip archive ({exc}); delete it and "
             "re-run, or point data.source at a valid .zip"
         ) from None
+    found, repeated = {}, []
+    for entry in entries:
+        path = fetch.entry_path(entry)
+        name = rename(path) if _is_image(path) else None
+        if name in found:
+            repeated.append((entry, found[name]))
+        elif name is not None:
+            found[name] = entry
+    return found, repeated
 
 
 def from_zip(archive: Path, limit: int, seed: int, images_dir: Path) -> list[str]:
     """Safely unpack the images of a .zip into `images_dir`, keeping their paths."""
-    names = zip_images(archive)
-    if not names:
+    entries, repeated = zip_images(archive)
+    if not entries:
         raise _none_found(archive)
-    names = [names[i] for i in subset(len(names), limit, seed)]
-    wanted = set(names)
-    fetch.extract_zip(archive, images_dir, members=wanted.__contains__)
-    return [name.replace("\\", "/") for name in names]  # as extract_zip lays them out
+    return _unpack(archive, entries, repeated, limit, seed, images_dir)
 
 
 def mit_scenes(
@@ -219,23 +255,82 @@ def mit_scenes(
     cache = paths.repo_root() / paths.DOWNLOADS / PurePosixPath(urlsplit(url).path).name
     archive = fetch.download(url, cache, sha256=sha256)
     wanted = categories or MIT_CATEGORIES
-    entries: dict[str, str] = {}  # flat name -> archive entry; the first of a repeated name wins
-    for entry in zip_images(archive):
-        name = PurePosixPath(entry).name
-        if name.split("_", 1)[0] in wanted:
-            entries.setdefault(name, entry)
+
+    def flat(path: str) -> str | None:
+        name = PurePosixPath(path).name
+        return name if name.split("_", 1)[0] in wanted else None
+
+    entries, repeated = zip_images(archive, flat)
     if not entries:
         raise UserError(
             f"{archive} holds no images of {', '.join(wanted)}; delete it and "
             "re-run to download it again"
         )
-    names = sorted(entries)
-    names = [names[i] for i in subset(len(names), limit, seed)]
+    return _unpack(archive, entries, repeated, limit, seed, images_dir)
+
+
+def _unpack(
+    archive: Path,
+    entries: dict[str, str],
+    repeated: list[tuple[str, str]],
+    limit: int,
+    seed: int,
+    images_dir: Path,
+) -> list[str]:
+    """Unpack `entries` ({name in images_dir: archive entry}) beside `images_dir`, drop the
+    repeated images, and move the data.limit subset of the rest into `images_dir`."""
     unpack = images_dir.parent / f".{images_dir.name}.unpack"
+    staged = {name: unpack / fetch.entry_path(entry) for name, entry in entries.items()}
     try:
-        fetch.extract_zip(archive, unpack, members={entries[n] for n in names}.__contains__)
+        # All of them: repeats must go before the subset is drawn, and finding them needs the bytes.
+        fetch.extract_zip(archive, unpack, members=set(entries.values()).__contains__)
+        names = distinct(sorted(entries), staged.__getitem__, archive, repeated)
+        names = [names[i] for i in subset(len(names), limit, seed)]
         for name in names:
-            os.replace(unpack.joinpath(*PurePosixPath(entries[name]).parts), images_dir / name)
+            (images_dir / name).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staged[name], images_dir / name)
     finally:
         shutil.rmtree(unpack, ignore_errors=True)
     return names
+
+
+# --- repeats: one image, one name, so it is never on both sides of the split -------------
+
+SHOWN_REPEATS = 5  # named in the warning; the rest are counted
+
+
+def distinct(
+    names: list[str],
+    path_of: Callable[[str], Path],
+    source: Path,
+    repeated: Iterable[tuple[str, str]] = (),
+) -> list[str]:
+    """The sorted `names` less those whose file holds the same bytes as an earlier one's.
+
+    A photo saved under two names would otherwise be trained on and held out at once.
+    Only files whose size another shares are hashed. One warning counts the dropped
+    and names a few, together with `repeated`: (name, kept name) pairs the caller
+    dropped already because their path was taken.
+    """
+    sizes = {name: path_of(name).stat().st_size for name in names}
+    shared = Counter(sizes.values())
+    kept, dropped, first = [], list(repeated), {}  # first: sha256 -> the name kept
+    for name in names:
+        if shared[sizes[name]] > 1:
+            digest = fetch.file_sha256(path_of(name))
+            if digest in first:
+                dropped.append((name, first[digest]))
+                continue
+            first[digest] = name
+        kept.append(name)
+    if dropped:
+        shown = ", ".join(f"{name} (same as {same})" for name, same in dropped[:SHOWN_REPEATS])
+        log.warning(
+            "%s: dropped %d repeated image(s) before the split, keeping the first in sorted "
+            "order: %s%s",
+            source,
+            len(dropped),
+            shown,
+            ", …" if len(dropped) > SHOWN_REPEATS else "",
+        )
+    return kept

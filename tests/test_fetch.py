@@ -322,6 +322,18 @@ def test_members_filter_and_directories_skipped(tmp_path, archive_bytes):
     assert not (tmp_path / "out/scenes/empty").exists()
 
 
+def test_entries_landing_on_one_path_are_written_once_the_first_winning(tmp_path):
+    archive = tmp_path / "repeats.zip"
+    entries = [("x/a.png", b"1"), ("x/./a.png", b"2"), ("x/a.png", b"3"), ("x\\a.png", b"4")]
+    with pytest.warns(UserWarning, match="Duplicate name"), zipfile.ZipFile(archive, "w") as zf:
+        for name, data in entries:
+            zf.writestr(name, data)
+    files = fetch.extract_zip(archive, tmp_path / "out")
+    assert files == [tmp_path / "out/x/a.png"]
+    assert files[0].read_bytes() == b"1"
+    assert {fetch.entry_path(name) for name, _ in entries} == {"x/a.png"}
+
+
 @pytest.mark.parametrize(
     "name",
     [

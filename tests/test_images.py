@@ -242,6 +242,24 @@ def test_suffixes_are_lower_case_with_dot():
     assert all(s.startswith(".") and s == s.lower() for s in images.IMAGE_SUFFIXES)
 
 
+def test_an_animated_gif_is_read_as_its_first_frame(tmp_path):
+    assert ".gif" in images.IMAGE_SUFFIXES  # so the sources pick GIFs up
+    colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200)]
+    frames = []
+    for i, colour in enumerate(colours):
+        pixels = np.zeros((48, 64, 3), dtype=np.uint8)
+        pixels[:, : 16 * (i + 1)] = colour  # each frame differs in colour and in shape
+        frames.append(Image.fromarray(pixels))
+    path = tmp_path / "anim.gif"
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    with Image.open(path) as gif:
+        assert gif.n_frames == 3 and gif.is_animated
+    out = images.read_image(path)
+    assert out.shape == (48, 64, 3)
+    assert np.array_equal(out, np.asarray(frames[0]) / np.float32(255))
+    assert images.read_gray_fitted(path, 32).shape == (32, 32)
+
+
 def test_an_image_smaller_than_the_largest_kernel_is_bad(tmp_path):
     path = tmp_path / "tiny.png"
     Image.fromarray(np.zeros((20, 64, 3), dtype=np.uint8)).save(path)

@@ -131,6 +131,14 @@ def test_local_folder_nested_mixed_formats(folder, tmp_path):
     )
 
 
+def test_an_animated_gif_is_one_of_the_images(folder, tmp_path):
+    frames = [Image.fromarray(np.full((40, 40), v, dtype=np.uint8)) for v in (10, 128, 250)]
+    frames[0].save(folder / "anim.gif", save_all=True, append_images=frames[1:], duration=100)
+    names = sources.gather(data_config(source=str(folder)), seed=0, images_dir=tmp_path / "out")
+    assert names == sorted([*EXPECTED, "anim.gif"])
+    assert (tmp_path / "out/anim.gif").read_bytes() == (folder / "anim.gif").read_bytes()
+
+
 def test_local_folder_limit(folder, tmp_path):
     names = sources.gather(
         data_config(source=str(folder), limit=2), seed=0, images_dir=tmp_path / "out"
@@ -149,6 +157,81 @@ def test_local_zip(folder, tmp_path):
     for name in EXPECTED:
         assert (tmp_path / "out/photos" / name).read_bytes() == (folder / name).read_bytes()
     assert not (tmp_path / "out/photos/trip/notes.txt").exists()
+
+
+# Archive order; the same path written three ways, and the same bytes under two names.
+REPEATS = [
+    ("a.png", 1),
+    ("x//b.png", 2),
+    ("a.png", 1),
+    ("c.png", 3),
+    ("./a.png", 1),
+    ("x/b.png", 2),
+    ("copy/c.png", 3),
+    ("d.png", 4),
+    ("e.png", 5),
+]
+DISTINCT = ["a.png", "c.png", "d.png", "e.png", "x/b.png"]
+
+
+@pytest.fixture
+def repeats_zip(tmp_path) -> Path:
+    archive = tmp_path / "repeats.zip"
+    with pytest.warns(UserWarning, match="Duplicate name"), zipfile.ZipFile(archive, "w") as zf:
+        for name, seed in REPEATS:
+            zf.writestr(name, png_bytes(seed, (40, 40)))
+    return archive
+
+
+def test_a_zip_keeps_each_path_and_each_image_once(repeats_zip, tmp_path, caplog):
+    names = sources.gather(data_config(source=str(repeats_zip)), 0, tmp_path / "out")
+    assert names == DISTINCT
+    files = sorted(p for p in (tmp_path / "out").rglob("*") if p.is_file())
+    assert [p.relative_to(tmp_path / "out").as_posix() for p in files] == DISTINCT
+    assert len({p.read_bytes() for p in files}) == len(DISTINCT)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "dropped 4 repeated image(s)" in warnings[0]
+    assert "copy/c.png" in warnings[0] and "x/b.png" in warnings[0]
+    # data.limit picks among the distinct images only
+    some = sources.gather(data_config(source=str(repeats_zip), limit=4), 0, tmp_path / "some")
+    assert len(some) == 4 and set(some) <= set(DISTINCT)
+
+
+def test_a_folder_keeps_each_image_once(folder, tmp_path):
+    (folder / "trip/b copy.png").write_bytes((folder / "b.png").read_bytes())
+    (folder / "zz").mkdir()
+    (folder / "zz/b.png").symlink_to("../b.png")  # a link within the folder is kept, once
+    names = sources.gather(data_config(source=str(folder)), 0, tmp_path / "out")
+    assert names == EXPECTED  # the first name in sorted order stays
+    assert sources.gather(data_config(source=str(folder), limit=3), 0, tmp_path / "b") == [
+        EXPECTED[i] for i in sources.subset(len(EXPECTED), 3, 0)
+    ]
+
+
+def test_download_stage_puts_no_image_on_both_sides(repeats_zip, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_params(tmp_path, source=str(repeats_zip), val_fraction=0.5)
+    download.main()
+    rows = read_manifest(tmp_path)
+    assert sorted(r["name"] for r in rows) == DISTINCT
+    images = tmp_path / "data/raw/images"
+    sides = {
+        split: {(images / r["name"]).read_bytes() for r in rows if r["split"] == split}
+        for split in ("train", "val")
+    }
+    assert sides["train"] and sides["val"] and not sides["train"] & sides["val"]
+
+
+@pytest.mark.parametrize("link, target", [("trip/leak.jpg", "secret.png"), ("more", "")])
+def test_a_symlink_out_of_the_folder_is_refused(folder, tmp_path, link, target):
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "secret.png").write_bytes(png_bytes(9))  # could be /etc/passwd renamed
+    (folder / link).symlink_to(outside / target)
+    with pytest.raises(UserError, match=f"{link} .*symbolic link .*outside") as caught:
+        sources.gather(data_config(source=str(folder)), 0, tmp_path / "out")
+    assert "\n" not in str(caught.value) and "cp -L" in str(caught.value)
+    assert not [p for p in tmp_path.joinpath("out").rglob("*") if p.is_file()]  # nothing copied
 
 
 def test_a_folder_holding_the_output_is_refused(folder, tmp_path):
@@ -251,6 +334,16 @@ def test_mit_scenes_category_subset_is_downloaded_once(mit_server, tmp_path):
     all_names = sources.gather(data_config(source="mit_scenes", limit=5), 0, tmp_path / "b")
     assert len(all_names) == 5 and set(all_names) <= set(MIT_FILES)
     assert mit_server.requests == 1
+
+
+def test_mit_scenes_keeps_each_image_once(mit_server, tmp_path):
+    with zipfile.ZipFile(tmp_path / "served/scenes.zip", "a") as zf:
+        zf.writestr(f"{MIT_DIR}/street_copy.jpg", zf.read(f"{MIT_DIR}/{MIT_FILES[0]}"))
+        zf.writestr(f"again/{MIT_FILES[1]}", png_bytes(99, (32, 32), fmt="JPEG"))
+    names = sources.gather(data_config(source="mit_scenes"), 0, tmp_path / "a")
+    assert names == sorted(MIT_FILES)
+    files = list((tmp_path / "a").iterdir())
+    assert len({p.read_bytes() for p in files}) == len(files) == len(MIT_FILES)
 
 
 def test_mit_scenes_sha256_pin_mismatch(mit_server, tmp_path):
