@@ -9,6 +9,7 @@ the *main* repo root.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -62,8 +63,15 @@ def repo_root(cwd: Path | None = None) -> Path:
 
 
 def tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI if set, else the SQLite store at the main repo root."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
+    """MLFLOW_TRACKING_URI if set, else the SQLite store at the main repo root.
+
+    A relative SQLite path (`sqlite:///mlflow.db`, MLflow's documented form) is
+    taken from the main root too: from the cwd, a queued or --temp run would log
+    into its experiment copy, which DVC deletes.
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
+    relative = re.fullmatch(r"(sqlite(?:\+\w+)?:///)(?![/:]|file:)(.+)", uri)
+    return f"{relative[1]}{repo_root() / relative[2]}" if relative else uri
 
 
 def artifact_root() -> Path:

@@ -16,11 +16,11 @@ import mlflow
 import numpy as np
 import pytest
 import sqlalchemy
-from conftest import free_port
+from conftest import clean_env, free_port
 from mlflow import MlflowClient
 from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
-from src import config, tracking
+from src import config, paths, tracking
 from src.errors import UserError
 from src.tracking import log_epoch, log_final, resume_run, training_run
 
@@ -29,7 +29,7 @@ EXPERIMENT = "tracking-test"
 SOBEL_RANGE = (-2.0, 2.0)
 
 
-def make_params(**data) -> config.Params:
+def make_params(experiment: str = EXPERIMENT, **data) -> config.Params:
     return config.parse(
         {
             "kernel": "sobel_x",
@@ -37,7 +37,7 @@ def make_params(**data) -> config.Params:
             "kernels": {"gaussian": {"size": 7, "covariance": None}},
             "data": {"categories": [], **data},
             "train": {"epochs": 3, "learning_rate": 0.01},
-            "mlflow": {"experiment": EXPERIMENT},
+            "mlflow": {"experiment": experiment},
         }
     )
 
@@ -196,12 +196,67 @@ def test_artifacts_stay_under_the_main_root_from_an_experiment_copy(
     assert sorted(p.name for p in copy.iterdir()) == []  # nothing written into the copy
 
 
+# --- where the store and the artifacts are ---------------------------------------
+
+
+@pytest.mark.parametrize("relative", ["mlflow.db", "stores/mine.db"])
+def test_a_relative_sqlite_uri_is_the_main_roots_from_any_cwd(
+    store, tmp_path, monkeypatch, relative
+):
+    copy = tmp_path / ".dvc" / "tmp" / "exps" / "standalone" / "tmpabc"  # a --temp run's cwd
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{relative}")  # MLflow's documented form
+    root_store = f"sqlite:///{tmp_path / relative}"
+    assert paths.tracking_uri() == root_store
+
+    with training_run(make_params()) as run_id:
+        pass
+
+    assert MlflowClient(root_store).get_run(run_id).info.status == "FINISHED"
+    assert sorted(p.name for p in copy.iterdir()) == []  # nothing written into the copy
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "sqlite:////{tmp}/elsewhere/mlflow.db",
+        "sqlite:///:memory:",
+        "http://127.0.0.1:5000",
+        "https://mlflow.example.com/prefix",
+        "databricks",
+        "postgresql://user@db.example.com/mlflow",
+    ],
+)
+def test_absolute_and_server_uris_are_used_as_given(store, tmp_path, monkeypatch, uri):
+    uri = uri.format(tmp=str(tmp_path).lstrip("/"))
+    monkeypatch.chdir(tmp_path.parent)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert paths.tracking_uri() == uri
+
+
+def test_a_temp_experiment_with_a_relative_sqlite_uri_logs_to_the_roots_store(workspace):
+    """`MLFLOW_TRACKING_URI=sqlite:///mlflow.db dvc exp run --temp`: the run is in the
+    root's mlflow.db, not in the experiment copy that DVC deletes."""
+    env = clean_env(MLFLOW_TRACKING_URI="sqlite:///mlflow.db")
+    workspace.dvc("exp", "run", "--temp", "-S", "kernel=sobel_y", env=env)
+
+    client = MlflowClient(workspace.tracking_uri)
+    experiment = client.get_experiment_by_name("learn-linear-filter")
+    assert experiment is not None, "the run is not in the root's mlflow.db"
+    [run] = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["kernel"] == "sobel_y"
+    learned = client.download_artifacts(run.info.run_id, "learned_kernel.npy")
+    assert np.load(learned).shape == (3, 3)
+    assert experiment.artifact_location.startswith((workspace.root / "mlartifacts").as_uri())
+
+
 # --- parallel runs: `dvc queue start -j 3` on a fresh store ---------------------
 
 WORKER = """
 import sys, time
 from pathlib import Path
-from src import config, tracking
+from src import config, paths, tracking
 ready, go = map(Path, sys.argv[1:])
 ready.touch()  # imports done: start the store work together
 while not go.exists():
