@@ -15,8 +15,8 @@ that MLflow does not do by itself:
   experiment are made under a file lock next to the database.
 - A new experiment's default artifact location is relative to the cwd, which for
   a queued run is a copy that DVC deletes. The experiment is created with its
-  artifacts under paths.artifact_root() instead. A tracking server decides its
-  own artifact location.
+  artifacts in paths.experiment_artifacts(name) instead. A tracking server
+  decides its own artifact location.
 """
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ def _store_error(uri: str, exc: Exception) -> UserError:
 def _experiment_id(client: MlflowClient, uri: str, name: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
-        location = None if _is_server(uri) else (paths.artifact_root() / name).as_uri()
+        location = None if _is_server(uri) else paths.experiment_artifacts(name).as_uri()
         try:
             return client.create_experiment(name, artifact_location=location)
         except MlflowException as exc:

@@ -11,6 +11,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import mlflow
 import numpy as np
@@ -249,6 +251,48 @@ def test_a_temp_experiment_with_a_relative_sqlite_uri_logs_to_the_roots_store(wo
     learned = client.download_artifacts(run.info.run_id, "learned_kernel.npy")
     assert np.load(learned).shape == (3, 3)
     assert experiment.artifact_location.startswith((workspace.root / "mlartifacts").as_uri())
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["../../escape", "/{tmp}/abs/path", "a/b", "..", "my experiment", "фильтр ✓", "e" * 300],
+    ids=["dotdot", "absolute", "slash", "parent", "space", "unicode", "long"],
+)
+def test_any_experiment_name_keeps_its_artifacts_under_mlartifacts(store, tmp_path, name):
+    name = name.format(tmp=str(tmp_path).lstrip("/"))
+    params = make_params(experiment=name)
+    with training_run(params) as run_id:
+        kernel = params.true_kernel()
+        log_final(run_id, true_kernel=kernel, learned_kernel=kernel)
+
+    experiment = MlflowClient(store).get_experiment_by_name(name)
+    location = Path(url2pathname(urlparse(experiment.artifact_location).path)).resolve()
+    assert location.parent == tmp_path / "mlartifacts"
+    assert (location / run_id / "artifacts" / "learned_kernel.npy").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "mlartifacts",
+        "mlflow.db",
+        "mlflow.db.lock",
+    ]
+
+
+def test_another_experiment_name_gets_its_own_folder(store, tmp_path):
+    """Plain names keep mlartifacts/<name> (existing stores); names that differ only in
+    what a folder name can't hold still get different folders."""
+    for name in ("learn-linear-filter", "a/b", "a b", "a_b"):
+        with training_run(make_params(experiment=name)):
+            pass
+    client = MlflowClient(store)
+    locations = {n: client.get_experiment_by_name(n).artifact_location for n in ("a/b", "a b")}
+    assert len(set(locations.values())) == 2
+    assert (
+        client.get_experiment_by_name("learn-linear-filter").artifact_location
+        == (tmp_path / "mlartifacts" / "learn-linear-filter").as_uri()
+    )
+    assert (
+        client.get_experiment_by_name("a_b").artifact_location
+        == (tmp_path / "mlartifacts" / "a_b").as_uri()
+    )
 
 
 # --- parallel runs: `dvc queue start -j 3` on a fresh store ---------------------
