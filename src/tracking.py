@@ -142,15 +142,36 @@ def _unreachable(uri: str, exc: Exception) -> UserError:
 
 
 def _store_lock(uri: str) -> contextlib.AbstractContextManager:
-    """A file lock next to a SQLite database; no lock for any other store."""
+    """A file lock next to a SQLite database; no lock for any other store.
+
+    The database's path is checked first: MLflow retries a file it can't open for
+    about 100 s, with a warning each time, before it gives up.
+    """
     if not uri.startswith("sqlite:"):
         return contextlib.nullcontext()
     database = sqlalchemy.engine.make_url(uri).database
     if not database or database == ":memory:":
         return contextlib.nullcontext()
     db = Path(database).absolute()
-    db.parent.mkdir(parents=True, exist_ok=True)
-    return FileLock(f"{db}.lock", timeout=LOCK_TIMEOUT)
+    lock = Path(f"{db}.lock")
+    nearest = next(p for p in db.parents if p.exists())
+    problem = None
+    if db.is_dir():
+        problem = f"{db} is a directory, not a SQLite file"
+    elif not nearest.is_dir():
+        problem = f"{nearest} is a file, not a folder"
+    else:
+        try:  # SQLite writes beside the database too (its journal), and so does the lock
+            db.parent.mkdir(parents=True, exist_ok=True)
+            lock.touch()
+        except OSError as exc:
+            problem = f"can't write in {db.parent} ({exc.strerror})"
+    if problem:
+        raise UserError(
+            f"MLflow store {uri} can't be used: {problem}; fix the path, or point "
+            "MLFLOW_TRACKING_URI at another store"
+        )
+    return FileLock(lock, timeout=LOCK_TIMEOUT)
 
 
 def _store_error(uri: str, exc: Exception) -> UserError:

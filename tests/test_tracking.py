@@ -408,6 +408,37 @@ def test_old_schema_asks_for_db_upgrade(store, tmp_path):
     assert "\n" not in str(error.value)
 
 
+def _unusable_sqlite_path(tmp_path: Path, case: str) -> Path:
+    if case == "directory":
+        (tmp_path / "mlflow.db").mkdir()
+        return tmp_path / "mlflow.db"
+    if case == "parent-is-a-file":
+        (tmp_path / "notes.txt").write_text("a file")
+        return tmp_path / "notes.txt" / "mlflow.db"
+    if os.geteuid() != 0:
+        (tmp_path / "locked").mkdir(mode=0o555)
+        return tmp_path / "locked" / "mlflow.db"
+    if Path("/sys").is_dir():  # sysfs refuses new files even to root, whom modes don't stop
+        return Path("/sys/mlflow.db")
+    pytest.skip("running as root, and no folder that root can't write to")
+
+
+@pytest.mark.parametrize("case", ["directory", "parent-is-a-file", "parent-not-writable"])
+def test_an_unusable_sqlite_path_fails_in_seconds(store, tmp_path, monkeypatch, case):
+    """MLflow retries an unopenable SQLite file for about 100 s, warning ~40 times."""
+    db = _unusable_sqlite_path(tmp_path, case)
+    uri = f"sqlite:///{db}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    start = time.monotonic()
+    with pytest.raises(UserError) as error:
+        with training_run(make_params()):
+            pytest.fail("trained on an unusable store")
+    assert time.monotonic() - start < 10
+    message = str(error.value)
+    assert message.startswith(f"MLflow store {uri} can't be used: ")
+    assert "MLFLOW_TRACKING_URI" in message and "\n" not in message
+
+
 @pytest.mark.parametrize(
     "stop, status",
     [(KeyboardInterrupt, "KILLED"), (signal.SIGTERM, "KILLED"), (RuntimeError, "FAILED")],
