@@ -125,7 +125,22 @@ def _one_quick_try(uri: str) -> Iterator[None]:
                 os.environ[name] = value
 
 
-def _unreachable(uri: str, exc: Exception) -> UserError:
+def _server_error(uri: str, exc: MlflowException) -> UserError:
+    """A server that gave no answer, or an answer that is not MLflow's."""
+    status = re.search(r"failed with error code (\d+)", exc.message)
+    if status and status[1] in ("401", "403"):
+        return UserError(
+            f"MLflow server {uri} answers, but refuses access (HTTP {status[1]}); set "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN, "
+            "or point MLFLOW_TRACKING_URI at another server"
+        )
+    if status or "not in a valid JSON format" in exc.message:
+        answer = f"HTTP {status[1]}" if status else "not JSON"
+        return UserError(
+            f"MLflow server {uri} answers, but is not an MLflow tracking server ({answer} "
+            "for MLflow's API); check the host, port and path in MLFLOW_TRACKING_URI "
+            "(unset it to log to mlflow.db at the repo root)"
+        )
     errno = re.search(r"\[Errno -?\d+\] ([^'\")]+)", str(exc))
     reason = (
         errno.group(1).strip()
@@ -239,7 +254,7 @@ def _open_store(experiment: str | None = None) -> tuple[MlflowClient, str | None
     except RestException as exc:  # a server answered, with an error
         raise _store_error(uri, exc) from exc
     except MlflowException as exc:
-        raise (_unreachable if _is_server(uri) else _store_error)(uri, exc) from exc
+        raise (_server_error if _is_server(uri) else _store_error)(uri, exc) from exc
     except sqlalchemy.exc.SQLAlchemyError as exc:
         raise _store_error(uri, exc) from exc
     return client, experiment_id

@@ -3,12 +3,14 @@ processes on a fresh store, and a real `mlflow server` on 127.0.0.1."""
 
 from __future__ import annotations
 
+import http.server
 import os
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from urllib.parse import urlparse
@@ -387,6 +389,43 @@ def test_unreachable_server_fails_fast(store, monkeypatch, server):
                 pytest.fail("trained without a tracking server")
     assert time.monotonic() - start < 10
     assert f"MLflow server {url} is not reachable" in str(error.value)
+
+
+class NotMlflow(http.server.SimpleHTTPRequestHandler):
+    """`python -m http.server`: GET of MLflow's API is 404, POST is 501."""
+
+    def log_message(self, *args):
+        pass
+
+
+class Answers401(NotMlflow):
+    def do_POST(self):
+        self.send_error(401, "login first")
+
+    do_GET = do_POST
+
+
+@pytest.mark.parametrize(
+    "handler, says",
+    [(NotMlflow, "is not an MLflow tracking server"), (Answers401, "refuses access")],
+    ids=["http.server", "401"],
+)
+def test_a_server_that_is_not_mlflow_is_not_called_unreachable(store, monkeypatch, handler, says):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    try:
+        with pytest.raises(UserError) as error:
+            with training_run(make_params()):
+                pytest.fail("trained without an MLflow server")
+    finally:
+        server.shutdown()
+        server.server_close()
+    message = str(error.value)
+    assert f"{url} answers, but {says}" in message
+    assert "MLFLOW_TRACKING_URI" in message and "not reachable" not in message
+    assert "\n" not in message
 
 
 # --- store problems -------------------------------------------------------------
