@@ -8,7 +8,9 @@ the *main* repo root.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -62,10 +64,34 @@ def repo_root(cwd: Path | None = None) -> Path:
 
 
 def tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI if set, else the SQLite store at the main repo root."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
+    """MLFLOW_TRACKING_URI if set, else the SQLite store at the main repo root.
+
+    A relative SQLite path (`sqlite:///mlflow.db`, MLflow's documented form) is
+    taken from the main root too: from the cwd, a queued or --temp run would log
+    into its experiment copy, which DVC deletes.
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
+    relative = re.fullmatch(r"(sqlite(?:\+\w+)?:///)(?![/:]|file:)(.+)", uri)
+    return f"{relative[1]}{repo_root() / relative[2]}" if relative else uri
 
 
 def artifact_root() -> Path:
     """Where new MLflow experiments keep artifacts: under the main root, never in a copy."""
     return repo_root() / "mlartifacts"
+
+
+PLAIN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
+
+
+def experiment_artifacts(experiment: str) -> Path:
+    """The artifact folder of a new local MLflow experiment: one folder directly in
+    artifact_root(), whatever the name (`../x`, `/x`, `a/b` are names, not paths).
+
+    A plain name is its own folder, as it always was. Any other name becomes its
+    safe characters plus a hash of the whole name, so `a/b` and `a b` stay apart.
+    """
+    if PLAIN_NAME.fullmatch(experiment):
+        return artifact_root() / experiment
+    slug = re.sub(r"[^A-Za-z0-9_-]+", "-", experiment).strip("-")[:60]
+    digest = hashlib.sha256(experiment.encode()).hexdigest()[:12]
+    return artifact_root() / f"{slug}-{digest}".lstrip("-")

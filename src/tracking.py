@@ -15,8 +15,8 @@ that MLflow does not do by itself:
   experiment are made under a file lock next to the database.
 - A new experiment's default artifact location is relative to the cwd, which for
   a queued run is a copy that DVC deletes. The experiment is created with its
-  artifacts under paths.artifact_root() instead. A tracking server decides its
-  own artifact location.
+  artifacts in paths.experiment_artifacts(name) instead. A tracking server
+  decides its own artifact location.
 """
 
 from __future__ import annotations
@@ -125,7 +125,22 @@ def _one_quick_try(uri: str) -> Iterator[None]:
                 os.environ[name] = value
 
 
-def _unreachable(uri: str, exc: Exception) -> UserError:
+def _server_error(uri: str, exc: MlflowException) -> UserError:
+    """A server that gave no answer, or an answer that is not MLflow's."""
+    status = re.search(r"failed with error code (\d+)", exc.message)
+    if status and status[1] in ("401", "403"):
+        return UserError(
+            f"MLflow server {uri} answers, but refuses access (HTTP {status[1]}); set "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN, "
+            "or point MLFLOW_TRACKING_URI at another server"
+        )
+    if status or "not in a valid JSON format" in exc.message:
+        answer = f"HTTP {status[1]}" if status else "not JSON"
+        return UserError(
+            f"MLflow server {uri} answers, but is not an MLflow tracking server ({answer} "
+            "for MLflow's API); check the host, port and path in MLFLOW_TRACKING_URI "
+            "(unset it to log to mlflow.db at the repo root)"
+        )
     errno = re.search(r"\[Errno -?\d+\] ([^'\")]+)", str(exc))
     reason = (
         errno.group(1).strip()
@@ -142,15 +157,36 @@ def _unreachable(uri: str, exc: Exception) -> UserError:
 
 
 def _store_lock(uri: str) -> contextlib.AbstractContextManager:
-    """A file lock next to a SQLite database; no lock for any other store."""
+    """A file lock next to a SQLite database; no lock for any other store.
+
+    The database's path is checked first: MLflow retries a file it can't open for
+    about 100 s, with a warning each time, before it gives up.
+    """
     if not uri.startswith("sqlite:"):
         return contextlib.nullcontext()
     database = sqlalchemy.engine.make_url(uri).database
     if not database or database == ":memory:":
         return contextlib.nullcontext()
     db = Path(database).absolute()
-    db.parent.mkdir(parents=True, exist_ok=True)
-    return FileLock(f"{db}.lock", timeout=LOCK_TIMEOUT)
+    lock = Path(f"{db}.lock")
+    nearest = next(p for p in db.parents if p.exists())
+    problem = None
+    if db.is_dir():
+        problem = f"{db} is a directory, not a SQLite file"
+    elif not nearest.is_dir():
+        problem = f"{nearest} is a file, not a folder"
+    else:
+        try:  # SQLite writes beside the database too (its journal), and so does the lock
+            db.parent.mkdir(parents=True, exist_ok=True)
+            lock.touch()
+        except OSError as exc:
+            problem = f"can't write in {db.parent} ({exc.strerror})"
+    if problem:
+        raise UserError(
+            f"MLflow store {uri} can't be used: {problem}; fix the path, or point "
+            "MLFLOW_TRACKING_URI at another store"
+        )
+    return FileLock(lock, timeout=LOCK_TIMEOUT)
 
 
 def _store_error(uri: str, exc: Exception) -> UserError:
@@ -175,7 +211,7 @@ def _store_error(uri: str, exc: Exception) -> UserError:
 def _experiment_id(client: MlflowClient, uri: str, name: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
-        location = None if _is_server(uri) else (paths.artifact_root() / name).as_uri()
+        location = None if _is_server(uri) else paths.experiment_artifacts(name).as_uri()
         try:
             return client.create_experiment(name, artifact_location=location)
         except MlflowException as exc:
@@ -218,7 +254,7 @@ def _open_store(experiment: str | None = None) -> tuple[MlflowClient, str | None
     except RestException as exc:  # a server answered, with an error
         raise _store_error(uri, exc) from exc
     except MlflowException as exc:
-        raise (_unreachable if _is_server(uri) else _store_error)(uri, exc) from exc
+        raise (_server_error if _is_server(uri) else _store_error)(uri, exc) from exc
     except sqlalchemy.exc.SQLAlchemyError as exc:
         raise _store_error(uri, exc) from exc
     return client, experiment_id

@@ -3,24 +3,28 @@ processes on a fresh store, and a real `mlflow server` on 127.0.0.1."""
 
 from __future__ import annotations
 
+import http.server
 import os
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import mlflow
 import numpy as np
 import pytest
 import sqlalchemy
-from conftest import free_port
+from conftest import clean_env, free_port
 from mlflow import MlflowClient
 from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
-from src import config, tracking
+from src import config, paths, tracking
 from src.errors import UserError
 from src.tracking import log_epoch, log_final, resume_run, training_run
 
@@ -29,7 +33,7 @@ EXPERIMENT = "tracking-test"
 SOBEL_RANGE = (-2.0, 2.0)
 
 
-def make_params(**data) -> config.Params:
+def make_params(experiment: str = EXPERIMENT, **data) -> config.Params:
     return config.parse(
         {
             "kernel": "sobel_x",
@@ -37,7 +41,7 @@ def make_params(**data) -> config.Params:
             "kernels": {"gaussian": {"size": 7, "covariance": None}},
             "data": {"categories": [], **data},
             "train": {"epochs": 3, "learning_rate": 0.01},
-            "mlflow": {"experiment": EXPERIMENT},
+            "mlflow": {"experiment": experiment},
         }
     )
 
@@ -196,12 +200,109 @@ def test_artifacts_stay_under_the_main_root_from_an_experiment_copy(
     assert sorted(p.name for p in copy.iterdir()) == []  # nothing written into the copy
 
 
+# --- where the store and the artifacts are ---------------------------------------
+
+
+@pytest.mark.parametrize("relative", ["mlflow.db", "stores/mine.db"])
+def test_a_relative_sqlite_uri_is_the_main_roots_from_any_cwd(
+    store, tmp_path, monkeypatch, relative
+):
+    copy = tmp_path / ".dvc" / "tmp" / "exps" / "standalone" / "tmpabc"  # a --temp run's cwd
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{relative}")  # MLflow's documented form
+    root_store = f"sqlite:///{tmp_path / relative}"
+    assert paths.tracking_uri() == root_store
+
+    with training_run(make_params()) as run_id:
+        pass
+
+    assert MlflowClient(root_store).get_run(run_id).info.status == "FINISHED"
+    assert sorted(p.name for p in copy.iterdir()) == []  # nothing written into the copy
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "sqlite:////{tmp}/elsewhere/mlflow.db",
+        "sqlite:///:memory:",
+        "http://127.0.0.1:5000",
+        "https://mlflow.example.com/prefix",
+        "databricks",
+        "postgresql://user@db.example.com/mlflow",
+    ],
+)
+def test_absolute_and_server_uris_are_used_as_given(store, tmp_path, monkeypatch, uri):
+    uri = uri.format(tmp=str(tmp_path).lstrip("/"))
+    monkeypatch.chdir(tmp_path.parent)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert paths.tracking_uri() == uri
+
+
+def test_a_temp_experiment_with_a_relative_sqlite_uri_logs_to_the_roots_store(workspace):
+    """`MLFLOW_TRACKING_URI=sqlite:///mlflow.db dvc exp run --temp`: the run is in the
+    root's mlflow.db, not in the experiment copy that DVC deletes."""
+    env = clean_env(MLFLOW_TRACKING_URI="sqlite:///mlflow.db")
+    workspace.dvc("exp", "run", "--temp", "-S", "kernel=sobel_y", env=env)
+
+    client = MlflowClient(workspace.tracking_uri)
+    experiment = client.get_experiment_by_name("learn-linear-filter")
+    assert experiment is not None, "the run is not in the root's mlflow.db"
+    [run] = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["kernel"] == "sobel_y"
+    learned = client.download_artifacts(run.info.run_id, "learned_kernel.npy")
+    assert np.load(learned).shape == (3, 3)
+    assert experiment.artifact_location.startswith((workspace.root / "mlartifacts").as_uri())
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["../../escape", "/{tmp}/abs/path", "a/b", "..", "my experiment", "фильтр ✓", "e" * 300],
+    ids=["dotdot", "absolute", "slash", "parent", "space", "unicode", "long"],
+)
+def test_any_experiment_name_keeps_its_artifacts_under_mlartifacts(store, tmp_path, name):
+    name = name.format(tmp=str(tmp_path).lstrip("/"))
+    params = make_params(experiment=name)
+    with training_run(params) as run_id:
+        kernel = params.true_kernel()
+        log_final(run_id, true_kernel=kernel, learned_kernel=kernel)
+
+    experiment = MlflowClient(store).get_experiment_by_name(name)
+    location = Path(url2pathname(urlparse(experiment.artifact_location).path)).resolve()
+    assert location.parent == tmp_path / "mlartifacts"
+    assert (location / run_id / "artifacts" / "learned_kernel.npy").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "mlartifacts",
+        "mlflow.db",
+        "mlflow.db.lock",
+    ]
+
+
+def test_another_experiment_name_gets_its_own_folder(store, tmp_path):
+    """Plain names keep mlartifacts/<name> (existing stores); names that differ only in
+    what a folder name can't hold still get different folders."""
+    for name in ("learn-linear-filter", "a/b", "a b", "a_b"):
+        with training_run(make_params(experiment=name)):
+            pass
+    client = MlflowClient(store)
+    locations = {n: client.get_experiment_by_name(n).artifact_location for n in ("a/b", "a b")}
+    assert len(set(locations.values())) == 2
+    assert (
+        client.get_experiment_by_name("learn-linear-filter").artifact_location
+        == (tmp_path / "mlartifacts" / "learn-linear-filter").as_uri()
+    )
+    assert (
+        client.get_experiment_by_name("a_b").artifact_location
+        == (tmp_path / "mlartifacts" / "a_b").as_uri()
+    )
+
+
 # --- parallel runs: `dvc queue start -j 3` on a fresh store ---------------------
 
 WORKER = """
 import sys, time
 from pathlib import Path
-from src import config, tracking
+from src import config, paths, tracking
 ready, go = map(Path, sys.argv[1:])
 ready.touch()  # imports done: start the store work together
 while not go.exists():
@@ -290,6 +391,43 @@ def test_unreachable_server_fails_fast(store, monkeypatch, server):
     assert f"MLflow server {url} is not reachable" in str(error.value)
 
 
+class NotMlflow(http.server.SimpleHTTPRequestHandler):
+    """`python -m http.server`: GET of MLflow's API is 404, POST is 501."""
+
+    def log_message(self, *args):
+        pass
+
+
+class Answers401(NotMlflow):
+    def do_POST(self):
+        self.send_error(401, "login first")
+
+    do_GET = do_POST
+
+
+@pytest.mark.parametrize(
+    "handler, says",
+    [(NotMlflow, "is not an MLflow tracking server"), (Answers401, "refuses access")],
+    ids=["http.server", "401"],
+)
+def test_a_server_that_is_not_mlflow_is_not_called_unreachable(store, monkeypatch, handler, says):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    try:
+        with pytest.raises(UserError) as error:
+            with training_run(make_params()):
+                pytest.fail("trained without an MLflow server")
+    finally:
+        server.shutdown()
+        server.server_close()
+    message = str(error.value)
+    assert f"{url} answers, but {says}" in message
+    assert "MLFLOW_TRACKING_URI" in message and "not reachable" not in message
+    assert "\n" not in message
+
+
 # --- store problems -------------------------------------------------------------
 
 
@@ -307,6 +445,37 @@ def test_old_schema_asks_for_db_upgrade(store, tmp_path):
             pytest.fail("trained on an old schema")
     assert f"`mlflow db upgrade {store}`" in str(error.value)
     assert "\n" not in str(error.value)
+
+
+def _unusable_sqlite_path(tmp_path: Path, case: str) -> Path:
+    if case == "directory":
+        (tmp_path / "mlflow.db").mkdir()
+        return tmp_path / "mlflow.db"
+    if case == "parent-is-a-file":
+        (tmp_path / "notes.txt").write_text("a file")
+        return tmp_path / "notes.txt" / "mlflow.db"
+    if os.geteuid() != 0:
+        (tmp_path / "locked").mkdir(mode=0o555)
+        return tmp_path / "locked" / "mlflow.db"
+    if Path("/sys").is_dir():  # sysfs refuses new files even to root, whom modes don't stop
+        return Path("/sys/mlflow.db")
+    pytest.skip("running as root, and no folder that root can't write to")
+
+
+@pytest.mark.parametrize("case", ["directory", "parent-is-a-file", "parent-not-writable"])
+def test_an_unusable_sqlite_path_fails_in_seconds(store, tmp_path, monkeypatch, case):
+    """MLflow retries an unopenable SQLite file for about 100 s, warning ~40 times."""
+    db = _unusable_sqlite_path(tmp_path, case)
+    uri = f"sqlite:///{db}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    start = time.monotonic()
+    with pytest.raises(UserError) as error:
+        with training_run(make_params()):
+            pytest.fail("trained on an unusable store")
+    assert time.monotonic() - start < 10
+    message = str(error.value)
+    assert message.startswith(f"MLflow store {uri} can't be used: ")
+    assert "MLFLOW_TRACKING_URI" in message and "\n" not in message
 
 
 @pytest.mark.parametrize(
