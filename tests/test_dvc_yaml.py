@@ -107,3 +107,22 @@ def test_stage_deps_list_exactly_the_code_it_runs(stage):
             ],
         )
     )
+
+
+# The params that name a file DVC cannot see, and the fingerprint that stands in for it.
+FINGERPRINTS = {
+    "data.source": "data/fingerprints/source.json",
+    "kernel": "data/fingerprints/kernel.json",
+}
+
+
+@pytest.mark.parametrize("param", sorted(FINGERPRINTS))
+def test_a_stage_reading_a_named_file_depends_on_its_fingerprint(param):
+    fingerprint = STAGES["fingerprint"]
+    assert fingerprint.get("always_changed") is True  # it must look every time
+    assert FINGERPRINTS[param] in fingerprint["outs"]
+    readers = [name for name, spec in STAGES.items() if param in spec.get("params", [])]
+    assert [name for name in readers if name != "fingerprint"], f"no stage reads {param}"
+    for name in readers:
+        if name != "fingerprint":
+            assert FINGERPRINTS[param] in STAGES[name]["deps"], f"{name} must depend on it"

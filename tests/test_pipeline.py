@@ -3,6 +3,7 @@ in a temporary git copy of the repo on a tiny config (8 images of 64×64, 2 epoc
 
 from __future__ import annotations
 
+import csv
 import json
 import time
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 from conftest import TINY, clean_env, ran_stages
 from mlflow import MlflowClient
+from PIL import Image
 
 EPOCHS = TINY["train"]["epochs"]
 ALL_STAGES = ["download", "grayscale", "filter", "train", "visualize"]
@@ -35,7 +37,7 @@ def assert_complete(client, run, epochs=EPOCHS):
 
 def test_repro_runs_every_stage_and_logs_one_run(workspace):
     out = workspace.dvc("repro").stdout
-    assert ran_stages(out) == ALL_STAGES
+    assert ran_stages(out) == ["fingerprint", *ALL_STAGES]
 
     gray = np.load(workspace.root / "data/gray/images.npy", mmap_mode="r")
     assert gray.shape == (8, 64, 64) and gray.dtype == np.float32
@@ -53,10 +55,65 @@ def test_repro_runs_every_stage_and_logs_one_run(workspace):
     assert run.data.params["train.epochs"] == str(EPOCHS)
     assert experiment.artifact_location.startswith((workspace.root / "mlartifacts").as_uri())
 
-    # a no-op repro runs nothing and logs nothing
+    # a no-op repro runs none of the five stages and logs nothing
     again = workspace.dvc("repro").stdout
-    assert ran_stages(again) == []
+    assert ran_stages_of_five(again) == []
     assert len(runs(workspace)[2]) == 1
+
+
+def ran_stages_of_five(output: str) -> list[str]:
+    """The pipeline's five stages that ran: the fingerprint stage runs on every repro."""
+    return [stage for stage in ran_stages(output) if stage in ALL_STAGES]
+
+
+def test_editing_a_file_kernel_reruns_filter_and_later_only(workspace):
+    path = workspace.root / "my_kernel.npy"
+    np.save(path, np.array([[0, 1, 0], [1, -4, 1], [0, 1, 0]], dtype=np.float64))
+    workspace.set_params({"kernel": "file:my_kernel.npy"})
+    workspace.dvc("repro")
+    workspace.commit("a file: kernel")
+
+    edited = np.array([[1, 2, 1], [0, 0, 0], [-1, -2, -1]], dtype=np.float64)
+    np.save(path, edited)
+    # `dvc status` runs no code, so the fingerprint stage has to run first to show the change
+    workspace.dvc("repro", "fingerprint")
+    status = workspace.dvc("status").stdout
+    assert "filter:" in status and "data/fingerprints/kernel.json" in status, status
+    assert "download:" not in status and "grayscale:" not in status, status
+
+    ran = ran_stages_of_five(workspace.dvc("repro").stdout)
+    assert ran == ["filter", "train", "visualize"]
+    np.testing.assert_array_equal(np.load(workspace.root / "data/filtered/kernel.npy"), edited)
+    assert ran_stages_of_five(workspace.dvc("repro").stdout) == []
+
+
+def write_photos(folder, first: int, count: int) -> None:
+    folder.mkdir(exist_ok=True)
+    rng = np.random.default_rng(first)
+    for i in range(first, first + count):
+        pixels = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"photo_{i:02d}.png")
+
+
+def manifest_names(ws) -> list[str]:
+    with open(ws.root / "data/raw/manifest.csv", newline="") as handle:
+        return [row["name"] for row in csv.DictReader(handle)]
+
+
+def test_adding_photos_to_a_source_folder_reruns_download(workspace, tmp_path):
+    photos = tmp_path / "photos"
+    write_photos(photos, 0, 6)
+    workspace.set_params({"data": {"source": str(photos)}})
+    workspace.dvc("repro")
+    workspace.commit("a folder source")
+    assert len(manifest_names(workspace)) == 6
+
+    write_photos(photos, 6, 3)
+    ran = ran_stages_of_five(workspace.dvc("repro").stdout)
+    assert ran == ALL_STAGES
+    assert manifest_names(workspace) == [f"photo_{i:02d}.png" for i in range(9)]
+    assert np.load(workspace.root / "data/gray/images.npy", mmap_mode="r").shape == (9, 64, 64)
+    assert ran_stages_of_five(workspace.dvc("repro").stdout) == []
 
 
 def test_changing_the_kernel_reruns_filter_and_later_only(workspace):
