@@ -207,6 +207,7 @@ class TrainConfig(Section):
 
 class MlflowConfig(Section):
     experiment: str = Field("learn-linear-filter", min_length=1)
+    registered_model: str = ""  # empty: off; else each run registers a new version of it
 
 
 class Params(Section):

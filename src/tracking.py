@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import re
 import subprocess
@@ -34,6 +35,7 @@ from urllib.parse import urlparse
 
 import mlflow
 import numpy as np
+import pandas as pd
 import sqlalchemy
 from filelock import FileLock, Timeout
 from mlflow import MlflowClient
@@ -49,6 +51,12 @@ PROBE_TIMEOUT = 5  # seconds to wait for a tracking server before giving up
 LOCK_TIMEOUT = 120.0  # seconds to wait for another process creating the store
 MAX_PARAM_LENGTH = 6000  # MLflow rejects longer param values
 EXPS_COPY = f"{os.sep}.dvc{os.sep}tmp{os.sep}exps{os.sep}"
+# MLflow 3's UI opens an experiment in its model-training view (runs, metrics, models),
+# not its GenAI one (traces, judges), when the experiment carries this tag.
+KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+# Errors span 1e-1 to 1e-17, and MLflow's charts are linear by default: these metrics
+# are also logged as log10_<name>, which the default charts separate.
+LOG10_METRICS = ("kernel_rel_error", "kernel_mse", "loss", "val_loss")
 
 
 # --- what a run records about itself --------------------------------------------
@@ -79,11 +87,30 @@ def run_tags(params: config.Params) -> dict[str, str]:
 
 
 def run_params(params: config.Params) -> dict[str, str]:
-    """All of params.yaml, flattened to dotted keys, as the strings MLflow stores."""
-    return {
-        key: str(value)[:MAX_PARAM_LENGTH]
-        for key, value in config.flatten(params.model_dump(mode="json")).items()
-    }
+    """The params that apply to this run, flattened to dotted keys, as MLflow's strings.
+
+    Settings the run never reads are left out (the Gaussian's on a smiley run, the
+    MIT archive's pin on synthetic data, where MLflow logs to); the whole
+    params.yaml is logged as an artifact beside them, so nothing is lost.
+    """
+    doc = params.model_dump(mode="json")
+    data = doc["data"]
+    if params.data.source != "synthetic":
+        data.pop("count")
+    if params.data.source != "mit_scenes":
+        data.pop("categories")
+    if not params.data.sha256:
+        data.pop("sha256")
+    kernels = doc.pop("kernels")
+    if params.kernel in kernels:
+        settings = kernels[params.kernel]
+        if settings.get("covariance") is None:
+            settings.pop("covariance", None)
+        else:
+            settings.pop("sigma")  # the covariance replaces it
+        doc["kernels"] = {params.kernel: settings}
+    doc.pop("mlflow")
+    return {key: str(value)[:MAX_PARAM_LENGTH] for key, value in config.flatten(doc).items()}
 
 
 # --- opening the store ------------------------------------------------------------
@@ -213,7 +240,9 @@ def _experiment_id(client: MlflowClient, uri: str, name: str) -> str:
     if experiment is None:
         location = None if _is_server(uri) else paths.experiment_artifacts(name).as_uri()
         try:
-            return client.create_experiment(name, artifact_location=location)
+            return client.create_experiment(
+                name, artifact_location=location, tags={KIND_TAG: TRAINING_KIND}
+            )
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
@@ -224,6 +253,8 @@ def _experiment_id(client: MlflowClient, uri: str, name: str) -> str:
             f"experiments restore --experiment-id {experiment.experiment_id}`, or "
             "set mlflow.experiment in params.yaml to a new name"
         )
+    if KIND_TAG not in experiment.tags:  # made before the kind existed: open it as training
+        client.set_experiment_tag(experiment.experiment_id, KIND_TAG, TRAINING_KIND)
     if EXPS_COPY in experiment.artifact_location:
         log.warning(
             "MLflow experiment %r keeps its artifacts in %s, inside a DVC experiment "
@@ -305,6 +336,7 @@ def training_run(params: config.Params) -> Iterator[str]:
                 client.log_batch(
                     run_id, params=[Param(k, v) for k, v in run_params(params).items()]
                 )
+                client.log_dict(run_id, params.model_dump(mode="json"), "params.yaml")
             yield run_id
         except Exception:
             _end_run("FAILED")
@@ -359,16 +391,19 @@ def log_epoch(
 ) -> None:
     """Log one epoch at step=epoch: all metrics in one write, plus the kernel's picture.
 
-    The pictures go under images/ with key "kernel": the run page shows them as
-    an image grid with a step slider.
+    Step 0 is the initial kernel. The pictures go under images/ with key "kernel":
+    the run page shows them as an image grid with a step slider. LOG10_METRICS are
+    logged again as log10_<name> (left out where the value is 0: log10 is -inf).
     """
     client = MlflowClient()
     now = int(time.time() * 1000)
+    values = {k: float(v) for k, v in metrics.items()}
+    values.update(
+        {f"log10_{k}": math.log10(v) for k, v in values.items() if k in LOG10_METRICS and v > 0}
+    )
     picture = figures.kernel_picture(kernel, value_range)
     with interrupts.uninterrupted():
-        client.log_batch(
-            run_id, metrics=[Metric(k, float(v), now, epoch) for k, v in metrics.items()]
-        )
+        client.log_batch(run_id, metrics=[Metric(k, v, now, epoch) for k, v in values.items()])
         client.log_image(run_id, picture, key="kernel", step=epoch)
 
 
@@ -377,13 +412,11 @@ def log_final(
     *,
     true_kernel: np.ndarray,
     learned_kernel: np.ndarray,
-    model_path: str | Path | None = None,
     value_range: tuple[float, float] | None = None,
 ) -> None:
-    """Log the end of training: both kernels as pictures and .npy, and the model.
+    """Log the end of training: both kernels as pictures and .npy.
 
-    Pictures share value_range (default: symmetric around the true kernel). The
-    model goes under model/.
+    Pictures share value_range (default: symmetric around the true kernel).
     """
     client = MlflowClient()
     value_range = value_range or figures.symmetric_range(true_kernel)
@@ -395,5 +428,81 @@ def log_final(
         for name, kernel in (("true_kernel", true_kernel), ("learned_kernel", learned_kernel)):
             np.save(Path(tmp) / f"{name}.npy", np.asarray(kernel))
         client.log_artifacts(run_id, tmp)
-    if model_path is not None:
-        client.log_artifact(run_id, str(model_path), artifact_path="model")
+
+
+def _dataset_source(params: config.Params):
+    """Where the images came from, as MLflow names a dataset's source."""
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.filesystem_dataset_source import FileSystemDatasetSource
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+
+    from src import sources
+
+    data = params.data
+    if data.source == "synthetic":
+        return CodeDatasetSource({"generator": "src/dead_leaves.py", "seed": str(params.seed)})
+    if data.source == "mit_scenes":
+        return HTTPDatasetSource(os.environ.get(sources.MIT_URL_ENV) or sources.MIT_URL)
+    return FileSystemDatasetSource.from_dict({"uri": sources.local_path(data.source).as_uri()})
+
+
+def log_datasets(params: config.Params, index: pd.DataFrame) -> None:
+    """The training and validation images as the active run's dataset inputs: name,
+    source, digest (of the image names and split) and, in the profile, the count."""
+    source = _dataset_source(params)
+    label = params.data.source if params.data.source in ("synthetic", "mit_scenes") else "photos"
+    for split, context in (("train", "training"), ("val", "validation")):
+        rows = index[index["split"] == split].reset_index(drop=True)
+        if rows.empty:
+            continue
+        name = f"{label}-{split}-{params.data.size}px"
+        dataset = mlflow.data.from_pandas(rows, source=source, name=name)
+        with interrupts.uninterrupted():
+            mlflow.log_input(dataset, context=context)
+
+
+# What the logged model needs to load and predict: the layers module and what it imports.
+MODEL_REQUIREMENTS = ("tensorflow-cpu", "keras", "numpy", "scipy", "pydantic", "pyyaml", "pillow")
+
+
+def log_model(
+    model, example: np.ndarray, metrics: dict[str, float], step: int, params: config.Params
+):
+    """Log the learned filter as an MLflow Model (the TensorFlow/Keras flavour) and return
+    its ModelInfo: any H×W float32 images in, the filtered images out.
+
+    src/ goes along as its code, so the model loads and predicts where only MLflow is
+    installed beside our requirements; FFTConv2D is registered by src.layers. The final
+    metrics, those of the last epoch (`step`), are linked to the model. With
+    mlflow.registered_model set, the model becomes a new version of that registered
+    model, tagged with the kernel and its error.
+    """
+    from importlib.metadata import version
+
+    import mlflow.tensorflow
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    def images(channels: int) -> Schema:
+        return Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1, channels))])
+
+    signature = ModelSignature(inputs=images(example.shape[-1]), outputs=images(1))
+    with interrupts.uninterrupted():
+        info = mlflow.tensorflow.log_model(
+            model,
+            name="model",
+            signature=signature,
+            input_example=example,
+            code_paths=[str(Path(__file__).parent)],
+            pip_requirements=[f"{name}=={version(name)}" for name in MODEL_REQUIREMENTS]
+            + [f"mlflow=={mlflow.__version__}"],
+            step=step,
+        )
+        mlflow.log_metrics(metrics, step=step, model_id=info.model_id)
+    name = params.mlflow.registered_model
+    if name:
+        tags = {"kernel": params.kernel, "kernel_rel_error": f"{metrics['kernel_rel_error']:.3e}"}
+        with interrupts.uninterrupted():
+            registered = mlflow.register_model(info.model_uri, name, tags=tags)
+        log.info("registered as version %s of MLflow model %r", registered.version, name)
+    return info

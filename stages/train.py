@@ -22,13 +22,22 @@ from src.errors import run_stage  # noqa: E402
 
 log = logging.getLogger("train")
 
+EXAMPLE_MARGIN = 16  # the input example is the kernel's size plus this many pixels a side
+
 
 class LogEpochToMlflow(keras.callbacks.Callback):
-    """Each epoch's metrics and a picture of the kernel, at step = epoch, in the run."""
+    """Each epoch's metrics and a picture of the kernel, at step = epoch, in the run;
+    at step 0 the initial kernel and its error, so the image card never opens empty."""
 
-    def __init__(self, run_id: str, value_range: tuple[float, float]):
+    def __init__(self, run_id: str, true_kernel: np.ndarray, value_range: tuple[float, float]):
         super().__init__()
-        self.run_id, self.value_range = run_id, value_range
+        self.run_id, self.true_kernel, self.value_range = run_id, true_kernel, value_range
+
+    def on_train_begin(self, logs=None):
+        kernel = layers.learned_kernel(self.model)
+        mse, rel = training.kernel_errors(kernel, self.true_kernel)
+        metrics = {"kernel_mse": mse, "kernel_rel_error": rel}
+        tracking.log_epoch(self.run_id, 0, metrics, kernel, self.value_range)
 
     def on_epoch_end(self, epoch, logs=None):
         tracking.log_epoch(
@@ -36,16 +45,27 @@ class LogEpochToMlflow(keras.callbacks.Callback):
         )
 
 
+def example_input(images, split: np.ndarray, kernel_shape: tuple[int, int]) -> np.ndarray:
+    """A small corner of the first held-out image, (1, side, side, 1), for the MLflow model:
+    big enough for a 'valid' output, small enough to keep as JSON."""
+    rows = np.flatnonzero(split == "val")
+    row = int(rows[0]) if len(rows) else 0
+    side = min(images.shape[1], max(kernel_shape) + EXAMPLE_MARGIN)
+    return images[row, :side, :side][None, :, :, None]
+
+
 def main() -> None:
     params = config.load()
     stage_files.require_inputs("train")
     true_kernel = stage_files.read_true_kernel()
-    split = stage_files.read_index()["split"].to_numpy()
+    index = stage_files.read_index()
+    split = index["split"].to_numpy()
     with (
         tracking.training_run(params) as run_id,  # before the data: a bad store fails at once
         stage_files.open_gray_images() as images,
         stage_files.open_targets() as targets,
     ):
+        tracking.log_datasets(params, index)
         value_range = figures.symmetric_range(true_kernel)
         snapshots = training.KernelSnapshots()
         model, fit = training.train(
@@ -56,7 +76,7 @@ def main() -> None:
             params.filter.padding,
             params.train,
             params.seed,
-            callbacks=[snapshots, LogEpochToMlflow(run_id, value_range)],
+            callbacks=[snapshots, LogEpochToMlflow(run_id, true_kernel, value_range)],
         )
         history = pd.DataFrame(fit.history).assign(epoch=np.array(fit.epoch) + 1)
 
@@ -88,9 +108,15 @@ def main() -> None:
             run_id,
             true_kernel=true_kernel,
             learned_kernel=snapshots.kernels[-1],
-            model_path=paths.MODEL_FILE,
             value_range=value_range,
         )
+        final = {
+            key: float(last[key])
+            for key in ("kernel_rel_error", "kernel_mse", "loss", "val_loss")
+            if key in last and np.isfinite(last[key])
+        }
+        example = example_input(images, split, true_kernel.shape)
+        tracking.log_model(model, example, final, int(last.epoch), params)
         log.info(
             "kernel_rel_error %.3e after %d epochs in %.1f s",
             last.kernel_rel_error,

@@ -20,7 +20,8 @@ import mlflow
 import numpy as np
 import pytest
 import sqlalchemy
-from conftest import clean_env, free_port
+import yaml
+from conftest import clean_env, free_port, merge
 from mlflow import MlflowClient
 from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
@@ -75,7 +76,7 @@ def store(tmp_path, monkeypatch) -> str:
 def test_param_values_are_strings_that_fit_mlflow():
     values = tracking.run_params(make_params(source="/" + "x" * 7000))
     assert values["data.source"] == ("/" + "x" * 7000)[:6000]
-    assert values["kernels.gaussian.covariance"] == "None" and values["train.epochs"] == "3"
+    assert values["train.epochs"] == "3" and values["filter.noise_std"] == "0.0"
 
 
 # --- runs on a SQLite store -----------------------------------------------------
@@ -107,18 +108,48 @@ def test_run_has_name_tags_and_flattened_params(store, tmp_path, monkeypatch, in
         "git_commit": head,
         "data.source": "synthetic",
     }
-    flat = config.flatten(params.model_dump(mode="json"))
-    assert run.data.params == {k: str(v) for k, v in flat.items()}
+    assert run.data.params == tracking.run_params(params)
     assert run.data.params["train.epochs"] == "3"
-    assert run.data.params["data.categories"] == "[]"
+    client = MlflowClient(store)
+    logged = yaml.safe_load(open(client.download_artifacts(run_id, "params.yaml")))
+    assert logged == params.model_dump(mode="json")  # all of it, as an artifact
+
+
+@pytest.mark.parametrize(
+    "changes, kept, dropped",
+    [
+        ({"kernel": "smiley"}, ["kernel", "data.count"], ["kernels.", "mlflow.", "data.sha256"]),
+        (
+            {"kernel": "gaussian"},
+            ["kernels.gaussian.size", "kernels.gaussian.sigma"],
+            ["kernels.box.", "kernels.gaussian.covariance"],
+        ),
+        (
+            {"kernel": "gaussian", "kernels": {"gaussian": {"covariance": [[2, 1], [1, 2]]}}},
+            ["kernels.gaussian.covariance"],
+            ["kernels.gaussian.sigma"],
+        ),
+        ({"kernel": "box"}, ["kernels.box.size"], ["kernels.gaussian."]),
+        (
+            {"data": {"source": "mit_scenes", "categories": ["street"], "sha256": "a" * 64}},
+            ["data.categories", "data.sha256"],
+            ["data.count"],
+        ),
+    ],
+)
+def test_only_the_params_that_apply_to_the_run_are_logged(changes, kept, dropped):
+    params = config.parse(merge(config.Params().model_dump(mode="json"), changes))
+    logged = tracking.run_params(params)
+    for key in kept:
+        assert key in logged, key
+    for prefix in dropped:
+        assert not any(k.startswith(prefix) for k in logged), prefix
+    assert logged["train.learning_rate"] == "0.8" and logged["filter.padding"] == "valid"
 
 
 def test_epochs_and_final_artifacts(store, tmp_path):
     params = make_params()
     true_kernel = params.true_kernel()
-    model = tmp_path / "model.keras"
-    model.write_bytes(b"not really a model")
-
     with training_run(params) as run_id:
         for epoch in (1, 2, 3):
             learned = true_kernel * epoch / 3
@@ -129,18 +160,20 @@ def test_epochs_and_final_artifacts(store, tmp_path):
                 learned[:, :, None, None],
                 SOBEL_RANGE,
             )
-        log_final(run_id, true_kernel=true_kernel, learned_kernel=learned, model_path=model)
+        log_final(run_id, true_kernel=true_kernel, learned_kernel=learned)
 
     client = MlflowClient(store)
     for key in ("loss", "val_loss"):
         history = client.get_metric_history(run_id, key)
         assert sorted(m.step for m in history) == [1, 2, 3]
     assert {m.step: m.value for m in client.get_metric_history(run_id, "loss")}[2] == 0.5
+    log10 = {m.step: m.value for m in client.get_metric_history(run_id, "log10_val_loss")}
+    assert log10 == pytest.approx({e: np.log10(2.0 / e) for e in (1, 2, 3)}, rel=1e-6)
     assert len(kernel_images(client, run_id)) == 3
 
     artifacts = tmp_path / "mlartifacts" / EXPERIMENT / run_id / "artifacts"
     assert client.get_run(run_id).info.artifact_uri == artifacts.as_uri()
-    for name in ("true_kernel.png", "learned_kernel.png", "model/model.keras"):
+    for name in ("true_kernel.png", "learned_kernel.png"):
         assert (artifacts / name).is_file(), name
     np.testing.assert_array_equal(np.load(artifacts / "learned_kernel.npy"), learned)
     np.testing.assert_array_equal(np.load(artifacts / "true_kernel.npy"), true_kernel)
@@ -527,7 +560,24 @@ def test_an_interrupt_inside_a_store_write_waits_for_it_and_the_run_is_killed(st
     assert sent, "no metric INSERT ran"
     run = MlflowClient(store).get_run(run_id)
     assert run.info.status == "KILLED"
-    assert run.data.metrics == {"kernel_mse": 0.5}  # the interrupted write completed
+    # the interrupted write completed
+    assert run.data.metrics == {"kernel_mse": 0.5, "log10_kernel_mse": pytest.approx(-0.30103)}
     assert mlflow.active_run() is None
     assert signal.getsignal(signal.SIGINT) is sigint_before
     assert signal.getsignal(signal.SIGTERM) is sigterm_before
+
+
+def test_experiments_open_in_the_training_view_new_ones_and_old_ones(store, tmp_path):
+    client = MlflowClient(store)
+    made_before = client.create_experiment(EXPERIMENT, artifact_location=tmp_path.as_uri())
+    assert "mlflow.experimentKind" not in client.get_experiment(made_before).tags
+    with training_run(make_params()):
+        pass
+    assert client.get_experiment(made_before).tags["mlflow.experimentKind"] == (
+        "custom_model_development"
+    )
+    fresh = make_params().model_copy(update={"mlflow": config.MlflowConfig(experiment="new")})
+    with training_run(fresh):
+        pass
+    experiment = client.get_experiment_by_name("new")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
