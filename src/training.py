@@ -87,14 +87,13 @@ def crops(
     kernel_shape: tuple[int, int],
     padding: str,
     batch_size: int,
-    crop: int,
+    side: int,
     rng: np.random.Generator,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """One epoch of batches: the training rows in a seeded order, one random crop
-    each, with its target cut out in 'valid' geometry. Reads the memory maps
-    batch by batch, so memory does not grow with the dataset."""
+    """One epoch of batches: the training rows in a seeded order, one random side×side
+    crop each (TrainConfig.crop_side), with its target cut out in 'valid' geometry.
+    Reads the stacks batch by batch, so memory does not grow with the dataset."""
     size = images.shape[1]
-    side = crop if 0 < crop < size else size
     kh, kw = kernel_shape
     top, left = target_offset(kernel_shape, padding)
     order = rng.permutation(rows)
@@ -129,12 +128,13 @@ def training_dataset(
     reading a batch (a corrupted stage file) is appended to `read_errors`: tf.data itself
     only raises an UnknownError with the traceback in its message."""
     rng = streams.rng(seed, streams.CROPS)
+    side = cfg.crop_side(images.shape[1])
 
     def epochs():
         try:
             while True:
                 yield from crops(
-                    images, targets, rows, kernel_shape, padding, cfg.batch_size, cfg.crop, rng
+                    images, targets, rows, kernel_shape, padding, cfg.batch_size, side, rng
                 )
         except UserError as exc:
             if read_errors is not None:
@@ -355,7 +355,7 @@ def train(
         kernel_shape,
         padding,
         cfg.batch_size,
-        cfg.crop,
+        cfg.crop_side(images.shape[1]),
         streams.rng(seed, streams.CROPS),
     )
     batches = [x for x, _ in itertools.islice(probe, PROBE_BATCHES)]
