@@ -14,7 +14,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import BIN, clean_env
+from conftest import BIN, clean_env, default_sigint
 from mlflow import MlflowClient
 
 
@@ -68,6 +68,7 @@ def test_interrupted_training_is_marked_killed_and_a_rerun_completes(workspace, 
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,
+            preexec_fn=default_sigint,
         )
         interrupt_training(workspace, process, signal.SIGINT, group=True)
     else:
@@ -79,6 +80,7 @@ def test_interrupted_training_is_marked_killed_and_a_rerun_completes(workspace, 
             text=True,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
+            preexec_fn=default_sigint,
         )
         stderr = interrupt_training(workspace, process, signal.SIGTERM, group=False)
         assert "Traceback" not in stderr
