@@ -1,9 +1,15 @@
 """Ctrl-C and SIGTERM around MLflow store writes.
 
-A stage is stopped by Ctrl-C (SIGINT, also what `dvc queue kill` sends) or by
-SIGTERM (`kill`, `timeout`, a container stop). Both must unwind the stage like
-an exception, so its MLflow run is marked KILLED, and neither may land in the
-middle of a store write, which would leave SQLite locked.
+A stage is stopped by Ctrl-C (SIGINT, also what `dvc queue kill` sends, to the
+queue worker's whole process group: the worker, `dvc exp exec-run` and the stage)
+or by SIGTERM (`kill`, `timeout`, a container stop). Both must unwind the stage
+like an exception, so its MLflow run is marked KILLED, and neither may land in
+the middle of a store write, which would leave SQLite locked.
+
+A SIGINT ignored when the stage starts (a background job of a non-interactive
+shell) stays ignored, as Python leaves it: whoever started the stage chose that.
+SIGTERM still stops it, and `dvc queue kill` still reaches it: the queue's celery
+worker handles SIGINT, so the processes it starts get the default back.
 """
 
 from __future__ import annotations

@@ -38,6 +38,13 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.e2e)
 
 
+def default_sigint() -> None:
+    """preexec_fn: Ctrl-C reaches the child as in a terminal. Without it, a child of a
+    pytest started with SIGINT ignored (a background job of a script, some CI runners)
+    inherits the ignore, and Python then installs no KeyboardInterrupt handler."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Workspace:
     """A git + DVC copy of the repo in a temporary directory."""
 
@@ -58,6 +65,7 @@ class Workspace:
             text=True,
             capture_output=True,
             timeout=timeout,
+            preexec_fn=default_sigint,
         )
         if check and result.returncode != 0:
             raise AssertionError(

@@ -1,4 +1,5 @@
-"""Faults, end to end: interrupting training, a diverging run, an unreachable server.
+"""Faults, end to end: interrupting training (Ctrl-C, SIGTERM, `dvc queue kill`), a diverging
+run, an unreachable server.
 
 Each ends with one clear line, a non-zero exit, an MLflow run that is not left
 RUNNING, and no partial output; a rerun of `dvc repro` then completes.
@@ -6,15 +7,18 @@ RUNNING, and no partial output; a rerun of `dvc repro` then completes.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import socket
 import sqlite3
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
-from conftest import BIN, clean_env
+from conftest import BIN, clean_env, default_sigint
 from mlflow import MlflowClient
 
 
@@ -68,6 +72,7 @@ def test_interrupted_training_is_marked_killed_and_a_rerun_completes(workspace, 
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,
+            preexec_fn=default_sigint,
         )
         interrupt_training(workspace, process, signal.SIGINT, group=True)
     else:
@@ -79,6 +84,7 @@ def test_interrupted_training_is_marked_killed_and_a_rerun_completes(workspace, 
             text=True,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
+            preexec_fn=default_sigint,
         )
         stderr = interrupt_training(workspace, process, signal.SIGTERM, group=False)
         assert "Traceback" not in stderr
@@ -90,6 +96,64 @@ def test_interrupted_training_is_marked_killed_and_a_rerun_completes(workspace, 
     workspace.dvc("repro")
     assert statuses(workspace) == ["FINISHED", "KILLED"]
     assert (workspace.root / "model/kernel.npy").is_file()
+
+
+def ignored_sigint() -> None:
+    """preexec_fn: SIGINT ignored, as a non-interactive shell starts a background job."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def end_queue_processes(ws) -> None:
+    """SIGKILL the process group of every queue worker and experiment still running in
+    this workspace, so a failed test leaves no training behind on the shared cores."""
+    exps = ws.root / ".dvc/tmp/exps"
+    for info in [*exps.glob("celery/*.json"), *exps.glob("run/*/*.json")]:
+        proc = json.loads(info.read_text())
+        with contextlib.suppress(OSError):  # already gone
+            if (
+                proc["returncode"] is None
+                and Path(f"/proc/{proc['pid']}/cwd").resolve() == ws.root.resolve()
+            ):
+                os.killpg(os.getpgid(proc["pid"]), signal.SIGKILL)
+
+
+@pytest.mark.parametrize(
+    "start", [default_sigint, ignored_sigint], ids=["from a terminal", "as a background job"]
+)
+def test_dvc_queue_kill_stops_a_queued_training_and_marks_it_killed(workspace, start):
+    """`dvc queue kill` sends SIGINT to the worker's process group (the celery worker,
+    `dvc exp exec-run`, the stage). The worker re-enables SIGINT for its children, so
+    the stage gets it even when `dvc queue start` was started with SIGINT ignored."""
+    workspace.dvc("exp", "run", "--queue", "-n", "slow", "-S", "train.epochs=20000")
+    try:
+        # Not captured: the worker inherits its output, so a capture would last the whole queue.
+        subprocess.run(
+            [str(BIN / "dvc"), "queue", "start"],
+            cwd=workspace.root,
+            env=clean_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=120,
+            check=True,
+            preexec_fn=start,
+        )
+        deadline = time.time() + 300
+        while epochs_logged(workspace) < 2:
+            assert time.time() < deadline, workspace.dvc("queue", "logs", "slow").stdout[-3000:]
+            time.sleep(0.5)
+        assert statuses(workspace, settle_s=0) == ["RUNNING"]
+
+        workspace.dvc("queue", "kill", "slow")
+        assert statuses(workspace) == ["KILLED"]
+        deadline = time.time() + 120
+        while "Running" in (status := workspace.dvc("queue", "status").stdout):
+            assert time.time() < deadline, status
+            time.sleep(1)
+        assert "Failed" in next(line for line in status.splitlines() if " slow " in line)
+        assert "error: interrupted" in workspace.dvc("queue", "logs", "slow").stdout
+    finally:
+        end_queue_processes(workspace)
 
 
 def test_a_diverging_run_stops_with_one_line_and_is_marked_failed(workspace):

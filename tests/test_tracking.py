@@ -532,8 +532,19 @@ def test_run_status_when_training_stops(store, stop, status):
     assert signal.getsignal(signal.SIGTERM) is sigterm_before
 
 
+@pytest.fixture
+def sigint_as_in_a_terminal():
+    """Ctrl-C raises KeyboardInterrupt, also when pytest was started with SIGINT ignored
+    (a background job of a script, some CI runners): then Python installs no handler."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_an_interrupt_inside_a_store_write_waits_for_it_and_the_run_is_killed(store, signum):
+def test_an_interrupt_inside_a_store_write_waits_for_it_and_the_run_is_killed(
+    store, signum, sigint_as_in_a_terminal
+):
     """The signal arrives while log_epoch's metric INSERT runs. Raised there, it
     would leave the transaction open and the database locked, and marking the
     run KILLED would fail; held back, the write completes and the run is KILLED."""
