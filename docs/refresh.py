@@ -2,7 +2,9 @@
 
 Runs the default pipeline (sobel_x) and a smiley experiment in a temporary git
 copy of this repo, so the workspace, its DVC cache and its mlflow.db are left
-alone, then copies the figures here. Takes a few minutes on 2 cores.
+alone, then copies the figures here, and takes screenshots of `mlflow ui` on that
+copy's store (docs/mlflow_ui.py; needs Debian's chromium). Takes a few minutes on
+2 cores.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ DOCS = REPO / "docs"
 sys.path.insert(0, str(REPO))
 
 from devtools.repo_copy import clean_env, copy_repo  # noqa: E402
+from docs import mlflow_ui  # noqa: E402
 from src import config, figures, kernels  # noqa: E402
 
 FIGURES = ("convergence.gif", "comparison.png", "sample.png", "curves.png")
@@ -43,6 +46,7 @@ def pipeline_figures() -> None:
             (DOCS / kernel).mkdir(parents=True, exist_ok=True)
             for name in FIGURES:
                 shutil.copy2(copy / "figures" / name, DOCS / kernel / name)
+        mlflow_ui.capture(copy, DOCS / "mlflow")
 
 
 if __name__ == "__main__":
