@@ -57,6 +57,7 @@ KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
 # Errors span 1e-1 to 1e-17, and MLflow's charts are linear by default: these metrics
 # are also logged as log10_<name>, which the default charts separate.
 LOG10_METRICS = ("kernel_rel_error", "kernel_mse", "loss", "val_loss")
+MAX_PICTURES = 40  # kernel pictures per run, whatever its length
 
 
 # --- what a run records about itself --------------------------------------------
@@ -388,8 +389,10 @@ def log_epoch(
     metrics: dict[str, float],
     kernel: np.ndarray,
     value_range: tuple[float, float],
+    picture: bool = True,
 ) -> None:
-    """Log one epoch at step=epoch: all metrics in one write, plus the kernel's picture.
+    """Log one epoch at step=epoch: all metrics in one write, plus the kernel's picture
+    (when `picture`: picture_steps keeps a long run to a few dozen).
 
     Step 0 is the initial kernel. The pictures go under images/ with key "kernel":
     the run page shows them as an image grid with a step slider. LOG10_METRICS are
@@ -401,10 +404,18 @@ def log_epoch(
     values.update(
         {f"log10_{k}": math.log10(v) for k, v in values.items() if k in LOG10_METRICS and v > 0}
     )
-    picture = figures.kernel_picture(kernel, value_range)
+    image = figures.kernel_picture(kernel, value_range) if picture else None
     with interrupts.uninterrupted():
         client.log_batch(run_id, metrics=[Metric(k, v, now, epoch) for k, v in values.items()])
-        client.log_image(run_id, picture, key="kernel", step=epoch)
+        if image is not None:
+            client.log_image(run_id, image, key="kernel", step=epoch)
+
+
+def picture_steps(last: int, count: int = MAX_PICTURES) -> set[int]:
+    """About `count` steps from 0 to `last`, log-spaced (every step of a short run), the
+    first and last included: where a run logs the kernel's picture."""
+    spaced = np.unique(np.round(np.geomspace(1, last + 1, num=count)).astype(int) - 1)
+    return set(spaced.tolist()) | {0, last}
 
 
 def log_final(

@@ -26,8 +26,9 @@ EXAMPLE_MARGIN = 16  # the input example is the kernel's size plus this many pix
 
 
 class LogEpochToMlflow(keras.callbacks.Callback):
-    """Each epoch's metrics and a picture of the kernel, at step = epoch, in the run;
-    at step 0 the initial kernel and its error, so the image card never opens empty."""
+    """Each epoch's metrics at step = epoch, and a picture of the kernel at up to
+    tracking.MAX_PICTURES log-spaced epochs; at step 0 the initial kernel and its error,
+    so the image card never opens empty."""
 
     def __init__(self, run_id: str, true_kernel: np.ndarray, value_range: tuple[float, float]):
         super().__init__()
@@ -40,9 +41,9 @@ class LogEpochToMlflow(keras.callbacks.Callback):
         tracking.log_epoch(self.run_id, 0, metrics, kernel, self.value_range)
 
     def on_epoch_end(self, epoch, logs=None):
-        tracking.log_epoch(
-            self.run_id, epoch + 1, logs, layers.learned_kernel(self.model), self.value_range
-        )
+        shown = epoch + 1 in tracking.picture_steps(self.params["epochs"])
+        kernel = layers.learned_kernel(self.model)
+        tracking.log_epoch(self.run_id, epoch + 1, logs, kernel, self.value_range, shown)
 
 
 def example_input(images, split: np.ndarray, kernel_shape: tuple[int, int]) -> np.ndarray:

@@ -592,3 +592,14 @@ def test_experiments_open_in_the_training_view_new_ones_and_old_ones(store, tmp_
         pass
     experiment = client.get_experiment_by_name("new")
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+@pytest.mark.parametrize("last", [1, 2, 8, 39, 40, 400, 5000])
+def test_a_long_run_logs_a_few_dozen_kernel_pictures_log_spaced(last):
+    steps = tracking.picture_steps(last)
+    assert {0, last} <= steps <= set(range(last + 1))
+    assert len(steps) <= tracking.MAX_PICTURES + 2
+    if last <= tracking.MAX_PICTURES // 2:
+        assert steps == set(range(last + 1))  # a short run shows every epoch
+    early = sorted(steps)[:5]
+    assert early == list(range(5)) or last < 5  # dense at the start, where the kernel moves
