@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from src import sources
+from src import paths
 from src.config import Params
 
 SOURCE = Path("data/fingerprints/source.json")  # download depends on it
@@ -34,7 +34,7 @@ def source(data_source: str) -> dict:
     file's bytes."""
     if data_source in GENERATED:
         return {"source": data_source}
-    path = sources.local_path(data_source)
+    path = paths.source_path(data_source)
     if path.is_dir():
         names = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
         digest = hashlib.sha256()

@@ -95,3 +95,25 @@ def experiment_artifacts(experiment: str) -> Path:
     slug = re.sub(r"[^A-Za-z0-9_-]+", "-", experiment).strip("-")[:60]
     digest = hashlib.sha256(experiment.encode()).hexdigest()[:12]
     return artifact_root() / f"{slug}-{digest}".lstrip("-")
+
+
+# The MIT scenes archive; LLF_MIT_URL overrides it (a mirror, or a local server in tests).
+MIT_URL = (
+    "https://people.csail.mit.edu/torralba/code/spatialenvelope/"
+    "spatial_envelope_256x256_static_8outdoorcategories.zip"
+)
+MIT_URL_ENV = "LLF_MIT_URL"
+
+
+def mit_url() -> str:
+    return os.environ.get(MIT_URL_ENV) or MIT_URL
+
+
+def source_path(source: str) -> Path:
+    """data.source as a path: from the working directory, or else from the main repo
+    root, which a queued experiment (run in a temporary copy) still sees."""
+    path = Path(source).expanduser()
+    if path.is_absolute() or path.exists():
+        return path
+    from_root = repo_root() / path
+    return from_root if from_root.exists() else path

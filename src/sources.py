@@ -11,7 +11,7 @@ relative to it, sorted. Repeats (one path written twice in a zip, or the same
 bytes under two names) are dropped first, so no image is on both sides of the
 split. data.limit then keeps a seeded subset; the split is made afterwards, by
 image, so the manifest shows exactly which images are held out.
-The MIT archive URL can be overridden with the LLF_MIT_URL environment
+The MIT archive URL (src/paths.py) can be overridden with the LLF_MIT_URL environment
 variable, e.g. to point at a mirror or, in tests, at a local server.
 """
 
@@ -37,11 +37,6 @@ from src.images import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 
-MIT_URL = (
-    "https://people.csail.mit.edu/torralba/code/spatialenvelope/"
-    "spatial_envelope_256x256_static_8outdoorcategories.zip"
-)
-MIT_URL_ENV = "LLF_MIT_URL"
 SYNTHETIC_SIZE = 256  # as the MIT scenes; the grayscale stage fits both to data.size
 
 
@@ -90,7 +85,7 @@ def gather(data: DataConfig, seed: int, images_dir: Path) -> list[str]:
         return synthetic(data.count, data.limit, seed, images_dir)
     if data.source == "mit_scenes":
         return mit_scenes(data.categories, data.limit, seed, data.sha256, images_dir)
-    path = local_path(data.source)
+    path = paths.source_path(data.source)
     if path.is_dir():
         return from_folder(path, data.limit, seed, images_dir)
     if path.is_file() and path.suffix.lower() == ".zip":
@@ -101,16 +96,6 @@ def gather(data: DataConfig, seed: int, images_dir: Path) -> list[str]:
         f"data.source: {data.source!r} is not synthetic, mit_scenes, or an existing "
         f"folder or .zip of images; set it to one of these"
     )
-
-
-def local_path(source: str) -> Path:
-    """data.source as a path: from the working directory, or else from the main repo
-    root, which a queued experiment (run in a temporary copy) still sees."""
-    path = Path(source).expanduser()
-    if path.is_absolute() or path.exists():
-        return path
-    from_root = paths.repo_root() / path
-    return from_root if from_root.exists() else path
 
 
 def _usable_cpus() -> int:
@@ -250,7 +235,7 @@ def mit_scenes(
 ) -> list[str]:
     """Download the MIT outdoor scenes once, then unpack `categories` (all when empty)
     flat into `images_dir` as <category>_<id>.jpg."""
-    url = os.environ.get(MIT_URL_ENV) or MIT_URL
+    url = paths.mit_url()
     # Under the main root, so queued experiments (in temporary copies) share one download.
     cache = paths.repo_root() / paths.DOWNLOADS / PurePosixPath(urlsplit(url).path).name
     archive = fetch.download(url, cache, sha256=sha256)

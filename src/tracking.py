@@ -390,13 +390,15 @@ def log_epoch(
     kernel: np.ndarray,
     value_range: tuple[float, float],
     picture: bool = True,
+    model_id: str | None = None,
 ) -> None:
     """Log one epoch at step=epoch: all metrics in one write, plus the kernel's picture
     (when `picture`: picture_steps keeps a long run to a few dozen).
 
     Step 0 is the initial kernel. The pictures go under images/ with key "kernel":
     the run page shows them as an image grid with a step slider. LOG10_METRICS are
-    logged again as log10_<name> (left out where the value is 0: log10 is -inf).
+    logged again as log10_<name> (left out where the value is 0: log10 is -inf). With
+    `model_id` (the last epoch) the metrics are also the MLflow model's.
     """
     client = MlflowClient()
     now = int(time.time() * 1000)
@@ -406,7 +408,9 @@ def log_epoch(
     )
     image = figures.kernel_picture(kernel, value_range) if picture else None
     with interrupts.uninterrupted():
-        client.log_batch(run_id, metrics=[Metric(k, v, now, epoch) for k, v in values.items()])
+        client.log_batch(
+            run_id, metrics=[Metric(k, v, now, epoch, model_id) for k, v in values.items()]
+        )
         if image is not None:
             client.log_image(run_id, image, key="kernel", step=epoch)
 
@@ -447,14 +451,14 @@ def _dataset_source(params: config.Params):
     from mlflow.data.filesystem_dataset_source import FileSystemDatasetSource
     from mlflow.data.http_dataset_source import HTTPDatasetSource
 
-    from src import sources
-
     data = params.data
     if data.source == "synthetic":
         return CodeDatasetSource({"generator": "src/dead_leaves.py", "seed": str(params.seed)})
     if data.source == "mit_scenes":
-        return HTTPDatasetSource(os.environ.get(sources.MIT_URL_ENV) or sources.MIT_URL)
-    return FileSystemDatasetSource.from_dict({"uri": sources.local_path(data.source).as_uri()})
+        return HTTPDatasetSource(paths.mit_url())
+    return FileSystemDatasetSource.from_dict(
+        {"uri": paths.source_path(data.source).absolute().as_uri()}
+    )
 
 
 def log_datasets(params: config.Params, index: pd.DataFrame) -> None:
@@ -476,17 +480,23 @@ def log_datasets(params: config.Params, index: pd.DataFrame) -> None:
 MODEL_REQUIREMENTS = ("tensorflow-cpu", "keras", "numpy", "scipy", "pydantic", "pyyaml", "pillow")
 
 
-def log_model(
-    model, example: np.ndarray, metrics: dict[str, float], step: int, params: config.Params
-):
-    """Log the learned filter as an MLflow Model (the TensorFlow/Keras flavour) and return
-    its ModelInfo: any H×W float32 images in, the filtered images out.
+def start_model(run_id: str) -> str:
+    """The id of the MLflow model this run's training will fill, made before training so
+    the last epoch's metrics can be logged as the model's (log_epoch's model_id)."""
+    with interrupts.uninterrupted():
+        return mlflow.initialize_logged_model(
+            name="model", source_run_id=run_id, model_type="keras"
+        ).model_id
+
+
+def log_model(model, example: np.ndarray, model_id: str, params: config.Params, error: float):
+    """Log the learned filter as the MLflow Model `model_id` (the TensorFlow/Keras
+    flavour) and return its ModelInfo: any H×W float32 images in, the filtered images out.
 
     src/ goes along as its code, so the model loads and predicts where only MLflow is
-    installed beside our requirements; FFTConv2D is registered by src.layers. The final
-    metrics, those of the last epoch (`step`), are linked to the model. With
+    installed beside our requirements; FFTConv2D is registered by src.layers. With
     mlflow.registered_model set, the model becomes a new version of that registered
-    model, tagged with the kernel and its error.
+    model, tagged with the kernel and its final kernel_rel_error `error`.
     """
     from importlib.metadata import version
 
@@ -507,12 +517,11 @@ def log_model(
             code_paths=[str(Path(__file__).parent)],
             pip_requirements=[f"{name}=={version(name)}" for name in MODEL_REQUIREMENTS]
             + [f"mlflow=={mlflow.__version__}"],
-            step=step,
+            model_id=model_id,
         )
-        mlflow.log_metrics(metrics, step=step, model_id=info.model_id)
     name = params.mlflow.registered_model
     if name:
-        tags = {"kernel": params.kernel, "kernel_rel_error": f"{metrics['kernel_rel_error']:.3e}"}
+        tags = {"kernel": params.kernel, "kernel_rel_error": f"{error:.3e}"}
         with interrupts.uninterrupted():
             registered = mlflow.register_model(info.model_uri, name, tags=tags)
         log.info("registered as version %s of MLflow model %r", registered.version, name)

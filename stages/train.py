@@ -30,9 +30,10 @@ class LogEpochToMlflow(keras.callbacks.Callback):
     tracking.MAX_PICTURES log-spaced epochs; at step 0 the initial kernel and its error,
     so the image card never opens empty."""
 
-    def __init__(self, run_id: str, true_kernel: np.ndarray, value_range: tuple[float, float]):
+    def __init__(self, run_id, model_id, true_kernel, value_range: tuple[float, float]):
         super().__init__()
-        self.run_id, self.true_kernel, self.value_range = run_id, true_kernel, value_range
+        self.run_id, self.model_id = run_id, model_id
+        self.true_kernel, self.value_range = true_kernel, value_range
 
     def on_train_begin(self, logs=None):
         kernel = layers.learned_kernel(self.model)
@@ -41,9 +42,11 @@ class LogEpochToMlflow(keras.callbacks.Callback):
         tracking.log_epoch(self.run_id, 0, metrics, kernel, self.value_range)
 
     def on_epoch_end(self, epoch, logs=None):
-        shown = epoch + 1 in tracking.picture_steps(self.params["epochs"])
+        last = self.params["epochs"]
+        shown = epoch + 1 in tracking.picture_steps(last)
+        model_id = self.model_id if epoch + 1 == last else None  # the final metrics
         kernel = layers.learned_kernel(self.model)
-        tracking.log_epoch(self.run_id, epoch + 1, logs, kernel, self.value_range, shown)
+        tracking.log_epoch(self.run_id, epoch + 1, logs, kernel, self.value_range, shown, model_id)
 
 
 def example_input(images, split: np.ndarray, kernel_shape: tuple[int, int]) -> np.ndarray:
@@ -67,6 +70,7 @@ def main() -> None:
         stage_files.open_targets() as targets,
     ):
         tracking.log_datasets(params, index)
+        model_id = tracking.start_model(run_id)
         value_range = figures.symmetric_range(true_kernel)
         snapshots = training.KernelSnapshots()
         model, fit = training.train(
@@ -77,7 +81,7 @@ def main() -> None:
             params.filter.padding,
             params.train,
             params.seed,
-            callbacks=[snapshots, LogEpochToMlflow(run_id, true_kernel, value_range)],
+            callbacks=[snapshots, LogEpochToMlflow(run_id, model_id, true_kernel, value_range)],
         )
         history = pd.DataFrame(fit.history).assign(epoch=np.array(fit.epoch) + 1)
 
@@ -111,13 +115,8 @@ def main() -> None:
             learned_kernel=snapshots.kernels[-1],
             value_range=value_range,
         )
-        final = {
-            key: float(last[key])
-            for key in ("kernel_rel_error", "kernel_mse", "loss", "val_loss")
-            if key in last and np.isfinite(last[key])
-        }
         example = example_input(images, split, true_kernel.shape)
-        tracking.log_model(model, example, final, int(last.epoch), params)
+        tracking.log_model(model, example, model_id, params, float(last.kernel_rel_error))
         log.info(
             "kernel_rel_error %.3e after %d epochs in %.1f s",
             last.kernel_rel_error,

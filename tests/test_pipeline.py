@@ -26,12 +26,16 @@ def runs(ws, experiment="learn-linear-filter"):
 
 def assert_complete(client, run, epochs=EPOCHS):
     assert run.info.status == "FINISHED"
+    # the kernel's errors from step 0, the initial kernel; the losses from epoch 1
     history = client.get_metric_history(run.info.run_id, "kernel_mse")
-    assert [m.step for m in history] == list(range(1, epochs + 1))
-    for key in ("kernel_rel_error", "loss", "val_loss", "elapsed_s"):
-        assert len(client.get_metric_history(run.info.run_id, key)) == epochs, key
+    assert sorted(m.step for m in history) == list(range(0, epochs + 1))
+    rel_error = client.get_metric_history(run.info.run_id, "kernel_rel_error")
+    assert sorted(m.step for m in rel_error) == list(range(0, epochs + 1))
+    for key in ("loss", "val_loss", "elapsed_s"):
+        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
+        assert steps == list(range(1, epochs + 1)), key
     images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
-    assert len([p for p in images if p.startswith("images/kernel+step+")]) >= epochs
+    assert len([p for p in images if p.startswith("images/kernel+step+")]) >= epochs + 1
     return history
 
 

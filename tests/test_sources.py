@@ -17,7 +17,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from src import config, dead_leaves, sources
+from src import config, dead_leaves, paths, sources
 from src.errors import UserError
 from stages import download
 
@@ -314,7 +314,7 @@ def mit_server(tmp_path, monkeypatch):
             zf.writestr(f"{MIT_DIR}/{name}", png_bytes(i, (32, 32), fmt="JPEG"))
         zf.writestr(f"{MIT_DIR}/Thumbs.db", b"not an image")
     server = Server(served)
-    monkeypatch.setenv(sources.MIT_URL_ENV, f"{server.url}/scenes.zip")
+    monkeypatch.setenv(paths.MIT_URL_ENV, f"{server.url}/scenes.zip")
     monkeypatch.delenv("DVC_ROOT", raising=False)
     work = tmp_path / "work"
     work.mkdir()
