@@ -47,6 +47,7 @@ PADDINGS = get_args(Padding)
 # Each image is a size² float32 array (64 MB at 4096) and the filter and train stages hold
 # several at once; no kernel or Gaussian can be wider than the images.
 DATA_SIZE_MAX = 4096
+COUNT_MAX = 1_000_000  # synthetic images: about 200 GB of PNGs at 256², far past any use
 # A Gaussian narrower than a tenth of a pixel samples as one pixel (an even-sized one as 0/0);
 # one wider than any image is flat over it. Covariances are held to the same range.
 SIGMA_MIN, SIGMA_MAX = 0.1, DATA_SIZE_MAX
@@ -126,7 +127,7 @@ class KernelSettings(Section):
 
 class DataConfig(Section):
     source: str = "synthetic"
-    count: Whole = Field(512, ge=1)
+    count: Whole = Field(512, ge=1, le=COUNT_MAX)
     limit: Whole = Field(0, ge=0)
     size: Whole = Field(256, ge=8)  # at most DATA_SIZE_MAX, with the reason: _fits_in_memory
     val_fraction: Number = Field(0.2, ge=0, le=0.9)
@@ -208,6 +209,17 @@ class TrainConfig(Section):
 class MlflowConfig(Section):
     experiment: str = Field("learn-linear-filter", min_length=1)
     registered_model: str = ""  # empty: off; else each run registers a new version of it
+
+    @field_validator("experiment", "registered_model")
+    @classmethod
+    def _a_name(cls, name: str, info) -> str:
+        # MLflow refuses these only after training, when the run is already spent
+        if name != name.strip() or "/" in name or ":" in name or (name and not name.strip()):
+            raise ValueError(
+                f"mlflow.{info.field_name} must be a name without '/', ':' or surrounding "
+                f"spaces, got {name!r}"
+            )
+        return name
 
 
 class Params(Section):

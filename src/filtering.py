@@ -18,6 +18,7 @@ import numpy as np
 from scipy import ndimage, signal
 
 from src.config import OPERATIONS, PADDINGS
+from src.padding import same_padding
 
 METHODS = ("auto", "direct", "fft")
 
@@ -39,24 +40,6 @@ def conv2d_kernel(kernel: np.ndarray, operation: str) -> np.ndarray:
     if operation == "convolve":
         return kernel[::-1, ::-1].copy()
     raise ValueError(f"operation must be one of {OPERATIONS}, got {operation!r}")
-
-
-def same_padding(kh: int, kw: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """((top, bottom), (left, right)) zero padding of TensorFlow/Keras 'same' at stride 1.
-
-    The odd pixel of an even kernel goes after, not before: scipy.ndimage centres
-    an even kernel the other way, which would shift the target by one pixel.
-    """
-    return ((kh - 1) // 2, kh - 1 - (kh - 1) // 2), ((kw - 1) // 2, kw - 1 - (kw - 1) // 2)
-
-
-def target_offset(kernel_shape: tuple[int, int], padding: str) -> tuple[int, int]:
-    """Where input pixel (0, 0)'s window lands in the target: 'same' targets are
-    shifted by the padding; their interior is exactly the 'valid' correlation."""
-    if padding == "same":
-        (top, _), (left, _) = same_padding(*kernel_shape)
-        return top, left
-    return 0, 0
 
 
 def output_shape(

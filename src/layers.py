@@ -14,7 +14,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from src.filtering import same_padding
+from src.padding import same_padding
 
 DIRECT_MAX_TAPS = 121  # auto: direct Conv2D up to 11×11, FFT above (BENCHMARKS.md, section 5)
 

@@ -43,7 +43,7 @@ WRITERS = {
 # What each stage reads, in the order it is checked: the first one missing is named.
 INPUTS = {
     "filter": (paths.GRAY_IMAGES, paths.GRAY_INDEX),
-    "train": (paths.GRAY_IMAGES, paths.GRAY_INDEX, paths.TARGETS, paths.KERNEL),
+    "train": (paths.GRAY_IMAGES, paths.GRAY_INDEX, paths.TARGETS, paths.KERNEL, paths.FILTER_INFO),
     "visualize": (
         paths.KERNEL_HISTORY,
         paths.LEARNED_KERNEL,
@@ -174,14 +174,22 @@ def write_filter_outputs(folder: Path, kernel: np.ndarray, info: FilterInfo) -> 
     (folder / paths.FILTER_INFO.name).write_text(json.dumps(asdict(info), indent=2) + "\n")
 
 
+def _load_kernels(path: Path, ndim: int, stage: str) -> np.ndarray:
+    """A kernel .npy a stage wrote, as float64; a damaged one names the stage to rerun."""
+    if not path.is_file():
+        raise _missing(path)
+    try:
+        kernel = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError):
+        kernel = None
+    if kernel is None or kernel.ndim != ndim or not np.all(np.isfinite(kernel)):
+        raise UserError(f"{path} is not a finite {ndim}-D kernel array; {_rerun(stage)}")
+    return kernel.astype(np.float64)
+
+
 def read_true_kernel() -> np.ndarray:
     """The kernel the layer must learn, as float64: every metric compares against it."""
-    if not paths.KERNEL.is_file():
-        raise _missing(paths.KERNEL)
-    kernel = np.load(paths.KERNEL, allow_pickle=False)
-    if kernel.ndim != 2 or not np.all(np.isfinite(kernel)):
-        raise UserError(f"{paths.KERNEL} is not a finite 2-D kernel; {_rerun('filter')}")
-    return kernel.astype(np.float64)
+    return _load_kernels(paths.KERNEL, 2, "filter")
 
 
 def read_filter_info() -> FilterInfo:
@@ -219,7 +227,7 @@ def read_run() -> dict:
         raise _missing(paths.RUN_INFO)
     try:
         run = json.loads(paths.RUN_INFO.read_text())
-        if not isinstance(run.get("run_id"), str):
+        if not isinstance(run, dict) or not isinstance(run.get("run_id"), str):
             raise ValueError("no run_id")
     except ValueError:
         raise UserError(f"{paths.RUN_INFO} names no MLflow run; {_rerun('train')}") from None
@@ -228,12 +236,10 @@ def read_run() -> dict:
 
 def read_learned_kernels() -> tuple[np.ndarray, np.ndarray]:
     """(the final learned kernel, the kernel after every epoch), as float64."""
-    for path in (paths.LEARNED_KERNEL, paths.KERNEL_HISTORY):
-        if not path.is_file():
-            raise _missing(path)
-    learned = np.load(paths.LEARNED_KERNEL, allow_pickle=False).astype(np.float64)
-    history = np.load(paths.KERNEL_HISTORY, allow_pickle=False).astype(np.float64)
-    return learned, history
+    return (
+        _load_kernels(paths.LEARNED_KERNEL, 2, "train"),
+        _load_kernels(paths.KERNEL_HISTORY, 3, "train"),
+    )
 
 
 def write_history(history: pd.DataFrame) -> None:

@@ -1,12 +1,15 @@
 """Everything MLflow for the train and visualize stages.
 
     with tracking.training_run(params) as run_id:     # fails fast if the store is unusable
-        for epoch in ...:
+        tracking.log_datasets(params, index)
+        model_id = tracking.start_model(run_id)
+        for epoch in ...:                              # a Keras callback in stages/train.py
             tracking.log_epoch(run_id, epoch, {"loss": ...}, kernel, value_range)
-        tracking.log_final(run_id, true_kernel=..., learned_kernel=..., model_path=...)
+        tracking.log_final(run_id, true_kernel=..., learned_kernel=...)
+        tracking.log_model(model, example, model_id, params, kernel_rel_error)
 
     with tracking.resume_run(run_id):                  # visualize: same run, no second one
-        mlflow.log_artifact("figures/kernel.gif")
+        mlflow.log_artifacts("figures", artifact_path="figures")
 
 The store is the one paths.tracking_uri() names. Two things a local store needs
 that MLflow does not do by itself:
@@ -39,7 +42,7 @@ import pandas as pd
 import sqlalchemy
 from filelock import FileLock, Timeout
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param
+from mlflow.entities import LoggedModelStatus, Metric, Param
 from mlflow.exceptions import MlflowException, RestException
 
 from src import config, figures, interrupts, paths
@@ -51,8 +54,9 @@ PROBE_TIMEOUT = 5  # seconds to wait for a tracking server before giving up
 LOCK_TIMEOUT = 120.0  # seconds to wait for another process creating the store
 MAX_PARAM_LENGTH = 6000  # MLflow rejects longer param values
 EXPS_COPY = f"{os.sep}.dvc{os.sep}tmp{os.sep}exps{os.sep}"
-# MLflow 3's UI opens an experiment in its model-training view (runs, metrics, models),
-# not its GenAI one (traces, judges), when the experiment carries this tag.
+# The experiment's kind in MLflow 3: model training (runs, metrics, models), not GenAI
+# (traces, judges). MLflow 3.17's UI still starts a fresh browser on its GenAI view: its
+# switch is kept per browser (the README says so).
 KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
 # Errors span 1e-1 to 1e-17, and MLflow's charts are linear by default: these metrics
 # are also logged as log10_<name>, which the default charts separate.
@@ -100,7 +104,7 @@ def run_params(params: config.Params) -> dict[str, str]:
         data.pop("count")
     if params.data.source != "mit_scenes":
         data.pop("categories")
-    if not params.data.sha256:
+    if params.data.source != "mit_scenes" or not params.data.sha256:
         data.pop("sha256")
     kernels = doc.pop("kernels")
     if params.kernel in kernels:
@@ -296,10 +300,18 @@ def _open_store(experiment: str | None = None) -> tuple[MlflowClient, str | None
 
 
 def _end_run(status: str) -> None:
-    """End the active run with `status`. A failure is one warning line, so the error
-    that ended the block stays the one the user sees."""
+    """End the active run with `status`, and mark a model it left unfinished (start_model
+    before training) FAILED rather than pending. A failure is one warning line, so the
+    error that ended the block stays the one the user sees."""
     try:
         with interrupts.uninterrupted():
+            run = mlflow.active_run()
+            if run is not None and status != "FINISHED":
+                client = MlflowClient()
+                for model in client.search_logged_models([run.info.experiment_id]):
+                    pending = model.status == LoggedModelStatus.PENDING
+                    if pending and model.source_run_id == run.info.run_id:
+                        client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
             mlflow.end_run(status)
     except Exception as exc:
         log.warning(
@@ -476,8 +488,8 @@ def log_datasets(params: config.Params, index: pd.DataFrame) -> None:
             mlflow.log_input(dataset, context=context)
 
 
-# What the logged model needs to load and predict: the layers module and what it imports.
-MODEL_REQUIREMENTS = ("tensorflow-cpu", "keras", "numpy", "scipy", "pydantic", "pyyaml", "pillow")
+# What the logged model needs to load and predict: src.layers imports only these.
+MODEL_REQUIREMENTS = ("tensorflow-cpu", "keras", "numpy")
 
 
 def start_model(run_id: str) -> str:

@@ -36,8 +36,8 @@ from scipy.sparse.linalg import LinearOperator, eigsh
 from src import streams
 from src.config import TrainConfig
 from src.errors import UserError
-from src.filtering import target_offset
 from src.layers import build_model, choose_conv, learned_kernel
+from src.padding import target_offset
 
 log = logging.getLogger("train")
 

@@ -78,7 +78,7 @@ def main() -> None:
             targets,
             true_kernel,
             split,
-            params.filter.padding,
+            stage_files.read_filter_info().padding,  # as the targets were made
             params.train,
             params.seed,
             callbacks=[snapshots, LogEpochToMlflow(run_id, model_id, true_kernel, value_range)],

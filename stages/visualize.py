@@ -19,9 +19,10 @@ import logging  # noqa: E402
 import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 
-from src import figures, filtering, images, layers, paths, stage_files, tracking  # noqa: E402
+from src import figures, images, layers, paths, stage_files, tracking  # noqa: E402
 from src.atomic import atomic_dir  # noqa: E402
 from src.errors import UserError, run_stage  # noqa: E402
+from src.padding import target_offset  # noqa: E402
 
 log = logging.getLogger("visualize")
 
@@ -36,7 +37,7 @@ def sample_row(splits: list[str]) -> int:
 
 def window_centre(kernel_shape: tuple[int, int], padding: str) -> tuple[float, float]:
     """Where target pixel (0, 0)'s kernel window is centred in the input, (row, column)."""
-    top, left = filtering.target_offset(kernel_shape, padding)
+    top, left = target_offset(kernel_shape, padding)
     return (kernel_shape[0] - 1) / 2 - top, (kernel_shape[1] - 1) / 2 - left
 
 

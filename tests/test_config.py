@@ -356,3 +356,23 @@ def filter_stage_errors(tmp_path, doc: dict) -> list[str]:
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     return [line for line in result.stderr.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("registered_model", "a/b"),
+        ("registered_model", "x:y"),
+        ("registered_model", "  "),
+        ("experiment", " spaced "),
+        ("experiment", "a:b"),
+    ],
+)
+def test_an_mlflow_name_mlflow_would_refuse_after_training_is_refused_at_load(key, value):
+    with pytest.raises(UserError, match=rf"^mlflow.{key} must be a name without"):
+        config.parse({"mlflow": {key: value}})
+
+
+def test_data_count_is_bounded_before_anything_is_allocated():
+    with pytest.raises(UserError, match=r"^data.count must be at most 1000000, got 1000000000000"):
+        config.parse({"data": {"count": 1e12}})

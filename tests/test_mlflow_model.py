@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 
 import mlflow
 import numpy as np
@@ -148,3 +149,33 @@ def test_only_the_params_that_apply_are_logged_and_params_yaml_is_kept(trained):
     assert params["data.count"] == "8"
     logged = client.download_artifacts(run.info.run_id, "params.yaml")
     assert yaml.safe_load(open(logged))["mlflow"]["registered_model"] == "sobel-filter"
+
+
+def test_an_fft_layer_model_loads_and_predicts_where_only_mlflow_is(tmp_path, monkeypatch):
+    """FFTConv2D (kernels above 11×11) travels as src/ code with the model: a process
+    started outside the repository, without it on its path, loads and applies it."""
+    from src import config, layers, tracking
+
+    monkeypatch.chdir(tmp_path)  # a fresh experiment keeps its artifacts under the cwd
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    mlflow.set_tracking_uri(uri)
+    model = layers.build_model((13, 13), "fft", "same")
+    kernel = np.random.default_rng(0).normal(size=(13, 13, 1, 1)).astype(np.float32)
+    model.get_layer("conv").set_weights([kernel, np.array([0.25], np.float32)])
+    x = np.random.default_rng(1).random((1, 40, 36, 1)).astype(np.float32)
+    with mlflow.start_run() as run:
+        model_id = tracking.start_model(run.info.run_id)
+        tracking.log_model(model, x[:, :24, :24], model_id, config.Params(), 0.0)
+    np.save(tmp_path / "x.npy", x)
+    code = (
+        "import sys, numpy as np, mlflow; "
+        f"m = mlflow.pyfunc.load_model('runs:/{run.info.run_id}/model'); "
+        "np.save('y.npy', m.predict(np.load('x.npy')))"
+    )
+    env = clean_env(MLFLOW_TRACKING_URI=uri)
+    result = subprocess.run(
+        [str(BIN / "python"), "-c", code], cwd=tmp_path, env=env, capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), model(x).numpy(), atol=1e-5)

@@ -142,3 +142,22 @@ def test_a_stage_output_names_the_stage_that_rewrites_it(open_stage_output, path
         pytest.raises(UserError, match=rf"^{path} holds NaN.*rerun `dvc repro -f {stage}`$"),
     ):
         opened[4]
+
+
+@pytest.mark.parametrize("damage", [b"", b"\x93NUMPY junk", "truncated"])
+def test_a_damaged_kernel_file_names_the_stage_to_rerun(damage):
+    paths.FILTERED.mkdir(parents=True)
+    np.save(paths.KERNEL, np.eye(3))
+    data = paths.KERNEL.read_bytes()
+    paths.KERNEL.write_bytes(data[:-8] if damage == "truncated" else damage)
+    with pytest.raises(
+        UserError, match=r"not a finite 2-D kernel array; rerun `dvc repro -f filter`"
+    ):
+        stage_files.read_true_kernel()
+
+
+def test_a_run_json_that_is_not_a_mapping_names_train():
+    paths.MODEL.mkdir()
+    paths.RUN_INFO.write_text("[1, 2]")
+    with pytest.raises(UserError, match=r"names no MLflow run; rerun `dvc repro -f train`"):
+        stage_files.read_run()

@@ -23,6 +23,7 @@ import sqlalchemy
 import yaml
 from conftest import clean_env, free_port, merge
 from mlflow import MlflowClient
+from mlflow.entities import LoggedModelStatus
 from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
 from src import config, paths, tracking
@@ -603,3 +604,26 @@ def test_a_long_run_logs_a_few_dozen_kernel_pictures_log_spaced(last):
         assert steps == set(range(last + 1))  # a short run shows every epoch
     early = sorted(steps)[:5]
     assert early == list(range(5)) or last < 5  # dense at the start, where the kernel moves
+
+
+@pytest.mark.parametrize(
+    "stop, status", [(RuntimeError("boom"), "FAILED"), (KeyboardInterrupt(), "KILLED")]
+)
+def test_a_model_left_unfinished_by_a_stopped_run_is_marked_failed(store, stop, status):
+    client = MlflowClient(store)
+    with pytest.raises(type(stop)):
+        with training_run(make_params()) as run_id:
+            model_id = tracking.start_model(run_id)
+            assert client.get_logged_model(model_id).status == LoggedModelStatus.PENDING
+            raise stop
+    assert client.get_run(run_id).info.status == status
+    assert client.get_logged_model(model_id).status == LoggedModelStatus.FAILED
+
+
+def test_the_mit_archive_pin_is_logged_only_where_it_applies():
+    pinned = {"data": {"sha256": "b" * 64}}
+    synthetic = config.parse(merge(config.Params().model_dump(mode="json"), pinned))
+    assert "data.sha256" not in tracking.run_params(synthetic)
+    pinned["data"]["source"] = "mit_scenes"
+    mit = config.parse(merge(config.Params().model_dump(mode="json"), pinned))
+    assert tracking.run_params(mit)["data.sha256"] == "b" * 64
