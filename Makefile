@@ -45,7 +45,8 @@ compare: install
 	dvc exp show --no-pager --md --drop '.*' \
 	  --keep 'Experiment|^kernel$$|kernel_mse|kernel_rel_error|val_loss|train_seconds'
 	@echo
-	@echo "Compare the runs in MLflow:  $(BIN)/mlflow ui   (then open http://127.0.0.1:5000)"
+	@echo "Compare the runs in MLflow:  $(BIN)/mlflow ui   (then open"
+	@echo "  http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning)"
 
 docs: install-dev  # refresh the README's pictures from real runs, in a temporary copy
 	python docs/refresh.py
