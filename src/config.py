@@ -210,14 +210,14 @@ class MlflowConfig(Section):
     experiment: str = Field("learn-linear-filter", min_length=1)
     registered_model: str = ""  # empty: off; else each run registers a new version of it
 
-    @field_validator("experiment", "registered_model")
+    @field_validator("registered_model")
     @classmethod
-    def _a_name(cls, name: str, info) -> str:
+    def _a_model_name(cls, name: str) -> str:
         # MLflow refuses these only after training, when the run is already spent
-        if name != name.strip() or "/" in name or ":" in name or (name and not name.strip()):
+        if name != name.strip() or "/" in name or ":" in name:
             raise ValueError(
-                f"mlflow.{info.field_name} must be a name without '/', ':' or surrounding "
-                f"spaces, got {name!r}"
+                "mlflow.registered_model must be a name without '/', ':' or surrounding "
+                f"spaces, or empty; got {name!r}"
             )
         return name
 

@@ -16,6 +16,7 @@ from benchmarks.bench import SECTIONS
 from benchmarks.learning import Trace
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.e2e  # runs `make bench --quick` in a temporary copy (~40 s)
 
 
 @pytest.fixture(scope="module")
