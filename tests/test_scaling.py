@@ -13,11 +13,14 @@ import json
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
 
+import mlflow
 import numpy as np
+import pandas as pd
 import psycopg
 import pytest
 from conftest import BIN, REPO, TINY, ServerProcess, Workspace, clean_env, copy_repo, ran_stages
@@ -25,7 +28,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from devtools import postgres as pg
-from src import kernels
+from src import config, kernels, tracking
 
 EPOCHS = TINY["train"]["epochs"]
 PIPELINE = ["download", "grayscale", "filter", "train", "visualize"]
@@ -146,13 +149,27 @@ class TrackingServer(ServerProcess):
 
 
 @pytest.fixture
-def tracking_server(tmp_path, postgres):
+def away_server(tmp_path, postgres):
+    """A server of its own, for the test that stops it."""
     server = TrackingServer(tmp_path, postgres)
     server.start()
     try:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def tracking_server(tmp_path_factory):
+    """One server on one PostgreSQL for the tests that only log to it (each in an
+    experiment of its own): starting them takes ~9 s."""
+    with pg.running() as db:
+        server = TrackingServer(tmp_path_factory.mktemp("server"), db)
+        server.start()
+        try:
+            yield server
+        finally:
+            server.stop()
 
 
 def test_the_pgserver_wheel_runs_a_postgresql_where_the_machine_has_none():
@@ -177,6 +194,7 @@ def test_make_server_without_a_database_is_one_line():
     assert result.stderr.splitlines()[0].startswith("error: make server needs DB=postgresql://")
 
 
+@pytest.mark.e2e  # dvc or mlflow for real, without the fixtures that say so
 def test_two_clones_log_their_queued_sweeps_to_one_server_on_postgresql(tmp_path, tracking_server):
     """Two machines at once, each `dvc queue start -j 2`: four runs, none lost, all complete."""
     clones = [tiny_clone(tmp_path / name) for name in ("first", "second")]
@@ -215,8 +233,44 @@ def test_two_clones_log_their_queued_sweeps_to_one_server_on_postgresql(tmp_path
         assert not (ws.root / "mlflow.db").exists() and not (ws.root / "mlartifacts").exists()
 
 
+RACERS, ROUNDS = 8, 4
+
+
+@pytest.mark.e2e  # dvc or mlflow for real, without the fixtures that say so
+def test_runs_that_log_the_same_new_dataset_at_once_all_get_it(tracking_server, monkeypatch):
+    """On PostgreSQL, MLflow's store looks a dataset up, then inserts it: runs on two machines
+    logging the same new dataset at once broke its unique key (seen in the test above)."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_server.url)
+    index = pd.DataFrame({"name": [f"img_{i}.png" for i in range(8)], "split": ["train"] * 8})
+    client = MlflowClient(tracking_server.url)
+    experiment = client.create_experiment("datasets")
+    errors = []
+
+    def log(run_id: str, params: config.Params, start: threading.Barrier) -> None:
+        try:
+            with mlflow.start_run(run_id=run_id):
+                start.wait()
+                tracking.log_datasets(params, index)
+        except Exception as exc:
+            errors.append(exc)
+
+    for size in range(64, 64 + ROUNDS):  # a new dataset name each round
+        params = config.Params(data={"size": size})
+        run_ids = [client.create_run(experiment).info.run_id for _ in range(RACERS)]
+        start = threading.Barrier(RACERS)
+        racers = [threading.Thread(target=log, args=(r, params, start)) for r in run_ids]
+        for racer in racers:
+            racer.start()
+        for racer in racers:
+            racer.join()
+        assert not errors, errors[0]
+        for run_id in run_ids:
+            inputs = client.get_run(run_id).inputs.dataset_inputs
+            assert [d.dataset.name for d in inputs] == [f"synthetic-train-{size}px"]
+
+
 AWAY_EPOCHS = 60  # long enough to stop the server while the run is logging epochs
-OUTAGE = 5  # seconds the server stays down between its stop and its start (~8 s more)
+OUTAGE = 2  # seconds the server stays down between its stop and its start (~8 s more)
 # MLflow's client gives up after 7 retries over about 4 minutes; these give up in ~3 s, so
 # the second outage can outlast them quickly
 FEW_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
@@ -236,10 +290,10 @@ def running_run(client: MlflowClient, known: set[str], timeout: float = 300):
     raise AssertionError(f"no new RUNNING run with two epochs logged in {timeout} s")
 
 
-def test_a_server_that_goes_away_mid_run(tmp_path, tracking_server):
+def test_a_server_that_goes_away_mid_run(tmp_path, away_server):
     """Measured: a short outage is ridden out by MLflow's retries; one longer than them fails
     the stage and leaves that run RUNNING on the server, saying so; a rerun completes."""
-    server, client = tracking_server, MlflowClient(tracking_server.url)
+    server, client = away_server, MlflowClient(away_server.url)
     ws = tiny_clone(tmp_path / "repo", {"train": {"epochs": AWAY_EPOCHS}})
     env = clean_env()
     run_block(scaling_blocks()[CLIENT][:1], ws.root, env, **server.local)  # the export line
@@ -247,7 +301,7 @@ def test_a_server_that_goes_away_mid_run(tmp_path, tracking_server):
     def repro(name: str, *args: str, **extra: str) -> subprocess.Popen:
         with open(tmp_path / f"{name}.log", "w") as log:
             proc = subprocess.Popen(
-                [str(BIN / "dvc"), "repro", *args],
+                [str(BIN / "dvc"), "repro", *args, "train"],  # visualize: tested above
                 cwd=ws.root,
                 env={**env, **extra},
                 stdout=log,
@@ -259,7 +313,7 @@ def test_a_server_that_goes_away_mid_run(tmp_path, tracking_server):
     def output(proc: subprocess.Popen) -> str:
         return proc.log.read_text()
 
-    # 1. down for ~13 s, within MLflow's retries: the run pauses, then completes
+    # 1. down for ~10 s, within MLflow's retries: the run pauses, then completes
     seen: set[str] = set()
     first = repro("first")
     run = running_run(client, seen)
@@ -278,11 +332,12 @@ def test_a_server_that_goes_away_mid_run(tmp_path, tracking_server):
 
     # 2. down for longer than the client's retries: the stage fails and says the run it
     # leaves RUNNING could not be marked, naming the server
-    second = repro("second", "-f", "train", **FEW_RETRIES)
+    second = repro("second", "--force", "--single-item", **FEW_RETRIES)
     run = running_run(client, seen)
     seen.add(run.info.run_id)
     server.stop()
     assert second.wait(timeout=600) != 0
+    assert ran_stages(output(second)) == ["train"]
     server.start()
     failed = output(second)
     marks = [line for line in failed.splitlines() if "could not mark the MLflow run" in line]
@@ -292,7 +347,7 @@ def test_a_server_that_goes_away_mid_run(tmp_path, tracking_server):
     # 3. a rerun, with the server back: a new run, complete
     third = repro("third")
     assert third.wait(timeout=600) == 0, output(third)[-3000:]
-    assert "Running stage 'train'" in output(third)
+    assert ran_stages(output(third)) == ["fingerprint", "train"]  # train's outputs had gone
     experiment = client.get_experiment_by_name(EXPERIMENT)
     found = client.search_runs([experiment.experiment_id], order_by=["start_time ASC"])
     assert [r.info.status for r in found] == ["FINISHED", "RUNNING", "FINISHED"]
@@ -317,6 +372,7 @@ def exp_metrics(ws_root: Path, name: str) -> dict[str, str]:
     return {key: row[key] for key in ("kernel", "kernel_rel_error", "val_loss")}
 
 
+@pytest.mark.e2e  # dvc or mlflow for real, without the fixtures that say so
 def test_a_dvc_remote_restores_everything_and_moves_an_experiment(tmp_path):
     """The first clone pushes; a `git clone` of it pulls, reproduces nothing, and gets the
     experiment with `dvc exp pull`; it then trains on all its devices (one CPU here)."""
