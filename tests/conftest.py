@@ -6,6 +6,7 @@ MLflow store in the copy (DVC_ROOT makes it the copy's mlflow.db).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -127,8 +128,16 @@ class ServerProcess:
             )
         deadline = time.monotonic() + timeout
         while True:
-            assert self.proc.poll() is None, self.log.read_text()[-3000:]
-            assert time.monotonic() < deadline, f"{self.url}/health did not answer in {timeout} s"
+            problem = (
+                "the server exited"
+                if self.proc.poll() is not None
+                else f"{self.url}/health did not answer in {timeout} s"
+                if time.monotonic() > deadline
+                else None
+            )
+            if problem:
+                self.stop()  # a server that never answered is not left running
+                raise AssertionError(f"{problem}:\n{self.log.read_text()[-3000:]}")
             try:
                 if requests.get(f"{self.url}/health", timeout=1).ok:
                     return self.url
@@ -139,11 +148,13 @@ class ServerProcess:
         if self.proc is None:
             return
         group, self.proc = self.proc.pid, None
-        os.killpg(group, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):  # the whole group may be gone already
+            os.killpg(group, signal.SIGTERM)
         deadline = time.monotonic() + timeout
         while _session_alive(group):
             if time.monotonic() > deadline:
-                os.killpg(group, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(group, signal.SIGKILL)
             time.sleep(0.1)
 
 

@@ -182,7 +182,7 @@ def test_the_pgserver_wheel_runs_a_postgresql_where_the_machine_has_none():
     assert version.startswith("16."), version
 
 
-def test_make_server_without_a_database_is_one_line():
+def test_make_server_without_a_database_says_what_it_needs():
     result = subprocess.run(
         ["make", "-o", "install", "server", "ARTIFACTS=/tmp/x"],
         cwd=REPO,
