@@ -2,9 +2,9 @@
 remote, training on several devices.
 
 Every command of that section runs here as written, on one machine, with local stand-ins
-for what a real deployment names (`stand_ins`): 127.0.0.1 and free ports for the hosts, the
-PostgreSQL that the `postgres` fixture starts, local folders for the S3 buckets, a bare git
-repository for the git remote. Separate clones of the repository stand in for machines.
+for what a real deployment names (`stand_ins`): 127.0.0.1 and free ports for the hosts, a
+PostgreSQL the tests start (devtools/postgres.py), local folders for the S3 buckets, a bare
+git repository for the git remote. Separate clones of the repository stand in for machines.
 """
 
 from __future__ import annotations
@@ -54,7 +54,9 @@ SERVER, CLIENT, REMOTE_FIRST, REMOTE_SECOND, DEVICES = range(5)
 
 def test_the_scaling_section_is_the_blocks_these_tests_run():
     """Each test below runs one block whole; a new block would be run by none."""
-    firsts = [block[0].split()[:2] for block in scaling_blocks()]
+    blocks = scaling_blocks()
+    assert len(blocks[SERVER]) == 1  # TrackingServer runs that one line
+    firsts = [block[0].split()[:2] for block in blocks]
     assert firsts == [
         ["make", "server"],
         ["export", "MLFLOW_TRACKING_URI=http://host:5000"],
