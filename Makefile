@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Stages run as `python -m stages.<name>`: the venv must come first on PATH.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install install-dev run test test-fast lint format compare docs bench lock clean
+.PHONY: install install-dev run test test-fast lint format compare docs bench lock server clean
 
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
@@ -47,6 +47,25 @@ compare: install
 	@echo
 	@echo "Compare the runs in MLflow:  $(BIN)/mlflow ui   (then open"
 	@echo "  http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning)"
+
+# A shared MLflow tracking server (README, "Scaling up"): runs and metrics in PostgreSQL (DB),
+# artifacts proxied by the server to ARTIFACTS (a folder or s3://bucket/path), so clients
+# need no storage of their own. Bound to 127.0.0.1 unless HOST says otherwise; ALLOWED_HOSTS
+# are the names clients may reach it by (empty: MLflow's default, localhost and private IPs).
+# No GenAI job runner: nothing here uses it, and it is one more process per server.
+HOST ?= 127.0.0.1
+PORT ?= 5000
+WORKERS ?= 4
+DB ?=
+ARTIFACTS ?=
+ALLOWED_HOSTS ?=
+server: install
+	@if [ -z "$(DB)" ] || [ -z "$(ARTIFACTS)" ]; then \
+	  echo "error: make server needs DB=postgresql://user:password@host:5432/database" \
+	    "and ARTIFACTS=<a folder or s3://bucket/path>" >&2; exit 2; fi
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow server --host '$(HOST)' --port '$(PORT)' \
+	  --workers '$(WORKERS)' --backend-store-uri '$(DB)' --artifacts-destination '$(ARTIFACTS)' \
+	  $(if $(ALLOWED_HOSTS),--allowed-hosts '$(ALLOWED_HOSTS)')
 
 docs: install-dev  # refresh the README's pictures from real runs, in a temporary copy
 	python docs/refresh.py

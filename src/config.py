@@ -199,6 +199,15 @@ class TrainConfig(Section):
     conv: Literal["auto", "direct", "fft"] = "auto"
     whiten: Literal["gradient", "laplacian", "none"] = "gradient"
     crop: Whole = Field(128, ge=0)
+    devices: int | Literal["all"] = 1  # GPUs (or logical CPUs) to train on; src/training.py
+
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _device_count(cls, value: Any) -> int | str:
+        value = _integral_float_to_int(value)
+        if value == "all" or (type(value) is int and value >= 1):
+            return value
+        raise ValueError(f"train.devices must be a whole number from 1, or all; got {value!r}")
 
     def crop_side(self, image_size: int) -> int:
         """The side of the crops training takes (src/training.py, crops): whole images

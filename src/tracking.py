@@ -485,7 +485,16 @@ def log_datasets(params: config.Params, index: pd.DataFrame) -> None:
         name = f"{label}-{split}-{params.data.size}px"
         dataset = mlflow.data.from_pandas(rows, source=source, name=name)
         with interrupts.uninterrupted():
-            mlflow.log_input(dataset, context=context)
+            try:
+                mlflow.log_input(dataset, context=context)
+            except MlflowException as exc:
+                # MLflow's SQL store looks the dataset up, then inserts it: of two runs that
+                # log the same new dataset at once (two machines, one server on PostgreSQL),
+                # the second breaks its unique key. The first has committed it by then, so
+                # a second try finds it and links this run to it.
+                if "dataset_pk" not in exc.message:
+                    raise
+                mlflow.log_input(dataset, context=context)
 
 
 # What the logged model needs to load and predict: src.layers imports only these.

@@ -17,10 +17,14 @@ make it fast and exact on 2 CPU cores:
   space (and its curvature, 2 at any scale, would make the step unstable). SGD
   trains the kernel; after each epoch the bias is set to its least-squares value
   for that kernel, the mean residual on training images in the original space.
+
+With train.devices above 1, Keras trains under tf.distribute.MirroredStrategy:
+each device gets an equal share of every batch and the gradients are summed.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -89,16 +93,24 @@ def crops(
     batch_size: int,
     side: int,
     rng: np.random.Generator,
+    shares: int = 1,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """One epoch of batches: the training rows in a seeded order, one random side×side
     crop each (TrainConfig.crop_side), with its target cut out in 'valid' geometry.
-    Reads the stacks batch by batch, so memory does not grow with the dataset."""
+    Reads the stacks batch by batch, so memory does not grow with the dataset.
+
+    Every batch holds a multiple of `shares` images, one equal share per device
+    (tf.distribute fails on unequal ones): a smaller last batch is cut down to one,
+    leaving out fewer than `shares` images of the epoch, a different few each epoch."""
     size = images.shape[1]
     kh, kw = kernel_shape
     top, left = target_offset(kernel_shape, padding)
     order = rng.permutation(rows)
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
+        batch = batch[: len(batch) - len(batch) % shares]
+        if not len(batch):
+            return
         offsets = rng.integers(0, size - side + 1, size=(len(batch), 2))
         windows = list(zip(batch, offsets))
         x = np.stack([images[i, oy : oy + side, ox : ox + side] for i, (oy, ox) in windows])
@@ -123,18 +135,21 @@ def training_dataset(
     seed: int,
     scale: float = 1.0,
     read_errors: list[UserError] | None = None,
+    shares: int = 1,
 ) -> tuple[tf.data.Dataset, int]:
     """The endless whitened, scaled batches, and the steps in an epoch. A UserError while
     reading a batch (a corrupted stage file) is appended to `read_errors`: tf.data itself
-    only raises an UnknownError with the traceback in its message."""
-    rng = streams.rng(seed, streams.CROPS)
+    only raises an UnknownError with the traceback in its message. `shares`: see crops."""
     side = cfg.crop_side(images.shape[1])
 
     def epochs():
+        # Every iterator of the dataset starts the same stream: Keras under tf.distribute
+        # reads one batch from a first iterator to build the model, then trains on a second.
+        rng = streams.rng(seed, streams.CROPS)
         try:
             while True:
                 yield from crops(
-                    images, targets, rows, kernel_shape, padding, cfg.batch_size, side, rng
+                    images, targets, rows, kernel_shape, padding, cfg.batch_size, side, rng, shares
                 )
         except UserError as exc:
             if read_errors is not None:
@@ -150,7 +165,8 @@ def training_dataset(
         .map(lambda x, t: whiten_pair(x * scale, t * scale, cfg.whiten))
         .prefetch(2)
     )
-    return dataset, math.ceil(len(rows) / cfg.batch_size)
+    full, rest = divmod(len(rows), cfg.batch_size)
+    return dataset, full + (rest >= shares)
 
 
 # --- step size -----------------------------------------------------------------
@@ -213,6 +229,47 @@ def _toeplitz_top_curvature(x: np.ndarray, kernel_shape: tuple[int, int], seed: 
         x.astype(np.float64), v[None, ::-1, ::-1], mode="valid", axes=(1, 2)
     )
     return float(2.0 * np.mean(outputs**2) / np.sum(v**2))
+
+
+# --- devices -------------------------------------------------------------------
+
+
+def visible_devices() -> list[str]:
+    """What train.devices counts: the GPUs TensorFlow sees or, with none, its CPUs (one,
+    unless the process split it into logical devices before TensorFlow started)."""
+    found = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+    return [device.name for device in found]
+
+
+def distribution(cfg: TrainConfig) -> tf.distribute.Strategy:
+    """train.devices as a tf.distribute strategy: TensorFlow's default (one device) for
+    1, else MirroredStrategy over the first N visible devices, or all of them."""
+    visible = visible_devices()
+    count = len(visible) if cfg.devices == "all" else cfg.devices
+    if count > len(visible):
+        names = ", ".join(name.removeprefix("/device:") for name in visible)
+        gpus = "" if "GPU" in names else "; TensorFlow sees no GPU"
+        raise UserError(
+            f"train.devices is {count}, but {len(visible)} device"
+            f"{'s are' if len(visible) > 1 else ' is'} visible ({names}{gpus}); "
+            f"set train.devices to at most {len(visible)}, or all"
+        )
+    if cfg.batch_size % count:
+        raise UserError(
+            f"train.batch_size ({cfg.batch_size}) must be a multiple of train.devices "
+            f"({count}), so that each device gets an equal share of every batch; "
+            f"set it to {max(1, cfg.batch_size // count) * count}"
+        )
+    if count == 1:
+        return tf.distribute.get_strategy()
+    return _mirrored(tuple(visible[:count]))
+
+
+@functools.cache
+def _mirrored(devices: tuple[str, ...]) -> tf.distribute.MirroredStrategy:
+    # One per process and devices: a second MirroredStrategy reuses the first one's
+    # collective-op keys, and its all-reduce then fails on the first one's shapes.
+    return tf.distribute.MirroredStrategy(list(devices))
 
 
 # --- the fit -------------------------------------------------------------------
@@ -339,6 +396,8 @@ def train(
     'val' per row. `callbacks` run after EpochEnd, so their logs hold its metrics.
     """
     keras.utils.set_random_seed(seed)
+    strategy = distribution(cfg)
+    shares = strategy.num_replicas_in_sync
     kernel_shape = tuple(int(n) for n in true_kernel.shape)
     conv = choose_conv(kernel_shape, cfg.conv)
     train_rows = np.flatnonzero(split == "train")
@@ -357,6 +416,7 @@ def train(
         cfg.batch_size,
         cfg.crop_side(images.shape[1]),
         streams.rng(seed, streams.CROPS),
+        shares,
     )
     batches = [x for x, _ in itertools.islice(probe, PROBE_BATCHES)]
     curvature = max(top_curvature(WHITENERS[cfg.whiten](x), kernel_shape, seed) for x in batches)
@@ -370,7 +430,7 @@ def train(
     scale = 1.0 / math.sqrt(curvature)
     read_errors: list[UserError] = []
     dataset, steps = training_dataset(
-        images, targets, train_rows, kernel_shape, padding, cfg, seed, scale, read_errors
+        images, targets, train_rows, kernel_shape, padding, cfg, seed, scale, read_errors, shares
     )
     log.info(
         "conv %s, whiten %s, %d train / %d val images, %d steps per epoch, "
@@ -383,9 +443,18 @@ def train(
         scale,
     )
 
-    model = build_model(kernel_shape, conv, "valid", use_bias=False)
+    if shares > 1:
+        log.info(
+            "training on %d devices (%s) with tf.distribute.MirroredStrategy, "
+            "%d images of each batch per device",
+            shares,
+            ", ".join(strategy.extended.worker_devices),
+            cfg.batch_size // shares,
+        )
+    with strategy.scope():  # the variables live on every device, mirrored
+        model = build_model(kernel_shape, conv, "valid", use_bias=False)
+        model.compile(optimizer=optimizer(cfg, steps * cfg.epochs), loss="mse")
     final = build_model(kernel_shape, conv, padding)
-    model.compile(optimizer=optimizer(cfg, steps * cfg.epochs), loss="mse")
     on_epoch = EpochEnd(
         final, true_kernel, images, targets, train_rows[:BIAS_IMAGES], val_rows, cfg
     )

@@ -6,6 +6,7 @@ MLflow store in the copy (DVC_ROOT makes it the copy's mlflow.db).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -15,10 +16,12 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import requests
 import yaml
 
+from devtools import postgres as pg
 from devtools.repo_copy import BIN, REPO, clean_env, copy_repo, merge  # noqa: F401
 
 TINY = {
@@ -29,7 +32,7 @@ TINY = {
 
 # Tests that use these run the real dvc, mlflow or stages end to end: marked e2e, so
 # `make test-fast` (pytest -m "not e2e") leaves them out.
-E2E_FIXTURES = {"workspace", "mlflow_server"}
+E2E_FIXTURES = {"workspace", "mlflow_server", "postgres"}
 
 
 def pytest_collection_modifyitems(items):
@@ -114,13 +117,72 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class ServerProcess:
+    """A server command in a session of its own: start() waits until `url`/health answers,
+    stop() until every process of the session is gone, so the port is free to start again."""
+
+    def __init__(self, command: list[str], url: str, log: Path, **popen):
+        self.command, self.url, self.log, self.popen = command, url, log, popen
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 90) -> str:
+        with open(self.log, "a") as log:
+            self.proc = subprocess.Popen(
+                self.command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                **self.popen,
+            )
+        deadline = time.monotonic() + timeout
+        while True:
+            problem = (
+                "the server exited"
+                if self.proc.poll() is not None
+                else f"{self.url}/health did not answer in {timeout} s"
+                if time.monotonic() > deadline
+                else None
+            )
+            if problem:
+                self.stop()  # a server that never answered is not left running
+                raise AssertionError(f"{problem}:\n{self.log.read_text()[-3000:]}")
+            try:
+                if requests.get(f"{self.url}/health", timeout=1).ok:
+                    return self.url
+            except requests.RequestException:
+                time.sleep(0.3)
+
+    def stop(self, timeout: float = 20) -> None:
+        if self.proc is None:
+            return
+        group, self.proc = self.proc.pid, None
+        with contextlib.suppress(ProcessLookupError):  # the whole group may be gone already
+            os.killpg(group, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while _session_alive(group):
+            if time.monotonic() > deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(group, signal.SIGKILL)
+            time.sleep(0.1)
+
+
+def _session_alive(group: int) -> bool:
+    """Whether any process of the group is still running (zombies don't count)."""
+    for pid in psutil.pids():
+        try:
+            process = psutil.Process(pid)
+            if os.getpgid(pid) == group and process.status() != psutil.STATUS_ZOMBIE:
+                return True
+        except (psutil.Error, ProcessLookupError):
+            pass
+    return False
+
+
 @pytest.fixture
 def mlflow_server(tmp_path):
     """`mlflow server` on a free 127.0.0.1 port; its whole process group ends afterwards."""
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen(
+    server = ServerProcess(
         [
             sys.executable,
             "-m",
@@ -137,27 +199,19 @@ def mlflow_server(tmp_path):
             "--default-artifact-root",
             str(tmp_path / "art"),
         ],
+        f"http://127.0.0.1:{port}",
+        tmp_path / "server.log",
         env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
     )
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "mlflow server did not answer /health in 60 s"
-            try:
-                if requests.get(f"{url}/health", timeout=1).ok:
-                    break
-            except requests.RequestException:
-                time.sleep(0.3)
-        yield url
+        yield server.start(timeout=60)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+        server.stop()
+
+
+@pytest.fixture
+def postgres() -> str:
+    """A fresh, empty PostgreSQL database on a free 127.0.0.1 port (devtools/postgres.py):
+    the machine's PostgreSQL, or the pgserver wheel's; all of it removed afterwards."""
+    with pg.running() as url:
+        yield url

@@ -222,7 +222,7 @@ def test_malformed_yaml_and_a_non_mapping_are_one_line_errors(tmp_path):
         (
             "train.zzz",
             "train.zzz: unknown setting; choose from epochs, batch_size, learning_rate, "
-            "optimizer, conv, whiten, crop",
+            "optimizer, conv, whiten, crop, devices",
         ),
     ],
 )
