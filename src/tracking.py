@@ -299,6 +299,16 @@ def _open_store(experiment: str | None = None) -> tuple[MlflowClient, str | None
 # --- run lifetime ---------------------------------------------------------------
 
 
+def _lost_server(uri: str, exc: MlflowException) -> UserError:
+    """A server that answered at the start and stopped answering during training, for
+    longer than MLflow's client retries (MLFLOW_HTTP_REQUEST_MAX_RETRIES)."""
+    first = str(exc.message).strip().splitlines()[0][:300] if str(exc.message).strip() else ""
+    return UserError(
+        f"lost the MLflow server {uri} during training ({first}); start it again, then "
+        "rerun `dvc repro` (this training's run could not be finished there)"
+    )
+
+
 def _end_run(status: str) -> None:
     """End the active run with `status`, and mark a model it left unfinished (start_model
     before training) FAILED rather than pending. A failure is one warning line, so the
@@ -351,6 +361,11 @@ def training_run(params: config.Params) -> Iterator[str]:
                 )
                 client.log_dict(run_id, params.model_dump(mode="json"), "params.yaml")
             yield run_id
+        except MlflowException as exc:
+            _end_run("FAILED")
+            if not _is_server(mlflow.get_tracking_uri()):
+                raise
+            raise _lost_server(mlflow.get_tracking_uri(), exc) from None
         except Exception:
             _end_run("FAILED")
             raise

@@ -344,6 +344,9 @@ def test_a_server_that_goes_away_mid_run(tmp_path, away_server):
     failed = output(second)
     marks = [line for line in failed.splitlines() if "could not mark the MLflow run" in line]
     assert marks and server.url in marks[0], failed[-3000:]
+    errors = [line for line in failed.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and f"lost the MLflow server {server.url}" in errors[0], failed[-3000:]
+    assert "Traceback" not in failed
     assert client.get_run(run.info.run_id).info.status == "RUNNING"
 
     # 3. a rerun, with the server back: a new run, complete
