@@ -25,6 +25,7 @@ that MLflow does not do by itself:
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import math
 import os
@@ -544,7 +545,8 @@ def log_model(model, example: np.ndarray, model_id: str, params: config.Params, 
         return Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1, channels))])
 
     signature = ModelSignature(inputs=images(example.shape[-1]), outputs=images(1))
-    with interrupts.uninterrupted():
+    # MLflow runs the model on the input example, and Keras prints a progress bar for it
+    with interrupts.uninterrupted(), contextlib.redirect_stdout(io.StringIO()):
         info = mlflow.tensorflow.log_model(
             model,
             name="model",

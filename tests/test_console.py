@@ -213,3 +213,4 @@ def test_dvc_repro_prints_no_tensorflow_noise(workspace):
     for name, text in (("stderr", result.stderr), ("stdout", result.stdout)):
         found = CPP_LOG.search(text)
         assert not found, f"{name} has TensorFlow noise: {found.group(0)!r}\n{text[-3000:]}"
+        assert "/step" not in text, f"{name} has a Keras progress bar\n{text[-3000:]}"
