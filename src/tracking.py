@@ -1,7 +1,7 @@
 """Everything MLflow for the train and visualize stages.
 
     with tracking.training_run(params) as run_id:     # fails fast if the store is unusable
-        tracking.log_datasets(params, index)
+        tracking.log_datasets(params, index, run_id)
         model_id = tracking.start_model(run_id)
         for epoch in ...:                              # a Keras callback in stages/train.py
             tracking.log_epoch(run_id, epoch, {"loss": ...}, kernel, value_range)
@@ -43,8 +43,9 @@ import pandas as pd
 import sqlalchemy
 from filelock import FileLock, Timeout
 from mlflow import MlflowClient
-from mlflow.entities import LoggedModelStatus, Metric, Param
+from mlflow.entities import DatasetInput, InputTag, LoggedModelStatus, Metric, Param
 from mlflow.exceptions import MlflowException, RestException
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT as DATASET_CONTEXT
 
 from src import config, figures, interrupts, paths
 from src.errors import UserError
@@ -489,9 +490,10 @@ def _dataset_source(params: config.Params):
     )
 
 
-def log_datasets(params: config.Params, index: pd.DataFrame) -> None:
-    """The training and validation images as the active run's dataset inputs: name,
-    source, digest (of the image names and split) and, in the profile, the count."""
+def log_datasets(params: config.Params, index: pd.DataFrame, run_id: str) -> None:
+    """The training and validation images as the run's dataset inputs: name, source,
+    digest (of the image names and split) and, in the profile, the count."""
+    client = MlflowClient()
     source = _dataset_source(params)
     label = params.data.source if params.data.source in ("synthetic", "mit_scenes") else "photos"
     for split, context in (("train", "training"), ("val", "validation")):
@@ -500,9 +502,10 @@ def log_datasets(params: config.Params, index: pd.DataFrame) -> None:
             continue
         name = f"{label}-{split}-{params.data.size}px"
         dataset = mlflow.data.from_pandas(rows, source=source, name=name)
+        entry = DatasetInput(dataset._to_mlflow_entity(), [InputTag(DATASET_CONTEXT, context)])
         with interrupts.uninterrupted():
             try:
-                mlflow.log_input(dataset, context=context)
+                client.log_inputs(run_id, datasets=[entry])
             except MlflowException as exc:
                 # MLflow's SQL store looks the dataset up, then inserts it: of two runs that
                 # log the same new dataset at once (two machines, one server on PostgreSQL),
@@ -510,7 +513,7 @@ def log_datasets(params: config.Params, index: pd.DataFrame) -> None:
                 # a second try finds it and links this run to it.
                 if "dataset_pk" not in exc.message:
                     raise
-                mlflow.log_input(dataset, context=context)
+                client.log_inputs(run_id, datasets=[entry])
 
 
 # What the logged model needs to load and predict: src.layers imports only these.

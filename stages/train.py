@@ -69,7 +69,7 @@ def main() -> None:
         stage_files.open_gray_images() as images,
         stage_files.open_targets() as targets,
     ):
-        tracking.log_datasets(params, index)
+        tracking.log_datasets(params, index, run_id)
         model_id = tracking.start_model(run_id)
         value_range = figures.symmetric_range(true_kernel)
         snapshots = training.KernelSnapshots()
