@@ -13,13 +13,11 @@ import json
 import re
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import psycopg
 import pytest
 from conftest import BIN, REPO, TINY, ServerProcess, Workspace, clean_env, copy_repo, ran_stages
@@ -27,7 +25,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from devtools import postgres as pg
-from src import config, kernels, tracking
+from src import kernels, tracking
 
 EPOCHS = TINY["train"]["epochs"]
 PIPELINE = ["download", "grayscale", "filter", "train", "visualize"]
@@ -232,41 +230,6 @@ def test_two_clones_log_their_queued_sweeps_to_one_server_on_postgresql(tmp_path
         assert (stored / "figures/comparison.png").is_file()
     for ws in clones:
         assert not (ws.root / "mlflow.db").exists() and not (ws.root / "mlartifacts").exists()
-
-
-RACERS, ROUNDS = 8, 4
-
-
-@pytest.mark.e2e  # dvc or mlflow for real, without the fixtures that say so
-def test_runs_that_log_the_same_new_dataset_at_once_all_get_it(tracking_server, monkeypatch):
-    """On PostgreSQL, MLflow's store looks a dataset up, then inserts it: runs on two machines
-    logging the same new dataset at once broke its unique key (seen in the test above)."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_server.url)
-    index = pd.DataFrame({"name": [f"img_{i}.png" for i in range(8)], "split": ["train"] * 8})
-    client = MlflowClient(tracking_server.url)
-    experiment = client.create_experiment("datasets")
-    errors = []
-
-    def log(run_id: str, params: config.Params, start: threading.Barrier) -> None:
-        try:
-            start.wait()
-            tracking.log_datasets(params, index, run_id)
-        except Exception as exc:
-            errors.append(exc)
-
-    for size in range(64, 64 + ROUNDS):  # a new dataset name each round
-        params = config.Params(data={"size": size})
-        run_ids = [client.create_run(experiment).info.run_id for _ in range(RACERS)]
-        start = threading.Barrier(RACERS)
-        racers = [threading.Thread(target=log, args=(r, params, start)) for r in run_ids]
-        for racer in racers:
-            racer.start()
-        for racer in racers:
-            racer.join()
-        assert not errors, errors[0]
-        for run_id in run_ids:
-            inputs = client.get_run(run_id).inputs.dataset_inputs
-            assert [d.dataset.name for d in inputs] == [f"synthetic-train-{size}px"]
 
 
 AWAY_EPOCHS = 60  # long enough to stop the server while the run is logging epochs
