@@ -140,7 +140,7 @@ class DataConfig(Section):
     def _not_blank(cls, source: str) -> str:
         if not source.strip():
             raise ValueError(
-                "data.source must be synthetic, mit_scenes, or a path to a folder "
+                "data.source must be synthetic, mit_scenes, samples, or a path to a folder "
                 f"or .zip of images; got {source!r}"
             )
         return source.strip()

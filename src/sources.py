@@ -4,6 +4,7 @@ data.source is one of
   synthetic   data.count dead-leaves images (src/dead_leaves.py), no network
   mit_scenes  the 2688 outdoor scenes of Oliva & Torralba (2001), downloaded once
               into .cache/downloads/; data.categories picks a subset
+  samples     the 13 photographs scikit-image ships in its wheel (SAMPLE_PHOTOS), offline
   a path      a folder (searched recursively) or a .zip of your own images
 
 `gather` copies the chosen images into an images/ folder and returns their names
@@ -17,6 +18,7 @@ variable, e.g. to point at a mirror or, in tests, at a local server.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import shutil
@@ -40,7 +42,29 @@ log = logging.getLogger(__name__)
 SYNTHETIC_SIZE = 256  # as the MIT scenes; the grayscale stage fits both to data.size
 
 
-SOURCE_HINT = "synthetic, mit_scenes, or a path to a folder or .zip of images"
+SOURCE_HINT = "synthetic, mit_scenes, samples, or a path to a folder or .zip of images"
+
+# The photographs in scikit-image's wheel, in skimage/data/: colour and gray, 303 to
+# 1000 px on a side, square and not. Left out, as not photographs of the world the
+# experiment is about: the drawn or generated ones (chessboard_*, phantom, color, logo,
+# the horse silhouette), the text ones (text, page: mostly flat paper), clock_motion
+# (blurred on purpose), the microscopy and medical ones (cell, ihc, retina,
+# microaneurysms), and the tiny test files (the gif, multipage*.tif).
+SAMPLE_PHOTOS = (
+    "astronaut.png",
+    "brick.png",
+    "camera.png",
+    "chelsea.png",
+    "coffee.png",
+    "coins.png",
+    "grass.png",
+    "gravel.png",
+    "hubble_deep_field.jpg",
+    "moon.png",
+    "motorcycle_left.png",
+    "motorcycle_right.png",
+    "rocket.jpg",
+)
 
 
 # --- the split and the subset: pure functions of counts and the seed ---------------
@@ -85,6 +109,8 @@ def gather(data: DataConfig, seed: int, images_dir: Path) -> list[str]:
         return synthetic(data.count, data.limit, seed, images_dir)
     if data.source == "mit_scenes":
         return mit_scenes(data.categories, data.limit, seed, data.sha256, images_dir)
+    if data.source == "samples":
+        return samples(data.limit, seed, images_dir)
     path = paths.source_path(data.source)
     if path.is_dir():
         return from_folder(path, data.limit, seed, images_dir)
@@ -93,7 +119,7 @@ def gather(data: DataConfig, seed: int, images_dir: Path) -> list[str]:
     if path.is_file():
         raise UserError(f"data.source: {data.source} is a file but not a .zip; use {SOURCE_HINT}")
     raise UserError(
-        f"data.source: {data.source!r} is not synthetic, mit_scenes, or an existing "
+        f"data.source: {data.source!r} is not synthetic, mit_scenes, samples, or an existing "
         f"folder or .zip of images; set it to one of these"
     )
 
@@ -144,7 +170,7 @@ def _is_image(name: str) -> bool:
 def _none_found(where: Path) -> UserError:
     return UserError(
         f"data.source: {where} holds no images ({', '.join(IMAGE_SUFFIXES)}); "
-        "add some, or set data.source to synthetic or mit_scenes"
+        "add some, or set data.source to synthetic, mit_scenes or samples"
     )
 
 
@@ -194,6 +220,42 @@ def from_folder(root: Path, limit: int, seed: int, images_dir: Path) -> list[str
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(root / name, target)
     return names
+
+
+def skimage_folder() -> Path | None:
+    """The installed scikit-image package folder, or None. Found, not imported: importing
+    skimage takes seconds, and its photographs are plain PNG and JPEG files."""
+    spec = importlib.util.find_spec("skimage")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def sample_photos() -> list[Path]:
+    """The files of SAMPLE_PHOTOS in the installed scikit-image, in sorted order."""
+    package = skimage_folder()
+    if package is None:
+        raise UserError(
+            "data.source: samples needs scikit-image, which is not installed; "
+            "run `pip install -r requirements.lock`"
+        )
+    folder = package / "data"
+    missing = [name for name in SAMPLE_PHOTOS if not (folder / name).is_file()]
+    if missing:
+        raise UserError(
+            f"data.source: samples: {', '.join(missing)} not found in {folder}; "
+            "run `pip install -r requirements.lock` for the scikit-image that has them"
+        )
+    return [folder / name for name in sorted(SAMPLE_PHOTOS)]
+
+
+def samples(limit: int, seed: int, images_dir: Path) -> list[str]:
+    """Copy scikit-image's photographs (the data.limit subset) flat into `images_dir`."""
+    photos = sample_photos()
+    photos = [photos[i] for i in subset(len(photos), limit, seed)]
+    for photo in photos:
+        shutil.copyfile(photo, images_dir / photo.name)
+    return [photo.name for photo in photos]
 
 
 def zip_images(

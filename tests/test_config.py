@@ -67,7 +67,7 @@ def test_the_committed_params_are_valid_and_typed():
         ("filter.noise_std", -1, "filter.noise_std must be at least 0"),
         ("data.val_fraction", 1.5, "data.val_fraction must be at most 0.9"),
         ("data.size", 4, "data.size must be at least 8"),
-        ("data.source", "", "data.source must be synthetic, mit_scenes, or a path"),
+        ("data.source", "", "data.source must be synthetic, mit_scenes, samples, or a path"),
         ("data.categories", ["forest", "moon"], "data.categories: unknown moon; choose from coast"),
         ("data.sha256", "abc", "data.sha256 must be 64 hex digits"),
         ("seed", 1.5, "seed must be a whole number"),

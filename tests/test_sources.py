@@ -1,10 +1,12 @@
-"""Image sources and the seeded split: synthetic, a local folder or .zip, and mit_scenes
-against an HTTP server on 127.0.0.1 (never the real network); then the download stage."""
+"""Image sources and the seeded split: synthetic, a local folder or .zip, scikit-image's
+photographs, and mit_scenes against an HTTP server on 127.0.0.1 (never the real network);
+then the download stage."""
 
 from __future__ import annotations
 
 import csv
 import functools
+import importlib.metadata
 import io
 import shutil
 import threading
@@ -17,7 +19,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from src import config, dead_leaves, paths, sources
+from src import config, dead_leaves, images, paths, sources
 from src.errors import UserError
 from stages import download
 
@@ -254,13 +256,113 @@ def test_unknown_source_names_the_options(tmp_path):
     with pytest.raises(UserError) as caught:
         sources.gather(data_config(source=str(tmp_path / "nowhere")), 0, tmp_path / "out")
     message = str(caught.value)
-    assert all(word in message for word in ("synthetic", "mit_scenes", "folder", ".zip"))
+    assert all(word in message for word in ("synthetic", "mit_scenes", "samples", "folder", ".zip"))
     (tmp_path / "pics.tar").write_bytes(b"tar")
     with pytest.raises(UserError, match="not a .zip"):
         sources.gather(data_config(source=str(tmp_path / "pics.tar")), 0, tmp_path / "out")
     (tmp_path / "broken.zip").write_bytes(b"PK but not really")
     with pytest.raises(UserError, match="not a readable zip"):
         sources.gather(data_config(source=str(tmp_path / "broken.zip")), 0, tmp_path / "out")
+
+
+# --- samples: the photographs in scikit-image's wheel --------------------------------
+
+# (width, height, Pillow mode) of each, in scikit-image 0.26.0
+SAMPLE_SIZES = {
+    "astronaut.png": (512, 512, "RGB"),
+    "brick.png": (512, 512, "L"),
+    "camera.png": (512, 512, "L"),
+    "chelsea.png": (451, 300, "RGB"),
+    "coffee.png": (600, 400, "RGB"),
+    "coins.png": (384, 303, "L"),
+    "grass.png": (512, 512, "L"),
+    "gravel.png": (512, 512, "L"),
+    "hubble_deep_field.jpg": (1000, 872, "RGB"),
+    "moon.png": (512, 512, "L"),
+    "motorcycle_left.png": (741, 500, "RGB"),
+    "motorcycle_right.png": (741, 500, "RGB"),
+    "rocket.jpg": (640, 427, "RGB"),
+}
+NOT_PHOTOS = (  # in the same folder of the wheel, and never copied
+    "cell.png",
+    "chessboard_GRAY.png",
+    "chessboard_RGB.png",
+    "clock_motion.png",
+    "color.png",
+    "horse.png",
+    "ihc.png",
+    "logo.png",
+    "microaneurysms.png",
+    "multipage.tif",
+    "multipage_rgb.tif",
+    "no_time_for_that_tiny.gif",
+    "page.png",
+    "phantom.png",
+    "retina.jpg",
+    "text.png",
+)
+
+
+@functools.cache
+def wheel_data() -> dict[str, Path]:
+    """skimage/data/<name> -> its installed file, from the wheel's RECORD: found another
+    way than the code under test finds it."""
+    found = {}
+    for file in importlib.metadata.files("scikit-image"):
+        if file.parent.as_posix() == "skimage/data":
+            found[file.name] = Path(file.locate())
+    return found
+
+
+def test_samples_copies_exactly_the_listed_photos(tmp_path):
+    assert list(sources.SAMPLE_PHOTOS) == sorted(SAMPLE_SIZES)
+    assert set(SAMPLE_SIZES) | set(NOT_PHOTOS) <= set(wheel_data())
+    out = tmp_path / "out"
+    names = sources.gather(data_config(source="samples"), 0, out)
+    assert names == sorted(SAMPLE_SIZES)
+    assert sorted(p.name for p in out.iterdir()) == names  # flat, and nothing else
+    for name in names:
+        assert (out / name).read_bytes() == wheel_data()[name].read_bytes()
+
+
+def test_samples_limit_is_a_seeded_subset(tmp_path):
+    def kept(seed: int, where: str) -> list[str]:
+        return sources.gather(data_config(source="samples", limit=5), seed, tmp_path / where)
+
+    first = kept(0, "a")
+    assert len(first) == 5 and first == sorted(first) and set(first) <= set(SAMPLE_SIZES)
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == first
+    assert kept(0, "b") == first
+    assert kept(1, "c") != first
+
+
+def test_the_image_reader_reads_every_sample_photo(tmp_path):
+    names = sources.gather(data_config(source="samples"), 0, tmp_path)
+    for name in names:
+        width, height, mode = SAMPLE_SIZES[name]
+        image = images.read_image(tmp_path / name)
+        assert image.shape == ((height, width, 3) if mode == "RGB" else (height, width)), name
+        assert image.dtype == np.float32 and 0 <= image.min() < image.max() <= 1, name
+        gray = images.read_gray_fitted(tmp_path / name, 64)  # as the grayscale stage stores it
+        assert gray.shape == (64, 64) and gray.std() > 0.01, name
+    assert {m for *_, m in SAMPLE_SIZES.values()} == {"RGB", "L"}
+
+
+def test_samples_without_scikit_image_names_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "skimage_folder", lambda: None)
+    with pytest.raises(UserError, match="not installed") as caught:
+        sources.gather(data_config(source="samples"), 0, tmp_path / "out")
+    message = str(caught.value)
+    assert "\n" not in message and "pip install -r requirements.lock" in message
+
+    (tmp_path / "skimage/data").mkdir(parents=True)  # a scikit-image without them
+    shutil.copyfile(wheel_data()["camera.png"], tmp_path / "skimage/data/camera.png")
+    monkeypatch.setattr(sources, "skimage_folder", lambda: tmp_path / "skimage")
+    with pytest.raises(UserError, match="astronaut.png, brick.png, chelsea.png") as caught:
+        sources.gather(data_config(source="samples"), 0, tmp_path / "out")
+    message = str(caught.value)
+    assert "camera.png" not in message and "pip install -r requirements.lock" in message
+    assert not list((tmp_path / "out").iterdir())  # nothing copied
 
 
 # --- mit_scenes against 127.0.0.1 -----------------------------------------------------
@@ -375,6 +477,17 @@ def test_download_stage_records_a_reproducible_split(tmp_path, monkeypatch):
     download.main()  # again: the same split, and nothing left beside data/raw
     assert read_manifest(tmp_path) == rows
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["raw"]
+
+
+def test_download_stage_splits_the_samples(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "samples").mkdir()  # a folder of that name is not what is read
+    write_params(tmp_path, source="samples", val_fraction=0.2)
+    download.main()
+    rows = read_manifest(tmp_path)
+    assert [r["name"] for r in rows] == sorted(SAMPLE_SIZES)
+    assert [r["split"] for r in rows] == sources.split(len(SAMPLE_SIZES), 0.2, seed=0)
+    assert [r["split"] for r in rows].count("val") == 3
 
 
 def test_download_stage_failure_keeps_the_old_output(tmp_path, monkeypatch):
