@@ -1,7 +1,8 @@
 """Stage fingerprint: hash what data.source and the kernel hold, for DVC to compare.
 
 Runs on every `dvc repro` (always_changed in dvc.yaml) and writes data/fingerprints/:
-  source.json  the data.source folder's file names and bytes, or the .zip's bytes, hashed
+  source.json  the data.source folder's file names and bytes, or the .zip's bytes, or the
+               bytes of scikit-image's photographs for samples, hashed
   kernel.json  the kernel's values, hashed
 download depends on source.json and filter on kernel.json: a new photo or an edited
 file: kernel re-runs them, and otherwise these files come out the same and nothing re-runs.

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from src import config, fingerprint
+from src import config, fingerprint, sources
 from stages import fingerprint as fingerprint_stage
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,6 +62,28 @@ def test_generated_sources_have_nothing_to_hash(name, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / name).mkdir()  # a folder of that name is not what download reads
     assert fingerprint.source(name) == {"source": name}
+
+
+def test_samples_are_hashed_by_the_photos_bytes(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "samples").mkdir()  # a folder of that name is not what download reads
+    first = fingerprint.source("samples")
+    assert first["files"] == len(sources.SAMPLE_PHOTOS) and fingerprint.source("samples") == first
+
+    # The same photos in a plain folder: the same names and bytes, the same hash.
+    package = tmp_path / "site-packages/skimage"
+    (package / "data").mkdir(parents=True)
+    for photo in sources.sample_photos():
+        shutil.copyfile(photo, package / "data" / photo.name)
+    assert fingerprint.source(str(package / "data"))["sha256"] == first["sha256"]
+
+    # Another scikit-image: other bytes in one photo, or a photo missing.
+    monkeypatch.setattr(sources, "skimage_folder", lambda: package)
+    assert fingerprint.source("samples") == first
+    (package / "data/camera.png").write_bytes(b"not the cameraman")
+    assert fingerprint.source("samples")["sha256"] != first["sha256"]
+    (package / "data/camera.png").unlink()
+    assert fingerprint.source("samples") == {"source": "samples", "missing": True}
 
 
 def test_a_relative_source_is_found_from_the_main_root(photos, tmp_path, monkeypatch):
