@@ -485,6 +485,14 @@ def _dataset_source(params: config.Params):
         return CodeDatasetSource({"generator": "src/dead_leaves.py", "seed": str(params.seed)})
     if data.source == "mit_scenes":
         return HTTPDatasetSource(paths.mit_url())
+    if data.source == "samples":
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            release = version("scikit-image")
+        except PackageNotFoundError:  # uninstalled since download: the run still logs
+            release = "not installed"
+        return CodeDatasetSource({"photos": "skimage/data", "scikit-image": release})
     return FileSystemDatasetSource.from_dict(
         {"uri": paths.source_path(data.source).absolute().as_uri()}
     )
@@ -495,7 +503,8 @@ def log_datasets(params: config.Params, index: pd.DataFrame, run_id: str) -> Non
     digest (of the image names and split) and, in the profile, the count."""
     client = MlflowClient()
     source = _dataset_source(params)
-    label = params.data.source if params.data.source in ("synthetic", "mit_scenes") else "photos"
+    named = params.data.source in ("synthetic", "mit_scenes", "samples")
+    label = params.data.source if named else "photos"
     for split, context in (("train", "training"), ("val", "validation")):
         rows = index[index["split"] == split].reset_index(drop=True)
         if rows.empty:

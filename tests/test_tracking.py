@@ -4,6 +4,7 @@ processes on a fresh store, and a real `mlflow server` on 127.0.0.1."""
 from __future__ import annotations
 
 import http.server
+import json
 import os
 import signal
 import socket
@@ -12,12 +13,14 @@ import subprocess
 import sys
 import threading
 import time
+from importlib.metadata import version
 from pathlib import Path
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import sqlalchemy
 import yaml
@@ -81,6 +84,19 @@ def test_param_values_are_strings_that_fit_mlflow():
 
 
 # --- runs on a SQLite store -----------------------------------------------------
+
+
+def test_samples_datasets_name_scikit_image_not_a_folder(store):
+    params = make_params(source="samples")
+    index = pd.DataFrame({"name": ["astronaut.png", "camera.png"], "split": ["train", "val"]})
+    with training_run(params) as run_id:
+        tracking.log_datasets(params, index, run_id)
+    inputs = MlflowClient(store).get_run(run_id).inputs.dataset_inputs
+    datasets = sorted((i.dataset for i in inputs), key=lambda d: d.name)
+    assert [d.name for d in datasets] == ["samples-train-256px", "samples-val-256px"]
+    assert {d.source_type for d in datasets} == {"code"}
+    tags = json.loads(datasets[0].source)["tags"]
+    assert tags == {"photos": "skimage/data", "scikit-image": version("scikit-image")}
 
 
 @pytest.mark.parametrize("in_dvc_exp", [True, False], ids=["dvc-exp", "workspace"])
