@@ -9,6 +9,8 @@ import functools
 import importlib.metadata
 import io
 import shutil
+import subprocess
+import sys
 import threading
 import zipfile
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -323,6 +325,15 @@ def test_samples_copies_exactly_the_listed_photos(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == names  # flat, and nothing else
     for name in names:
         assert (out / name).read_bytes() == wheel_data()[name].read_bytes()
+
+
+def test_samples_are_found_without_importing_scikit_image():
+    check = (
+        "import sys; from src import sources; sources.sample_photos(); "
+        "print('skimage' in sys.modules)"
+    )
+    found = subprocess.run([sys.executable, "-c", check], cwd=REPO, capture_output=True, text=True)
+    assert found.stdout.strip() == "False", found.stderr  # importing it takes seconds
 
 
 def test_samples_limit_is_a_seeded_subset(tmp_path):
