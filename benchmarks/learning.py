@@ -25,7 +25,7 @@ import scipy.linalg
 import tensorflow as tf
 from scipy import fft
 
-from src import filtering, layers, streams, training
+from src import filtering, kernels, layers, streams, training
 from src.config import TrainConfig
 
 log = logging.getLogger("bench.learning")
@@ -66,7 +66,7 @@ class Trace:
         now = time.perf_counter()
         weights = model.get_layer("conv").get_weights()  # ours trains no bias: it is fitted
         kernel, bias = weights[0], (weights[1][0] if len(weights) > 1 else 0.0)
-        error = training.kernel_errors(kernel[:, :, 0, 0].astype(np.float64), self.true_kernel)[1]
+        error = kernels.errors(kernel[:, :, 0, 0].astype(np.float64), self.true_kernel)[1]
         self.points.append((now - self.start, self.step, error, float(abs(bias))))
         self._last = time.perf_counter()
         return error
@@ -147,7 +147,7 @@ def ours(
         images, targets, true_kernel, split, padding, cfg, seed, callbacks=[Traced()]
     )
     total = trace.elapsed
-    final = training.kernel_errors(layers.learned_kernel(model), true_kernel)[1]
+    final = kernels.errors(layers.learned_kernel(model), true_kernel)[1]
     result = trace.summary(_thin(trace.points))
     first_step = trace.points[0][0] if trace.points else None
     per_epoch = [
@@ -411,5 +411,5 @@ def _pass(number: int, start: float, kernel: np.ndarray, true_kernel: np.ndarray
     return {
         "pass": number,
         "seconds": round(time.perf_counter() - start, 3),
-        "relative_error": training.kernel_errors(kernel, true_kernel)[1],
+        "relative_error": kernels.errors(kernel, true_kernel)[1],
     }

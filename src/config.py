@@ -2,7 +2,7 @@
 
 The models hold every default and every bound. A bad value or an unknown key
 becomes one UserError line that names the dotted key, what it holds and what is
-allowed, so `dvc exp run -S train.epochs=abc` fails with a message, not a
+allowed, so `dvc exp run -S train.max_steps=abc` fails with a message, not a
 traceback.
 """
 
@@ -191,15 +191,48 @@ class FilterConfig(Section):
     noise_std: Number = Field(0.0, ge=0)
 
 
+# train.recipe: original is the seed's own training; these are the keys it sets
+ORIGINAL_RECIPE = {
+    "batch_size": 1,
+    "learning_rate": 1e-3,
+    "optimizer": "adam",
+    "precondition": "none",
+    "whiten": "none",
+    "crop": 0,
+}
+
+
 class TrainConfig(Section):
-    epochs: Whole = Field(8, ge=1)
+    recipe: Literal["fast", "original"] = "fast"  # original: the seed's (ORIGINAL_RECIPE)
+    max_steps: Whole = Field(2000, ge=1, le=10**7)  # the cap; stopping here warns
+    tolerance: Number = Field(1e-5, gt=0, lt=1)  # converged: an epoch moves the kernel less
+    min_epoch_steps: Whole = Field(16, ge=1, le=10**6)  # few images: an epoch draws more crops
     batch_size: Whole = Field(16, ge=1)
     learning_rate: Number = Field(0.8, gt=0)
     optimizer: Literal["sgd", "adam"] = "sgd"
+    precondition: Literal["kfac", "none"] = "kfac"
     conv: Literal["auto", "direct", "fft"] = "auto"
     whiten: Literal["gradient", "laplacian", "none"] = "gradient"
     crop: Whole = Field(128, ge=0)
     devices: int | Literal["all"] = 1  # GPUs (or logical CPUs) to train on; src/training.py
+
+    @model_validator(mode="after")
+    def _recipe_is_whole(self) -> TrainConfig:
+        if self.recipe == "original":
+            fields = type(self).model_fields
+            for key, value in ORIGINAL_RECIPE.items():
+                if getattr(self, key) != fields[key].default:
+                    raise ValueError(
+                        f"train.recipe original sets train.{key} to {value} itself; leave "
+                        f"train.{key} at {fields[key].default}, or use train.recipe fast"
+                    )
+        return self
+
+    def effective(self) -> TrainConfig:
+        """The settings training uses: these, or the original recipe's."""
+        if self.recipe == "original":
+            return self.model_copy(update=ORIGINAL_RECIPE)
+        return self
 
     @field_validator("devices", mode="before")
     @classmethod
@@ -285,9 +318,17 @@ def _model_at(loc: tuple) -> type[BaseModel]:
     return model
 
 
+# keys that earlier versions had, with what replaced them
+RETIRED = {
+    "train.epochs": "training stops when converged now; cap it with train.max_steps",
+}
+
+
 def _unknown_key(loc: tuple) -> str:
     *parents, key = loc
     prefix = "".join(f"{name}." for name in parents)
+    if f"{prefix}{key}" in RETIRED:
+        return f"{prefix}{key}: no longer a setting; {RETIRED[f'{prefix}{key}']}"
     valid = list(_model_at(tuple(parents)).model_fields)
     close = difflib.get_close_matches(str(key), valid, n=1)
     hint = f"did you mean {prefix}{close[0]}?" if close else f"choose from {', '.join(valid)}"
@@ -318,6 +359,7 @@ def _describe(error: dict) -> str:
         "greater_than": f"greater than {_shown(ctx.get('gt'))}",
         "greater_than_equal": f"at least {_shown(ctx.get('ge'))}",
         "less_than_equal": f"at most {_shown(ctx.get('le'))}",
+        "less_than": f"less than {_shown(ctx.get('lt'))}",
     }.get(kind)
     if allowed is None:
         return f"{key}: {error['msg']}, got {_shown(value)}"
@@ -376,7 +418,7 @@ def load(path: str | Path = "params.yaml") -> Params:
 
 
 def flatten(doc: dict, prefix: str = "") -> dict[str, Any]:
-    """{'train': {'epochs': 3}} -> {'train.epochs': 3}, for MLflow params."""
+    """{'train': {'max_steps': 3}} -> {'train.max_steps': 3}, for MLflow params."""
     flat: dict[str, Any] = {}
     for key, value in doc.items():
         name = f"{prefix}{key}"

@@ -174,3 +174,11 @@ def make(name: str, settings: KernelSettings | None = None) -> np.ndarray:
             f"kernel: unknown kernel {name!r}; choose from {', '.join(NAMES)}, or file:<path>"
         )
     return BUILTIN[name](settings)
+
+
+def errors(learned: np.ndarray, true: np.ndarray) -> tuple[float, float]:
+    """(kernel_mse, kernel_rel_error): the mean squared difference and ‖w−k‖²/‖k‖².
+    Measured against the true kernel, never used to steer training."""
+    learned = np.asarray(learned, dtype=np.float64).reshape(np.shape(true))
+    diff = np.sum((learned - true) ** 2)
+    return float(diff / true.size), float(diff / np.sum(np.asarray(true, np.float64) ** 2))

@@ -4,7 +4,8 @@
         tracking.log_datasets(params, index, run_id)
         model_id = tracking.start_model(run_id)
         for epoch in ...:                              # a Keras callback in stages/train.py
-            tracking.log_epoch(run_id, epoch, {"loss": ...}, kernel, value_range)
+            tracking.log_epoch(run_id, epoch, {"loss": ...})
+            tracking.log_snapshots(run_id, [(step, kernel), ...], true_kernel, value_range)
         tracking.log_final(run_id, true_kernel=..., learned_kernel=...)
         tracking.log_model(model, example, model_id, params, kernel_rel_error)
 
@@ -33,7 +34,7 @@ import re
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -47,7 +48,7 @@ from mlflow.entities import DatasetInput, InputTag, LoggedModelStatus, Metric, P
 from mlflow.exceptions import MlflowException, RestException
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT as DATASET_CONTEXT
 
-from src import config, figures, interrupts, paths
+from src import config, figures, interrupts, kernels, paths
 from src.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,6 @@ KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
 # Errors span 1e-1 to 1e-17, and MLflow's charts are linear by default: these metrics
 # are also logged as log10_<name>, which the default charts separate.
 LOG10_METRICS = ("kernel_rel_error", "kernel_mse", "loss", "val_loss")
-MAX_PICTURES = 40  # kernel pictures per run, whatever its length
 
 
 # --- what a run records about itself --------------------------------------------
@@ -108,9 +108,9 @@ def run_params(params: config.Params) -> dict[str, str]:
         data.pop("categories")
     if params.data.source != "mit_scenes" or not params.data.sha256:
         data.pop("sha256")
-    kernels = doc.pop("kernels")
-    if params.kernel in kernels:
-        settings = kernels[params.kernel]
+    settings_by_kernel = doc.pop("kernels")
+    if params.kernel in settings_by_kernel:
+        settings = settings_by_kernel[params.kernel]
         if settings.get("covariance") is None:
             settings.pop("covariance", None)
         else:
@@ -412,43 +412,60 @@ def resume_run(run_id: str) -> Iterator[str]:
 # --- what gets logged -------------------------------------------------------------
 
 
-def log_epoch(
-    run_id: str,
-    epoch: int,
-    metrics: dict[str, float],
-    kernel: np.ndarray,
-    value_range: tuple[float, float],
-    picture: bool = True,
-    model_id: str | None = None,
-) -> None:
-    """Log one epoch at step=epoch: all metrics in one write, plus the kernel's picture
-    (when `picture`: picture_steps keeps a long run to a few dozen).
-
-    Step 0 is the initial kernel. The pictures go under images/ with key "kernel":
-    the run page shows them as an image grid with a step slider. LOG10_METRICS are
-    logged again as log10_<name> (left out where the value is 0: log10 is -inf). With
-    `model_id` (the last epoch) the metrics are also the MLflow model's.
-    """
-    client = MlflowClient()
-    now = int(time.time() * 1000)
-    values = {k: float(v) for k, v in metrics.items()}
+def _with_log10(values: dict[str, float]) -> dict[str, float]:
+    values = {k: float(v) for k, v in values.items()}
     values.update(
         {f"log10_{k}": math.log10(v) for k, v in values.items() if k in LOG10_METRICS and v > 0}
     )
-    image = figures.kernel_picture(kernel, value_range) if picture else None
+    return values
+
+
+def log_epoch(
+    run_id: str, epoch: int, metrics: dict[str, float], model_id: str | None = None
+) -> None:
+    """Log one epoch's metrics at step=epoch, in one write; step 0 is the initial kernel.
+
+    LOG10_METRICS are logged again as log10_<name> (left out where the value is 0:
+    log10 is -inf). With `model_id` (the last epoch) the metrics are also the MLflow
+    model's.
+    """
+    client = MlflowClient()
+    now = int(time.time() * 1000)
+    values = _with_log10(metrics)
     with interrupts.uninterrupted():
         client.log_batch(
             run_id, metrics=[Metric(k, v, now, epoch, model_id) for k, v in values.items()]
         )
-        if image is not None:
-            client.log_image(run_id, image, key="kernel", step=epoch)
 
 
-def picture_steps(last: int, count: int = MAX_PICTURES) -> set[int]:
-    """About `count` steps from 0 to `last`, log-spaced (every step of a short run), the
-    first and last included: where a run logs the kernel's picture."""
-    spaced = np.unique(np.round(np.geomspace(1, last + 1, num=count)).astype(int) - 1)
-    return set(spaced.tolist()) | {0, last}
+def log_snapshots(
+    run_id: str,
+    snapshots: Sequence[tuple[int, np.ndarray]],
+    true_kernel: np.ndarray,
+    value_range: tuple[float, float],
+) -> None:
+    """Log kernel snapshots at step = optimizer step: each one's picture under images/
+    with key "kernel" (the run page shows an image grid with a step slider) and its
+    error as kernel_rel_error_by_step and kernel_mse_by_step (and their log10_)."""
+    client = MlflowClient()
+    now = int(time.time() * 1000)
+    for step, kernel in snapshots:
+        mse, rel = kernels.errors(kernel, true_kernel)
+        values = _with_log10({"kernel_rel_error": rel, "kernel_mse": mse})
+        image = figures.kernel_picture(kernel, value_range)
+        with interrupts.uninterrupted():
+            client.log_batch(
+                run_id,
+                metrics=[Metric(f"{k}_by_step", v, now, step) for k, v in values.items()],
+            )
+            client.log_image(run_id, image, key="kernel", step=step)
+
+
+def set_converged(run_id: str, converged: bool) -> None:
+    """Tag the run converged=true or false: whether training met its stopping rule or
+    reached train.max_steps first (a filter in the runs table: tags.converged = 'false')."""
+    with interrupts.uninterrupted():
+        MlflowClient().set_tag(run_id, "converged", str(converged).lower())
 
 
 def log_final(

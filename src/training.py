@@ -37,7 +37,7 @@ import tensorflow as tf
 from scipy import fft, signal
 from scipy.sparse.linalg import LinearOperator, eigsh
 
-from src import streams
+from src import kernels, streams
 from src.config import TrainConfig
 from src.errors import UserError
 from src.layers import build_model, choose_conv, learned_kernel
@@ -48,6 +48,8 @@ log = logging.getLogger("train")
 VAL_MAX_IMAGES = 128  # per-epoch val_loss uses at most this many held-out images
 BIAS_IMAGES = 16  # training images the bias is fitted on after each epoch
 PROBE_BATCHES = 4  # the step is sized for the steepest of the first few batches
+CHECK_IMAGES = 16  # whole training images the stopping rule measures on
+PRECONDITION_IMAGES = 64  # whole training images the K-FAC estimate is made on
 EXACT_HESSIAN_MAX_TAPS = 121  # curvature from the exact Hessian up to 11×11, estimated above
 
 
@@ -136,8 +138,8 @@ def training_dataset(
     scale: float = 1.0,
     read_errors: list[UserError] | None = None,
     shares: int = 1,
-) -> tuple[tf.data.Dataset, int]:
-    """The endless whitened, scaled batches, and the steps in an epoch. A UserError while
+) -> tf.data.Dataset:
+    """The endless whitened, scaled batches. A UserError while
     reading a batch (a corrupted stage file) is appended to `read_errors`: tf.data itself
     only raises an UnknownError with the traceback in its message. `shares`: see crops."""
     side = cfg.crop_side(images.shape[1])
@@ -165,8 +167,7 @@ def training_dataset(
         .map(lambda x, t: whiten_pair(x * scale, t * scale, cfg.whiten))
         .prefetch(2)
     )
-    full, rest = divmod(len(rows), cfg.batch_size)
-    return dataset, full + (rest >= shares)
+    return dataset
 
 
 # --- step size -----------------------------------------------------------------
@@ -195,6 +196,24 @@ def top_curvature(x: tf.Tensor | np.ndarray, kernel_shape: tuple[int, int], seed
     return _toeplitz_top_curvature(x, kernel_shape, seed)
 
 
+def patch_autocorrelation(
+    x: np.ndarray, kernel_shape: tuple[int, int], biased: bool = False
+) -> np.ndarray:
+    """r[d] = mean of x[q]·x[q+d] over the positions q where both lie in a crop, for
+    the lags d of a kernel_shape window: (2kh−1, 2kw−1), lag 0 in the middle. x is
+    (N, H, W). Two FFTs, however large the kernel. `biased`: the sums over the lag's
+    overlap are all divided by the crops' area instead; long lags come out smaller,
+    but the Toeplitz matrix of r is then positive semi-definite, as a Hessian is."""
+    n, h, w = x.shape
+    kh, kw = kernel_shape
+    shape = (h + kh - 1, w + kw - 1)  # long enough that lags below the kernel's don't wrap
+    power = np.sum(np.abs(fft.rfft2(x, s=shape, workers=-1)) ** 2, axis=0, dtype=np.float64)
+    autocorrelation = fft.irfft2(power, s=shape, workers=-1)
+    dy, dx = np.arange(1 - kh, kh), np.arange(1 - kw, kw)
+    overlaps = n * h * w if biased else n * np.outer(h - np.abs(dy), w - np.abs(dx))
+    return autocorrelation[np.ix_(dy % shape[0], dx % shape[1])] / overlaps
+
+
 def _toeplitz_top_curvature(x: np.ndarray, kernel_shape: tuple[int, int], seed: int) -> float:
     """The Hessian's top eigenvalue, from below, in two FFTs and a small eigenproblem.
 
@@ -207,14 +226,8 @@ def _toeplitz_top_curvature(x: np.ndarray, kernel_shape: tuple[int, int], seed: 
     where borders weigh more. The step's margin covers that. It takes ~0.1 s per
     batch; 12 power iterations of the exact Hessian gave ~95 %, in 10 times that.
     """
-    n, h, w = x.shape
     kh, kw = kernel_shape
-    shape = (h + kh - 1, w + kw - 1)  # long enough that lags below the kernel's don't wrap
-    power = np.sum(np.abs(fft.rfft2(x, s=shape, workers=-1)) ** 2, axis=0, dtype=np.float64)
-    autocorrelation = fft.irfft2(power, s=shape, workers=-1)
-    dy, dx = np.arange(1 - kh, kh), np.arange(1 - kw, kw)
-    overlaps = n * np.outer(h - np.abs(dy), w - np.abs(dx))
-    r = autocorrelation[np.ix_(dy % shape[0], dx % shape[1])] / overlaps  # mean x[q]·x[q+d]
+    r = patch_autocorrelation(x, kernel_shape)
     if not np.any(r):
         return 0.0  # all-zero crops; ARPACK refuses a zero operator
 
@@ -229,6 +242,82 @@ def _toeplitz_top_curvature(x: np.ndarray, kernel_shape: tuple[int, int], seed: 
         x.astype(np.float64), v[None, ::-1, ::-1], mode="valid", axes=(1, 2)
     )
     return float(2.0 * np.mean(outputs**2) / np.sum(v**2))
+
+
+# --- preconditioning ------------------------------------------------------------
+
+
+def patch_products(x: np.ndarray, kernel_shape: tuple[int, int]) -> Callable:
+    """v ↦ H v, the exact Hessian of the loss on crops x (N, H, W) times a flattened
+    kernel v, in two FFT correlations: H = 2·PᵀP/M, P the patches under the kernel."""
+    x = np.asarray(x, dtype=np.float64)
+    outputs = (x.shape[1] - kernel_shape[0] + 1) * (x.shape[2] - kernel_shape[1] + 1) * len(x)
+
+    def times(v: np.ndarray) -> np.ndarray:
+        k = v.reshape(kernel_shape)
+        out = signal.fftconvolve(x, k[None, ::-1, ::-1], mode="valid", axes=(1, 2))
+        back = signal.fftconvolve(x, out[:, ::-1, ::-1], mode="valid", axes=(1, 2)).sum(axis=0)
+        return 2.0 * back.ravel() / outputs
+
+    return times
+
+
+class Preconditioner:
+    """The inverse of the loss's Hessian in the kernel, estimated on crops x (N, H, W):
+    `inverse` (taps, taps), row-major taps as the Conv2D kernel flattens them.
+
+    The Hessian of mean((k ⋆ x − t)²) is 2·PᵀP/M, the input-patch covariance,
+    whatever the target: for one conv layer this is what K-FAC preconditions with.
+    Its Toeplitz approximation (entry (a, b) = r[b − a]) costs two FFTs at any
+    kernel size. A whitened photo's spectrum is not flat, so plain gradient descent
+    still sees a spread of curvatures; times this inverse, every direction has
+    curvature about 1 and a step of 1 is Newton's.
+    """
+
+    def __init__(self, x: np.ndarray, kernel_shape: tuple[int, int]):
+        kh, kw = kernel_shape
+        r = patch_autocorrelation(np.asarray(x, dtype=np.float64), kernel_shape, biased=True)
+        rows, cols = np.indices((kh, kw)).reshape(2, -1)
+        lag_y = rows[None, :] - rows[:, None] + kh - 1
+        lag_x = cols[None, :] - cols[:, None] + kw - 1
+        values, vectors = np.linalg.eigh(2.0 * r[lag_y, lag_x])
+        if not values[-1] > 0:
+            raise ValueError("the crops have no contrast")
+        # a floor under the eigenvalues: directions the crops hardly excite (flat photos,
+        # no whitening) get a damped step instead of an unbounded one
+        values = np.maximum(values, values[-1] * 1e-6)
+        self.inverse = (vectors / values) @ vectors.T
+        self._inverse_sqrt = (vectors / np.sqrt(values)) @ vectors.T
+
+    def top_curvature(self, x: np.ndarray, kernel_shape: tuple[int, int], seed: int) -> float:
+        """The largest curvature of the preconditioned loss on the batch x: the top
+        eigenvalue of H^(-1/2)·H_x·H^(-1/2), by Lanczos on exact products. A step is
+        stable on x below 2 over it."""
+        times = patch_products(x, kernel_shape)
+        root = self._inverse_sqrt
+        taps = root.shape[0]
+        operator = LinearOperator(
+            (taps, taps), matvec=lambda v: root @ times(root @ v), dtype=np.float64
+        )
+        start = streams.rng(seed, streams.CURVATURE).standard_normal(taps)
+        return float(eigsh(operator, k=1, which="LA", v0=start, tol=1e-3)[0][0])
+
+
+class PreconditionedSGD(keras.optimizers.SGD):
+    """SGD on the kernel with its gradient multiplied by a fixed inverse Hessian (K-FAC for
+    a single linear conv layer). The transform is linear, so under tf.distribute it can
+    come before the gradients of the devices are summed."""
+
+    def __init__(self, inverse: np.ndarray, **kwargs):
+        super().__init__(**kwargs)
+        self.inverse = tf.constant(inverse, tf.float32)
+
+    def apply(self, grads, trainable_variables=None):
+        grads = [
+            tf.reshape(tf.linalg.matvec(self.inverse, tf.reshape(g, [-1])), tf.shape(g))
+            for g in grads
+        ]
+        return super().apply(grads, trainable_variables)
 
 
 # --- devices -------------------------------------------------------------------
@@ -275,12 +364,6 @@ def _mirrored(devices: tuple[str, ...]) -> tf.distribute.MirroredStrategy:
 # --- the fit -------------------------------------------------------------------
 
 
-def kernel_errors(learned: np.ndarray, true: np.ndarray) -> tuple[float, float]:
-    """(mean squared difference, ‖w−k‖²/‖k‖²)."""
-    diff = np.sum((learned - true) ** 2)
-    return float(diff / true.size), float(diff / np.sum(true**2))
-
-
 def residual_moments(
     model: keras.Model,
     images: np.ndarray,
@@ -304,19 +387,89 @@ def residual_moments(
     return total / count, total_sq / count
 
 
+MAX_SNAPSHOTS = 40  # kernel snapshots per run, log-spaced over the optimizer steps
+PLATEAU = 0.99  # an epoch whose loss is not below this share of the best so far ...
+PLATEAU_FACTOR = 0.5  # ... multiplies the learning rate by this
+ANNEALED = 10  # halvings after which a kernel that stopped moving has converged (noisy targets)
+
+
+def snapshot_steps(max_steps: int, count: int = MAX_SNAPSHOTS) -> set[int]:
+    """About `count` optimizer steps from 0 to max_steps, log-spaced (every step of a short
+    run), 0 included: where training records the kernel. A run that stops sooner keeps
+    the ones it reached, plus its last step."""
+    spaced = np.round(np.geomspace(1, max_steps, num=count)).astype(int)
+    return {0, *spaced.tolist()}
+
+
+def epoch_steps(train_images: int, cfg: TrainConfig, shares: int = 1) -> int:
+    """Optimizer steps in an epoch: one pass over the training images, but at least
+    train.min_epoch_steps (a few photos then give several crops each an epoch). A
+    last batch smaller than `shares` is not a step (see crops)."""
+    full, rest = divmod(train_images, cfg.batch_size)
+    return max(full + (rest >= shares), cfg.min_epoch_steps)
+
+
+class NewtonStep:
+    """The stopping rule's measure: how far the kernel still is from the least-squares
+    optimum of a fixed set of training images, relative to its norm, ‖H⁻¹∇L‖ / ‖k‖.
+
+    For the quadratic loss of a linear layer the Newton step H⁻¹∇L is exactly the way to
+    that optimum, so this is the kernel's remaining relative error on that data. It reads
+    only inputs, targets and the weights: never the true kernel. Computed in float64
+    with FFTs on the whitened, scaled whole images, as training sees them; it does not
+    shrink when the learning rate does, so a slowed run is not taken for a finished one.
+    """
+
+    def __init__(self, x: np.ndarray, t: np.ndarray, inverse: np.ndarray):
+        self.x, self.t, self.inverse = x, t, inverse
+
+    def __call__(self, kernel: np.ndarray) -> float:
+        k = np.asarray(kernel, dtype=np.float64).reshape(self.x.shape[1] - self.t.shape[1] + 1, -1)
+        prediction = signal.fftconvolve(self.x, k[None, ::-1, ::-1], mode="valid", axes=(1, 2))
+        residual = prediction - self.t
+        gradient = signal.fftconvolve(self.x, residual[:, ::-1, ::-1], mode="valid", axes=(1, 2))
+        gradient = 2.0 * gradient.sum(axis=0) / residual.size
+        step = self.inverse @ gradient.ravel()
+        return float(np.linalg.norm(step) / max(np.linalg.norm(k), 1e-30))
+
+
 class EpochEnd(keras.callbacks.Callback):
     """After each epoch: stop on divergence, fit the bias, and add val_loss, kernel_mse,
-    kernel_rel_error and elapsed_s to the epoch's logs, where later callbacks and Keras's
-    History find them."""
+    kernel_rel_error, kernel_change, newton_step, learning_rate, steps, converged and
+    elapsed_s to the
+    epoch's logs, where later callbacks and Keras's History find them.
 
-    def __init__(self, final_model, true_kernel, images, targets, bias_rows, val_rows, cfg):
+    The stopping rule reads only what training itself sees: the run has converged when
+    the Newton step (NewtonStep) is below train.tolerance. In the fast recipe an epoch
+    whose loss is not 1 % below the best so far halves the learning rate, so noisy
+    targets (filter.noise_std) settle too; with noise the check images' own optimum is
+    off by the noise, and the run has converged once the rate has been halved ANNEALED
+    times and an epoch moved the kernel by less than train.tolerance. The true kernel
+    is only measured.
+    """
+
+    def __init__(
+        self, final_model, true_kernel, images, targets, bias_rows, val_rows, cfg, newton_step
+    ):
         super().__init__()
+        self.newton_step = newton_step
         self.final_model = final_model
         self.true_kernel = true_kernel
         self.images, self.targets = images, targets
         self.bias_rows, self.val_rows = bias_rows, val_rows
         self.cfg = cfg
         self.started = time.perf_counter()
+        self.steps = 0
+        self.converged = False
+
+    def on_train_begin(self, logs=None):
+        self.previous = self.model.get_layer("conv").get_weights()[0].astype(np.float64)
+        self.best_loss = math.inf
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.steps += 1
+        if self.steps >= self.cfg.max_steps:
+            self.model.stop_training = True
 
     def on_epoch_end(self, epoch, logs=None):
         loss = float(logs["loss"])
@@ -335,47 +488,127 @@ class EpochEnd(keras.callbacks.Callback):
             _, logs["val_loss"] = residual_moments(
                 self.final_model, self.images, self.targets, self.val_rows
             )
-        kernel_mse, kernel_rel_error = kernel_errors(
-            kernel[:, :, 0, 0].astype(np.float64), self.true_kernel
+        kernel64 = kernel.astype(np.float64)
+        change = float(
+            np.linalg.norm(kernel64 - self.previous) / max(np.linalg.norm(kernel64), 1e-30)
         )
+        self.previous = kernel64
+        remaining = self.newton_step(kernel64)
+        rate = self.model.optimizer.learning_rate
+        annealed = float(rate.numpy()) <= self.cfg.learning_rate * PLATEAU_FACTOR**ANNEALED
+        self.converged = remaining < self.cfg.tolerance or (
+            annealed and change < self.cfg.tolerance
+        )
+        logs.update(learning_rate=float(rate.numpy()))
+        if loss < PLATEAU * self.best_loss:
+            self.best_loss = loss
+        elif self.cfg.recipe == "fast":  # the original kept its rate
+            rate.assign(rate * PLATEAU_FACTOR)
+        if self.converged:
+            self.model.stop_training = True
+        kernel_mse, kernel_rel_error = kernels.errors(kernel64[:, :, 0, 0], self.true_kernel)
         logs.update(
             kernel_mse=kernel_mse,
             kernel_rel_error=kernel_rel_error,
+            kernel_change=change,
+            newton_step=remaining,
+            steps=self.steps,
+            converged=float(self.converged),
             elapsed_s=time.perf_counter() - self.started,
         )
-        shown = ("loss", "val_loss", "kernel_rel_error")
+        shown = ("loss", "val_loss", "newton_step", "kernel_rel_error")
         log.info(
-            "epoch %d/%d  %s  %.1f s",
+            "epoch %d, step %d/%d  %s  %.1f s",
             epoch + 1,
-            self.cfg.epochs,
+            self.steps,
+            self.cfg.max_steps,
             "  ".join(f"{key} {float(logs[key]):.3e}" for key in shown if key in logs),
             logs["elapsed_s"],
         )
 
 
 class KernelSnapshots(keras.callbacks.Callback):
-    """The learned kernel after every epoch, as float64 (epochs, kh, kw)."""
+    """The learned kernel at log-spaced optimizer steps (snapshot_steps), from step 0, the
+    random initial weights, to the last step: `kernels` float64 (n, kh, kw), `steps` and
+    `epochs` (the 1-based epoch each step ends; 0 for step 0). `taken()` hands a logger
+    the snapshots since its last call."""
 
-    def __init__(self):
+    def __init__(self, max_steps: int):
         super().__init__()
+        self.planned = snapshot_steps(max_steps)
         self.kernels: list[np.ndarray] = []
+        self.steps: list[int] = []
+        self.epochs: list[int] = []
+        self._step, self._epoch, self._handed = 0, 0, 0
+
+    def _take(self) -> None:
+        if not self.steps or self.steps[-1] != self._step:
+            self.kernels.append(learned_kernel(self.model))
+            self.steps.append(self._step)
+            self.epochs.append(self._epoch + (self._step > 0))
+
+    def on_train_begin(self, logs=None):
+        self._take()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._step += 1
+        if self._step in self.planned:
+            self._take()
 
     def on_epoch_end(self, epoch, logs=None):
-        self.kernels.append(learned_kernel(self.model))
+        if self.model.stop_training:  # the last step, wherever it falls
+            self._take()
+
+    def on_train_end(self, logs=None):
+        self._take()
+
+    def taken(self) -> list[tuple[int, int, np.ndarray]]:
+        new = list(zip(self.steps, self.epochs, self.kernels))[self._handed :]
+        self._handed = len(self.steps)
+        return new
 
     @property
     def stacked(self) -> np.ndarray:
         return np.stack(self.kernels)
 
 
-def optimizer(cfg: TrainConfig, total_steps: int) -> keras.optimizers.Optimizer:
-    rate = keras.optimizers.schedules.CosineDecay(cfg.learning_rate, total_steps, alpha=0.01)
-    if cfg.optimizer == "sgd":
-        # momentum 0.5, not 0.9: batches differ in curvature, and heavy momentum carries
-        # one batch's step into the next (in a sweep, smiley reached 7e-9 in one epoch of
-        # 480 images with 0.5 and 6e-4 with 0.9)
-        return keras.optimizers.SGD(rate, momentum=0.5, nesterov=True)
-    return keras.optimizers.Adam(rate)
+def _check_images(images, targets, train_rows, kernel_shape, padding, cfg, scale):
+    """The stopping rule's images, whole, whitened and scaled as training sees them:
+    float64 (x, t) for NewtonStep."""
+    rows = np.sort(train_rows[:CHECK_IMAGES])
+    side = images.shape[1]
+    x, t = next(
+        crops(
+            images,
+            targets,
+            rows,
+            kernel_shape,
+            padding,
+            len(rows),
+            side,
+            streams.rng(0, streams.CROPS),
+        )
+    )
+    xw, tw = whiten_pair(x * scale, t * scale, cfg.whiten)
+    return np.asarray(xw, np.float64)[..., 0], np.asarray(tw, np.float64)[..., 0]
+
+
+def optimizer(cfg: TrainConfig, inverse: np.ndarray | None) -> keras.optimizers.Optimizer:
+    """A constant learning rate (EpochEnd lowers it on a plateau). With `inverse`, the
+    K-FAC-preconditioned SGD."""
+    if cfg.optimizer == "adam":
+        return keras.optimizers.Adam(cfg.learning_rate)
+    # momentum 0.5, not 0.9: batches differ in curvature, and heavy momentum carries
+    # one batch's step into the next (in a sweep, smiley reached 7e-9 in one epoch of
+    # 480 images with 0.5 and 6e-4 with 0.9)
+    if inverse is not None:
+        return PreconditionedSGD(
+            inverse, learning_rate=cfg.learning_rate, momentum=0.5, nesterov=True
+        )
+    return keras.optimizers.SGD(cfg.learning_rate, momentum=0.5, nesterov=True)
 
 
 def train(
@@ -388,13 +621,16 @@ def train(
     seed: int,
     callbacks: Sequence[keras.callbacks.Callback] = (),
 ) -> tuple[keras.Model, keras.callbacks.History]:
-    """Fit the one-layer model. Returns it in the filter's padding, with its fitted bias,
-    ready to predict, and Keras's History of the per-epoch logs (loss, val_loss
-    when any image is held out, kernel_mse, kernel_rel_error, elapsed_s).
+    """Fit the one-layer model until converged (EpochEnd's rule) or train.max_steps. Returns
+    it in the filter's padding, with its fitted bias, ready to predict, and Keras's History
+    of the per-epoch logs (loss, val_loss when any image is held out, kernel_mse,
+    kernel_rel_error, kernel_change, learning_rate, steps, converged, elapsed_s).
 
     `images` (N, S, S) and `targets` are arrays or stacks; `split` holds 'train' or
-    'val' per row. `callbacks` run after EpochEnd, so their logs hold its metrics.
+    'val' per row. `cfg` is applied with its recipe (TrainConfig.effective). `callbacks`
+    run after EpochEnd, so their logs hold its metrics.
     """
+    cfg = cfg.effective()
     keras.utils.set_random_seed(seed)
     strategy = distribution(cfg)
     shares = strategy.num_replicas_in_sync
@@ -419,7 +655,8 @@ def train(
         shares,
     )
     batches = [x for x, _ in itertools.islice(probe, PROBE_BATCHES)]
-    curvature = max(top_curvature(WHITENERS[cfg.whiten](x), kernel_shape, seed) for x in batches)
+    whitened = [np.asarray(WHITENERS[cfg.whiten](x))[..., 0] for x in batches]
+    curvature = max(top_curvature(w[..., None], kernel_shape, seed) for w in whitened)
     if not curvature > 0:
         raise UserError(
             "the training images have no contrast to learn from: the first "
@@ -428,18 +665,39 @@ def train(
             "use photos with edges and texture in data.source"
         )
     scale = 1.0 / math.sqrt(curvature)
+    rows = np.sort(train_rows[:PRECONDITION_IMAGES])
+    sample = np.asarray(images[rows], dtype=np.float32)[..., None] * scale
+    preconditioner = Preconditioner(np.asarray(WHITENERS[cfg.whiten](sample))[..., 0], kernel_shape)
+    newton_step = NewtonStep(
+        *_check_images(images, targets, train_rows, kernel_shape, padding, cfg, scale),
+        preconditioner.inverse,
+    )
+    inverse = None
+    if cfg.precondition == "kfac" and cfg.optimizer == "sgd":
+        inverse = preconditioner.inverse
+        # the step is sized for the steepest probe batch, as for plain SGD: the estimate
+        # is of all images, and one batch of crops can be steeper in some direction
+        steepest = max(
+            preconditioner.top_curvature(w * scale, kernel_shape, seed) for w in whitened
+        )
+        inverse = inverse / max(steepest, 1.0)
+        log.info("K-FAC: the steepest probe batch has preconditioned curvature %.3g", steepest)
     read_errors: list[UserError] = []
-    dataset, steps = training_dataset(
+    dataset = training_dataset(
         images, targets, train_rows, kernel_shape, padding, cfg, seed, scale, read_errors, shares
     )
+    steps = epoch_steps(len(train_rows), cfg, shares)
+    epochs = -(-cfg.max_steps // steps)
     log.info(
-        "conv %s, whiten %s, %d train / %d val images, %d steps per epoch, "
-        "data scaled by %.3g for unit curvature",
+        "conv %s, whiten %s, precondition %s, %d train / %d val images, %d steps per epoch "
+        "(at most %d), data scaled by %.3g for unit curvature",
         conv,
         cfg.whiten,
+        cfg.precondition if inverse is not None else "none",
         len(train_rows),
         len(val_rows),
         steps,
+        cfg.max_steps,
         scale,
     )
 
@@ -453,15 +711,15 @@ def train(
         )
     with strategy.scope():  # the variables live on every device, mirrored
         model = build_model(kernel_shape, conv, "valid", use_bias=False)
-        model.compile(optimizer=optimizer(cfg, steps * cfg.epochs), loss="mse")
+        model.compile(optimizer=optimizer(cfg, inverse), loss="mse")
     final = build_model(kernel_shape, conv, padding)
     on_epoch = EpochEnd(
-        final, true_kernel, images, targets, train_rows[:BIAS_IMAGES], val_rows, cfg
+        final, true_kernel, images, targets, train_rows[:BIAS_IMAGES], val_rows, cfg, newton_step
     )
     try:
         history = model.fit(
             dataset,
-            epochs=cfg.epochs,
+            epochs=epochs,
             steps_per_epoch=steps,
             shuffle=False,
             verbose=0,

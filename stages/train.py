@@ -1,8 +1,10 @@
-"""Train stage: a single linear conv layer learns the kernel; every epoch goes to MLflow.
+"""Train stage: a single linear conv layer learns the kernel until converged; every epoch,
+and the kernel at log-spaced steps, goes to MLflow.
 
 Reads data/gray and data/filtered (only the rows each batch needs, src/stack.py),
-writes model/ (the learned kernel, its per-epoch history, the Keras model, the
-MLflow run id), metrics/train.json and the per-epoch metrics/history.csv.
+writes model/ (the learned kernel and bias, its snapshots, the Keras model, the MLflow
+run id), metrics/train.json (with converged and steps), the per-epoch
+metrics/history.csv and the per-snapshot metrics/steps.csv.
 """
 
 from src import console
@@ -16,7 +18,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from src import config, figures, layers, paths, stage_files, tracking, training  # noqa: E402
+from src import config, figures, kernels, layers, paths, stage_files, tracking, training  # noqa: E402
 from src.atomic import atomic_dir  # noqa: E402
 from src.errors import run_stage  # noqa: E402
 
@@ -25,28 +27,59 @@ log = logging.getLogger("train")
 EXAMPLE_MARGIN = 16  # the input example is the kernel's size plus this many pixels a side
 
 
-class LogEpochToMlflow(keras.callbacks.Callback):
-    """Each epoch's metrics at step = epoch, and a picture of the kernel at up to
-    tracking.MAX_PICTURES log-spaced epochs; at step 0 the initial kernel and its error,
-    so the image card never opens empty."""
+class LogToMlflow(keras.callbacks.Callback):
+    """Each epoch's metrics at step = epoch (step 0: the initial kernel's error), and the
+    kernel snapshots taken since the last epoch, picture and error, at step = optimizer
+    step: the image slider and the per-step error curve move from the first step."""
 
-    def __init__(self, run_id, model_id, true_kernel, value_range: tuple[float, float]):
+    def __init__(self, run_id, model_id, snapshots, true_kernel, value_range):
         super().__init__()
-        self.run_id, self.model_id = run_id, model_id
+        self.run_id, self.model_id, self.snapshots = run_id, model_id, snapshots
         self.true_kernel, self.value_range = true_kernel, value_range
 
+    def _log_snapshots(self):
+        taken = [(step, kernel) for step, _, kernel in self.snapshots.taken()]
+        tracking.log_snapshots(self.run_id, taken, self.true_kernel, self.value_range)
+
     def on_train_begin(self, logs=None):
-        kernel = layers.learned_kernel(self.model)
-        mse, rel = training.kernel_errors(kernel, self.true_kernel)
-        metrics = {"kernel_mse": mse, "kernel_rel_error": rel}
-        tracking.log_epoch(self.run_id, 0, metrics, kernel, self.value_range)
+        mse, rel = kernels.errors(layers.learned_kernel(self.model), self.true_kernel)
+        tracking.log_epoch(self.run_id, 0, {"kernel_mse": mse, "kernel_rel_error": rel})
+        self._log_snapshots()
 
     def on_epoch_end(self, epoch, logs=None):
-        last = self.params["epochs"]
-        shown = epoch + 1 in tracking.picture_steps(last)
-        model_id = self.model_id if epoch + 1 == last else None  # the final metrics
-        kernel = layers.learned_kernel(self.model)
-        tracking.log_epoch(self.run_id, epoch + 1, logs, kernel, self.value_range, shown, model_id)
+        last = self.model.stop_training or epoch + 1 == self.params["epochs"]
+        tracking.log_epoch(self.run_id, epoch + 1, logs, self.model_id if last else None)
+        self._log_snapshots()
+
+    def on_train_end(self, logs=None):
+        self._log_snapshots()  # the final step's, when it came after the last epoch's end
+
+
+def steps_table(snapshots: training.KernelSnapshots, true_kernel: np.ndarray) -> pd.DataFrame:
+    """metrics/steps.csv: each snapshot's step, epoch and error against the true kernel."""
+    errors = [kernels.errors(k, true_kernel) for k in snapshots.kernels]
+    return pd.DataFrame(
+        {
+            "step": snapshots.steps,
+            "epoch": snapshots.epochs,
+            "kernel_mse": [mse for mse, _ in errors],
+            "kernel_rel_error": [rel for _, rel in errors],
+        }
+    )
+
+
+def not_converged_hint(cfg: config.TrainConfig, newton_step: float) -> str:
+    """The warning of a run that reached train.max_steps unconverged: what to change."""
+    advice = "raise train.max_steps"
+    if cfg.recipe == "original":
+        advice += " (the original recipe is slow by design; train.recipe fast converges)"
+    elif cfg.precondition == "none":
+        advice += " or set train.precondition kfac"
+    return (
+        f"not converged: stopped at train.max_steps={cfg.max_steps} with the kernel still "
+        f"{newton_step:.1e} (relative) from its optimum, above train.tolerance="
+        f"{cfg.tolerance:g}; {advice}"
+    )
 
 
 def example_input(images, split: np.ndarray, kernel_shape: tuple[int, int]) -> np.ndarray:
@@ -72,7 +105,8 @@ def main() -> None:
         tracking.log_datasets(params, index, run_id)
         model_id = tracking.start_model(run_id)
         value_range = figures.symmetric_range(true_kernel)
-        snapshots = training.KernelSnapshots()
+        snapshots = training.KernelSnapshots(params.train.max_steps)
+        logger = LogToMlflow(run_id, model_id, snapshots, true_kernel, value_range)
         model, fit = training.train(
             images,
             targets,
@@ -81,14 +115,18 @@ def main() -> None:
             stage_files.read_filter_info().padding,  # as the targets were made
             params.train,
             params.seed,
-            callbacks=[snapshots, LogEpochToMlflow(run_id, model_id, true_kernel, value_range)],
+            callbacks=[snapshots, logger],
         )
         history = pd.DataFrame(fit.history).assign(epoch=np.array(fit.epoch) + 1)
+        last = history.iloc[-1]
+        converged = bool(last.converged)
+        tracking.set_converged(run_id, converged)
 
         with atomic_dir(paths.MODEL) as out:
             stage_files.write_model(
                 out,
                 learned_kernel=layers.learned_kernel(model),
+                bias=float(model.get_layer("conv").get_weights()[1][0]),
                 kernel_history=snapshots.stacked,
                 model=model,
                 run={
@@ -97,13 +135,16 @@ def main() -> None:
                     "experiment": params.mlflow.experiment,
                 },
             )
-        stage_files.write_history(history)
-        last = history.iloc[-1]
+        stage_files.write_history(history.drop(columns=["converged"]))
+        stage_files.write_steps(steps_table(snapshots, true_kernel))
         metrics = {
+            "converged": converged,
+            "steps": int(last.steps),
+            "epochs": int(last.epoch),
             "kernel_mse": last.kernel_mse,
             "kernel_rel_error": last.kernel_rel_error,
+            "newton_step": last.newton_step,
             "loss": last.loss,
-            "epochs": int(last.epoch),
             "train_seconds": round(last.elapsed_s, 2),
         }
         if "val_loss" in history:  # absent with no held-out images: left out, not NaN
@@ -118,11 +159,15 @@ def main() -> None:
         example = example_input(images, split, true_kernel.shape)
         tracking.log_model(model, example, model_id, params, float(last.kernel_rel_error))
         log.info(
-            "kernel_rel_error %.3e after %d epochs in %.1f s",
+            "kernel_rel_error %.3e after %d steps (%d epochs) in %.1f s, %s",
             last.kernel_rel_error,
+            last.steps,
             last.epoch,
             last.elapsed_s,
+            "converged" if converged else "not converged",
         )
+        if not converged:
+            log.warning(not_converged_hint(params.train.effective(), last.newton_step))
 
 
 if __name__ == "__main__":

@@ -42,9 +42,16 @@ def test_the_committed_params_are_valid_and_typed():
     [
         ("kernel", "sobel_z", r"unknown kernel 'sobel_z'; choose from sobel_x, sobel_y, smiley"),
         ("kernel", 3, "unknown kernel 3"),
-        ("train.epochs", "abc", r"train.epochs must be a whole number, got 'abc'"),
-        ("train.epochs", 0, "train.epochs must be at least 1, got 0"),
-        ("train.epochs", -2, "train.epochs must be at least 1"),
+        ("train.max_steps", "abc", r"train.max_steps must be a whole number, got 'abc'"),
+        ("train.max_steps", 0, "train.max_steps must be at least 1, got 0"),
+        ("train.max_steps", -2, "train.max_steps must be at least 1"),
+        ("train.max_steps", 10**8, "train.max_steps must be at most 10000000"),
+        ("train.min_epoch_steps", 0, "train.min_epoch_steps must be at least 1"),
+        ("train.tolerance", 0, "train.tolerance must be greater than 0"),
+        ("train.tolerance", 1, "train.tolerance must be less than 1"),
+        ("train.tolerance", "tight", "train.tolerance must be a number"),
+        ("train.recipe", "seed", "train.recipe must be one of fast, original; got 'seed'"),
+        ("train.precondition", "newton", "train.precondition must be one of kfac, none"),
         ("train.batch_size", 0, "train.batch_size must be at least 1"),
         ("train.learning_rate", 0, "train.learning_rate must be greater than 0"),
         ("train.learning_rate", -0.1, "train.learning_rate must be greater than 0"),
@@ -56,9 +63,9 @@ def test_the_committed_params_are_valid_and_typed():
             "train.learning_rate must be a finite number, got inf",
         ),
         ("train.learning_rate", True, "train.learning_rate must be a number, got True"),
-        ("train.epochs", "3", "train.epochs must be a whole number, got '3'"),
-        ("train.epochs", True, "train.epochs must be a whole number, got True"),
-        ("train.epochs", 2.5, "train.epochs must be a whole number, got 2.5"),
+        ("train.max_steps", "3", "train.max_steps must be a whole number, got '3'"),
+        ("train.max_steps", True, "train.max_steps must be a whole number, got True"),
+        ("train.max_steps", 2.5, "train.max_steps must be a whole number, got 2.5"),
         ("train.optimizer", "rmsprop", "train.optimizer must be one of sgd, adam; got 'rmsprop'"),
         ("train.conv", "winograd", "train.conv must be one of auto, direct, fft"),
         ("train.whiten", "zca", "train.whiten must be one of gradient, laplacian, none"),
@@ -203,7 +210,12 @@ def test_malformed_yaml_and_a_non_mapping_are_one_line_errors(tmp_path):
         ("trian", "trian: unknown setting; did you mean train?"),
         ("data.catgories", "data.catgories: unknown setting; did you mean data.categories?"),
         ("filter.noise", "filter.noise: unknown setting; did you mean filter.noise_std?"),
-        ("train.epoch", "train.epoch: unknown setting; did you mean train.epochs?"),
+        ("train.max_step", "train.max_step: unknown setting; did you mean train.max_steps?"),
+        (
+            "train.epochs",
+            "train.epochs: no longer a setting; training stops when converged now; "
+            "cap it with train.max_steps",
+        ),
         (
             "mlflow.experiment_name",
             "mlflow.experiment_name: unknown setting; did you mean mlflow.experiment?",
@@ -221,8 +233,9 @@ def test_malformed_yaml_and_a_non_mapping_are_one_line_errors(tmp_path):
         ),
         (
             "train.zzz",
-            "train.zzz: unknown setting; choose from epochs, batch_size, learning_rate, "
-            "optimizer, conv, whiten, crop, devices",
+            "train.zzz: unknown setting; choose from recipe, max_steps, tolerance, "
+            "min_epoch_steps, batch_size, learning_rate, optimizer, precondition, conv, "
+            "whiten, crop, devices",
         ),
     ],
 )
@@ -261,7 +274,7 @@ def test_kernel_settings_are_checked_even_for_a_kernel_not_selected(kernel_setti
 
 
 def test_several_problems_name_the_first_and_count_the_rest():
-    doc = with_change("train.epochs", 0)
+    doc = with_change("train.max_steps", 0)
     doc["train"]["batch_size"] = 0
     doc["filter"]["padding"] = "full"
     with pytest.raises(UserError) as error:
@@ -270,8 +283,8 @@ def test_several_problems_name_the_first_and_count_the_rest():
 
 
 def test_whole_numbers_and_numbers_keep_their_type():
-    params = config.parse(with_change("train.epochs", 3.0))
-    assert params.train.epochs == 3 and type(params.train.epochs) is int
+    params = config.parse(with_change("train.max_steps", 3.0))
+    assert params.train.max_steps == 3 and type(params.train.max_steps) is int
     params = config.parse(with_change("train.learning_rate", 1))
     assert params.train.learning_rate == 1.0 and type(params.train.learning_rate) is float
     assert config.parse(with_change("data.categories", "forest, street")).data.categories == (
@@ -282,9 +295,9 @@ def test_whole_numbers_and_numbers_keep_their_type():
 
 def test_the_models_are_frozen_and_buildable_from_keywords():
     cfg = config.TrainConfig(batch_size=2, crop=32)
-    assert (cfg.batch_size, cfg.crop, cfg.epochs) == (2, 32, 8)
+    assert (cfg.batch_size, cfg.crop, cfg.max_steps) == (2, 32, 2000)
     with pytest.raises(pydantic.ValidationError, match="frozen"):
-        cfg.epochs = 3
+        cfg.max_steps = 3
     assert isinstance(config.parse(defaults()).data.categories, tuple)
 
 
@@ -298,7 +311,7 @@ def test_numbers_read_as_yaml_1_2_like_dvc_writes_them(tmp_path, written):
     (tmp_path / "params.yaml").write_text(text)
     params = config.load(tmp_path / "params.yaml")
     assert params.train.learning_rate == params.filter.noise_std == float(written.replace("_", ""))
-    assert type(params.train.epochs) is int and params.kernel == "sobel_x"
+    assert type(params.train.max_steps) is int and params.kernel == "sobel_x"
 
 
 def test_params_yaml_holds_exactly_the_models_defaults():
@@ -323,7 +336,7 @@ def test_flatten_names_nested_keys_with_dots():
     "change, expected",
     [
         ("kernel: sobel_z", "error: kernel: unknown kernel 'sobel_z'; choose from"),
-        ("train: {epochs: abc}", "error: train.epochs must be a whole number, got 'abc'"),
+        ("train: {max_steps: abc}", "error: train.max_steps must be a whole number, got 'abc'"),
         ("seed: 4294967296", "error: seed must be at most 4294967295, got 4294967296"),
         ("data: {size: 100000}", "error: data.size must be at most 4096, got 100000"),
     ],
@@ -374,3 +387,23 @@ def test_an_mlflow_name_mlflow_would_refuse_after_training_is_refused_at_load(ke
 def test_data_count_is_bounded_before_anything_is_allocated():
     with pytest.raises(UserError, match=r"^data.count must be at most 1000000, got 1000000000000"):
         config.parse({"data": {"count": 1e12}})
+
+
+def test_the_original_recipe_is_the_seeds_training():
+    cfg = config.parse(with_change("train.recipe", "original")).train
+    assert cfg.batch_size == 16, "the params keep their values; effective() applies the recipe"
+    used = cfg.effective()
+    assert (used.optimizer, used.learning_rate, used.batch_size, used.crop) == ("adam", 1e-3, 1, 0)
+    assert (used.whiten, used.precondition) == ("none", "none")
+    assert config.Params().train.effective() == config.Params().train
+
+
+def test_the_original_recipe_refuses_a_key_it_sets():
+    doc = with_change("train.recipe", "original")
+    doc["train"]["batch_size"] = 4
+    with pytest.raises(UserError) as error:
+        config.parse(doc)
+    assert str(error.value) == (
+        "train.recipe original sets train.batch_size to 1 itself; leave "
+        "train.batch_size at 16, or use train.recipe fast"
+    )
