@@ -77,9 +77,10 @@ def kernel_picture(
 
 
 def value_format(limit: float) -> str:
-    """A format with three significant digits at the scale of `limit`: 2 → '{:.2f}'."""
-    decimals = int(np.clip(2 - math.floor(math.log10(limit)), 0, 6))
-    return f"{{:.{decimals}f}}"
+    """A format with three significant digits at the scale of `limit`: 2 → '{:.2f}';
+    below 1e-4, where that needs more than six decimals, two digits in e-notation."""
+    decimals = 2 - math.floor(math.log10(limit))
+    return f"{{:.{max(decimals, 0)}f}}" if decimals <= 6 else "{:.1e}"
 
 
 def _label(value: float, fmt: str) -> str:
@@ -267,41 +268,56 @@ def write_gif(
 
 
 def comparison(
-    true_kernel: np.ndarray, learned_kernel: np.ndarray, rel_error: float | None = None
+    true_kernel: np.ndarray,
+    learned_kernel: np.ndarray,
+    rel_error: float | None = None,
+    bias: float | None = None,
 ) -> Figure:
-    """Ground truth | learned | difference (learned − true), on one colour scale.
+    """True | learned on one colour scale, and their difference (learned − true) on its own.
 
-    The shared range is symmetric about zero and covers all three panels, so a
-    small difference looks small. Kernels up to 5×5 have their values written in.
+    True and learned share a range symmetric about zero, so they compare cell by
+    cell. The difference is often orders of magnitude smaller (3e-8 against ±0.08),
+    which on that range would be blank: it gets its own symmetric range,
+    ±max|difference|, and its own colour bar. Kernels up to 5×5 have their values
+    written in.
     """
     true = _as_kernel(true_kernel)
     learned = _as_kernel(learned_kernel)
     if true.shape != learned.shape:
         raise ValueError(f"true kernel {true.shape} and learned kernel {learned.shape} differ")
     difference = learned - true
-    limit = symmetric_limit(true, learned, difference)
-    norm = Normalize(-limit, limit)
-    fmt = value_format(limit)
+    limit = symmetric_limit(true, learned)
+    diff_limit = symmetric_limit(difference)
     panel = 3.0
 
-    fig = Figure(figsize=(3 * panel + 1.2, panel + 0.9), layout="constrained")
+    fig = Figure(figsize=(3 * panel + 2.4, panel + 1.0), layout="constrained")
     axes = fig.subplots(1, 3)
-    titles = (
-        "ground truth",
-        "learned",
-        f"difference (learned − truth)\nmax |difference| {np.max(np.abs(difference)):.2e}",
+    largest = float(np.max(np.abs(difference)))
+    panels = (
+        ("true kernel", true, limit, "weight"),
+        ("learned kernel", learned, limit, "weight (same scale as true)"),
+        (
+            f"learned − true (own scale)\nmax |difference| {largest:.1e}",
+            difference,
+            diff_limit,
+            "learned − true",
+        ),
     )
-    for ax, kernel, title in zip(axes, (true, learned, difference), titles):
+    for ax, (title, kernel, m, bar_label) in zip(axes, panels):
+        norm = Normalize(-m, m)
         image = ax.imshow(kernel, cmap=KERNEL_CMAP, norm=norm, interpolation="nearest")
         ax.set_title(title)
         _kernel_axes(ax, true.shape)
+        fig.colorbar(image, ax=ax, shrink=0.8, label=bar_label)
         if max(true.shape) <= MAX_LABELLED:
-            size = np.clip(_cell_fontsize(panel * 0.85, max(true.shape), fmt), MIN_FONTSIZE, 12)
+            fmt = value_format(m)
+            size = np.clip(_cell_fontsize(panel * 0.75, max(true.shape), fmt), MIN_FONTSIZE, 12)
             _write_values(ax, kernel, norm, fmt, size)
-    fig.colorbar(image, ax=axes, shrink=0.85, label="weight (one scale for all three)")
     heading = f"{true.shape[0]}×{true.shape[1]} kernel"
     if rel_error is not None:
         heading += f": kernel_rel_error ‖w − k‖² / ‖k‖² = {rel_error:.2e}"
+    if bias is not None:
+        heading += f", learned bias {bias:.1e}"
     fig.suptitle(heading)
     return fig
 

@@ -133,23 +133,48 @@ def test_convergence_rejects_mismatched_inputs():
 
 def test_comparison_of_a_3x3_kernel():
     learned = SOBEL + 0.01
-    fig = figures.comparison(SOBEL, learned, rel_error=1.2e-3)
+    fig = figures.comparison(SOBEL, learned, rel_error=1.2e-3, bias=-2e-4)
     axes = panels(fig)
     assert [ax.get_title().split("\n")[0] for ax in axes] == [
-        "ground truth",
-        "learned",
-        "difference (learned − truth)",
+        "true kernel",
+        "learned kernel",
+        "learned − true (own scale)",
     ]
-    assert len(colour_bars(fig)) == 1
-    assert {image(ax).get_clim() for ax in axes} == {(-2.01, 2.01)}  # one shared scale
+    assert len(colour_bars(fig)) == 3  # one on every panel
+    assert image(axes[0]).get_clim() == image(axes[1]).get_clim() == (-2.01, 2.01)
+    assert image(axes[2]).get_clim() == pytest.approx((-0.01, 0.01))
     for ax in axes:
         assert len(ax.texts) == 9
         assert ax.get_xlabel() == "column" and ax.get_ylabel() == "row"
     truth_labels = {t.get_text(): t.get_color() for t in axes[0].texts}
     assert truth_labels["2.00"] == "white" and truth_labels["0"] == "black"  # readable contrast
-    assert [t.get_text() for t in axes[2].texts] == ["0.01"] * 9
-    assert "1.20e-03" in fig._suptitle.get_text()
+    assert [t.get_text() for t in axes[2].texts] == ["0.0100"] * 9
+    assert "1.20e-03" in fig._suptitle.get_text() and "bias -2.0e-04" in fig._suptitle.get_text()
     assert_fits(fig)
+
+
+def test_a_tiny_difference_fills_its_own_scale():
+    """3e-8 on the kernels' ±2 scale would be white; on its own it spans the colour map."""
+    difference = 3e-8 * np.random.default_rng(3).normal(size=SOBEL.shape)
+    fig = figures.comparison(SOBEL, SOBEL + difference)
+    ax_true, ax_learned, ax_difference = panels(fig)
+    largest = np.abs(difference).max()
+    low, high = image(ax_difference).get_clim()
+    assert low == pytest.approx(-largest, rel=1e-6) and high == pytest.approx(largest, rel=1e-6)
+    assert image(ax_true).get_clim() == image(ax_learned).get_clim()
+    assert image(ax_true).get_clim() == pytest.approx((-2.0, 2.0))
+    assert f"{largest:.1e}" in ax_difference.get_title()
+    labels = [t.get_text() for t in ax_difference.texts]
+    assert all("e-0" in label for label in labels)  # not rounded to 0
+    assert colour_bars(fig)[2].get_ylabel() == "learned − true"
+    assert_fits(fig)
+
+
+def test_an_exact_kernel_has_a_zero_difference_on_a_unit_scale():
+    fig = figures.comparison(SOBEL, SOBEL.copy())
+    ax_difference = panels(fig)[2]
+    assert image(ax_difference).get_clim() == (-1.0, 1.0)
+    assert {t.get_text() for t in ax_difference.texts} == {"0"}
 
 
 @pytest.mark.parametrize("shape, labels", [((5, 5), 25), ((5, 2), 10), ((6, 6), 0), ((32, 32), 0)])
@@ -164,6 +189,8 @@ def test_value_format_has_three_significant_digits():
     assert figures.value_format(2.0).format(-1.987) == "-1.99"
     assert figures.value_format(0.162).format(0.0981) == "0.098"
     assert figures.value_format(40.0).format(12.34) == "12.3"
+    assert figures.value_format(3e-4).format(2.5e-4) == "0.000250"
+    assert figures.value_format(3e-8).format(-2.5e-8) == "-2.5e-08"
 
 
 # --- one image through the model ----------------------------------------------------
