@@ -1,8 +1,9 @@
 """Train stage: a single linear conv layer learns the kernel; every epoch goes to MLflow.
 
 Reads data/gray and data/filtered (only the rows each batch needs, src/stack.py),
-writes model/ (the learned kernel, its per-epoch history, the Keras model, the
-MLflow run id), metrics/train.json and the per-epoch metrics/history.csv.
+writes model/ (the learned kernel and bias, its per-epoch history, the Keras model,
+the MLflow run id), metrics/train.json, the per-epoch metrics/history.csv and
+metrics/steps.csv (for now one row per epoch).
 """
 
 from src import console
@@ -84,11 +85,17 @@ def main() -> None:
             callbacks=[snapshots, LogEpochToMlflow(run_id, model_id, true_kernel, value_range)],
         )
         history = pd.DataFrame(fit.history).assign(epoch=np.array(fit.epoch) + 1)
+        # STOPGAP until the trainer snapshots the kernel at log-spaced steps: one
+        # snapshot per epoch, at the epoch's last step; no step-0 snapshot yet
+        steps = history[["epoch", "kernel_mse", "kernel_rel_error"]].assign(
+            step=history.epoch * fit.params["steps"]
+        )
 
         with atomic_dir(paths.MODEL) as out:
             stage_files.write_model(
                 out,
                 learned_kernel=layers.learned_kernel(model),
+                bias=float(model.get_layer("conv").get_weights()[1][0]),
                 kernel_history=snapshots.stacked,
                 model=model,
                 run={
@@ -98,6 +105,7 @@ def main() -> None:
                 },
             )
         stage_files.write_history(history)
+        stage_files.write_steps(steps)
         last = history.iloc[-1]
         metrics = {
             "kernel_mse": last.kernel_mse,
