@@ -78,9 +78,10 @@ def kernel_picture(
 
 def value_format(limit: float) -> str:
     """A format with three significant digits at the scale of `limit`: 2 → '{:.2f}';
-    below 1e-4, where that needs more than six decimals, two digits in e-notation."""
+    below 0.01, where that needs more than four decimals, two digits in e-notation,
+    which stays as narrow as the cells ('-3.2e-04', not '-0.000321')."""
     decimals = 2 - math.floor(math.log10(limit))
-    return f"{{:.{max(decimals, 0)}f}}" if decimals <= 6 else "{:.1e}"
+    return f"{{:.{max(decimals, 0)}f}}" if decimals <= 4 else "{:.1e}"
 
 
 def _label(value: float, fmt: str) -> str:

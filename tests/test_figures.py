@@ -231,7 +231,8 @@ def test_value_format_has_three_significant_digits():
     assert figures.value_format(2.0).format(-1.987) == "-1.99"
     assert figures.value_format(0.162).format(0.0981) == "0.098"
     assert figures.value_format(40.0).format(12.34) == "12.3"
-    assert figures.value_format(3e-4).format(2.5e-4) == "0.000250"
+    assert figures.value_format(0.03).format(0.0251) == "0.0251"
+    assert figures.value_format(3e-4).format(2.5e-4) == "2.5e-04"
     assert figures.value_format(3e-8).format(-2.5e-8) == "-2.5e-08"
 
 
