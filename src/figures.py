@@ -26,7 +26,7 @@ from PIL import Image
 
 KERNEL_CMAP = "RdBu_r"  # diverging: negative weights blue, zero white, positive red
 IMAGE_CMAP = "gray"
-MAX_FRAMES = 60  # more epochs than this are subsampled, first and last kept
+MAX_FRAMES = 60  # more kernel snapshots than this are subsampled, first and last kept
 MAX_LABELLED = 5  # kernels up to 5×5 get their values written in the cells
 MIN_FONTSIZE = 6.5  # ... if the values fit at this size (pt) or larger
 DPI = 120  # for the PNGs
@@ -77,9 +77,11 @@ def kernel_picture(
 
 
 def value_format(limit: float) -> str:
-    """A format with three significant digits at the scale of `limit`: 2 → '{:.2f}'."""
-    decimals = int(np.clip(2 - math.floor(math.log10(limit)), 0, 6))
-    return f"{{:.{decimals}f}}"
+    """A format with three significant digits at the scale of `limit`: 2 → '{:.2f}';
+    below 0.01, where that needs more than four decimals, two digits in e-notation,
+    which stays as narrow as the cells ('-3.2e-04', not '-0.000321')."""
+    decimals = 2 - math.floor(math.log10(limit))
+    return f"{{:.{max(decimals, 0)}f}}" if decimals <= 4 else "{:.1e}"
 
 
 def _label(value: float, fmt: str) -> str:
@@ -133,45 +135,54 @@ def _as_kernel(kernel: np.ndarray) -> np.ndarray:
     return k
 
 
-# --- 1. the kernel converging, epoch by epoch -------------------------------------
+# --- 1. the kernel converging, step by step -----------------------------------------
 
 
-def frame_epochs(n_epochs: int, max_frames: int = MAX_FRAMES) -> np.ndarray:
-    """0-based indices of the epochs to animate: all of them, or max_frames spread
-    evenly with the first and last always kept."""
-    if n_epochs < 1:
-        raise ValueError("there are no epochs to animate")
+def frame_indices(n_snapshots: int, max_frames: int = MAX_FRAMES) -> np.ndarray:
+    """0-based indices of the kernel snapshots to animate: all of them, or max_frames
+    spread evenly with the first and last always kept."""
+    if n_snapshots < 1:
+        raise ValueError("there are no kernel snapshots to animate")
     if max_frames < 2:
         raise ValueError(f"max_frames must be at least 2, got {max_frames}")
-    if n_epochs <= max_frames:
-        return np.arange(n_epochs)
-    return np.unique(np.round(np.linspace(0, n_epochs - 1, max_frames)).astype(int))
+    if n_snapshots <= max_frames:
+        return np.arange(n_snapshots)
+    return np.unique(np.round(np.linspace(0, n_snapshots - 1, max_frames)).astype(int))
+
+
+def step_label(step: int, epoch: int, rel_error: float) -> str:
+    """The learned panel's title in a frame: where in training the snapshot is."""
+    when = "initial weights" if step == 0 else f"epoch {epoch}"
+    return f"learned, step {step} ({when})\nkernel_rel_error {rel_error:.1e}"
 
 
 def convergence_frames(
     kernels: np.ndarray,
-    rel_errors: Sequence[float],
+    steps: Mapping[str, Sequence[float]],
     true_kernel: np.ndarray,
     max_frames: int = MAX_FRAMES,
 ) -> tuple[list[np.ndarray], np.ndarray]:
     """Frames of the learned kernel (left) converging to the true one (right).
 
-    kernels is (E, kh, kw), the learned kernel after epochs 1..E; rel_errors its
-    kernel_rel_error per epoch. Every frame uses the same colour range,
-    ±max|true kernel|, so colours are comparable between frames (weights beyond it
-    are clipped, which the colour bar's pointed ends show). Returns the frames as
-    uint8 (H, W, 3) arrays, all the same size, and the 1-based epoch of each.
+    kernels is (n, kh, kw), the snapshots the trainer took at log-spaced optimizer
+    steps; steps the matching table (metrics/steps.csv) with each one's step, epoch
+    and kernel_rel_error, which label the frames. Every frame uses the same colour
+    range, ±max|true kernel|, so colours are comparable between frames (weights
+    beyond it are clipped, which the colour bar's pointed ends show). Returns the
+    frames as uint8 (H, W, 3) arrays, all the same size, and the step of each.
     """
     kernels = np.asarray(kernels, dtype=np.float64)
     true = _as_kernel(true_kernel)
-    rel_errors = np.asarray(rel_errors, dtype=np.float64)
     if kernels.ndim != 3 or kernels.shape[1:] != true.shape:
         raise ValueError(
-            f"kernels must be (epochs, {true.shape[0]}, {true.shape[1]}), got {kernels.shape}"
+            f"kernels must be (snapshots, {true.shape[0]}, {true.shape[1]}), got {kernels.shape}"
         )
-    if len(rel_errors) != len(kernels):
-        raise ValueError(f"{len(rel_errors)} kernel_rel_error values for {len(kernels)} epochs")
-    picked = frame_epochs(len(kernels), max_frames)
+    step, epoch, rel_errors = (
+        np.asarray(steps[key]) for key in ("step", "epoch", "kernel_rel_error")
+    )
+    if not len(step) == len(epoch) == len(rel_errors) == len(kernels):
+        raise ValueError(f"{len(step)} rows of steps for {len(kernels)} kernel snapshots")
+    picked = frame_indices(len(kernels), max_frames)
     limit = symmetric_limit(true)
     norm = Normalize(-limit, limit)
     fmt = value_format(limit)
@@ -182,10 +193,12 @@ def convergence_frames(
     style = dict(cmap=KERNEL_CMAP, norm=norm, interpolation="nearest")
     learned_image = ax_learned.imshow(kernels[picked[0]], **style)
     ax_true.imshow(true, **style)
-    # the epoch goes in the learned panel's title, not a suptitle: then only the left
-    # half of the frame changes, and the GIF stores only that
-    title = ax_learned.set_title(" \n ")
-    ax_true.set_title("true kernel\n ")
+    # the step goes in the learned panel's title, not a suptitle: then only the left
+    # half of the frame changes, and the GIF stores only that. The layout is fitted
+    # to the widest title, so none is clipped.
+    widest = max((step_label(int(step[i]), int(epoch[i]), rel_errors[i]) for i in picked), key=len)
+    title = ax_learned.set_title(widest, fontsize=10)
+    ax_true.set_title("true kernel\n ", fontsize=10)
     for ax in (ax_learned, ax_true):
         _kernel_axes(ax, true.shape)
     ax_true.set_ylabel("")
@@ -195,24 +208,20 @@ def convergence_frames(
     if max(true.shape) <= MAX_LABELLED and size >= MIN_FONTSIZE:
         texts = _write_values(ax_learned, kernels[picked[0]], norm, fmt, size)
         _write_values(ax_true, true, norm, fmt, size)
+    canvas.draw()
+    fig.set_layout_engine("none")  # freeze the layout: the axes must not move between frames
 
     frames = []
-    width = len(str(len(kernels)))
-    for n, index in enumerate(picked):
+    for index in picked:
         kernel = kernels[index]
         learned_image.set_data(kernel)
         for text, value in zip(texts, kernel.ravel()):
             text.set_text(_label(value, fmt))
             text.set_color(_text_colour(colormaps[KERNEL_CMAP](norm(value))))
-        epoch = str(index + 1).rjust(width, "\u2007")  # figure space: as wide as a digit
-        title.set_text(
-            f"learned, epoch {epoch}/{len(kernels)}\nkernel_rel_error {rel_errors[index]:.2e}"
-        )
+        title.set_text(step_label(int(step[index]), int(epoch[index]), rel_errors[index]))
         canvas.draw()
-        if n == 0:  # freeze the layout: the axes must not move between frames
-            fig.set_layout_engine("none")
         frames.append(np.asarray(canvas.buffer_rgba())[..., :3].copy())
-    return frames, picked + 1
+    return frames, step[picked].astype(int)
 
 
 def gif_palette(cmap_colours: int = GIF_CMAP_COLOURS, grays: int = GIF_GRAYS) -> Image.Image:
@@ -267,41 +276,56 @@ def write_gif(
 
 
 def comparison(
-    true_kernel: np.ndarray, learned_kernel: np.ndarray, rel_error: float | None = None
+    true_kernel: np.ndarray,
+    learned_kernel: np.ndarray,
+    rel_error: float | None = None,
+    bias: float | None = None,
 ) -> Figure:
-    """Ground truth | learned | difference (learned − true), on one colour scale.
+    """True | learned on one colour scale, and their difference (learned − true) on its own.
 
-    The shared range is symmetric about zero and covers all three panels, so a
-    small difference looks small. Kernels up to 5×5 have their values written in.
+    True and learned share a range symmetric about zero, so they compare cell by
+    cell. The difference is often orders of magnitude smaller (3e-8 against ±0.08),
+    which on that range would be blank: it gets its own symmetric range,
+    ±max|difference|, and its own colour bar. Kernels up to 5×5 have their values
+    written in.
     """
     true = _as_kernel(true_kernel)
     learned = _as_kernel(learned_kernel)
     if true.shape != learned.shape:
         raise ValueError(f"true kernel {true.shape} and learned kernel {learned.shape} differ")
     difference = learned - true
-    limit = symmetric_limit(true, learned, difference)
-    norm = Normalize(-limit, limit)
-    fmt = value_format(limit)
+    limit = symmetric_limit(true, learned)
+    diff_limit = symmetric_limit(difference)
     panel = 3.0
 
-    fig = Figure(figsize=(3 * panel + 1.2, panel + 0.9), layout="constrained")
+    fig = Figure(figsize=(3 * panel + 2.4, panel + 1.0), layout="constrained")
     axes = fig.subplots(1, 3)
-    titles = (
-        "ground truth",
-        "learned",
-        f"difference (learned − truth)\nmax |difference| {np.max(np.abs(difference)):.2e}",
+    largest = float(np.max(np.abs(difference)))
+    panels = (
+        ("true kernel", true, limit, "weight"),
+        ("learned kernel", learned, limit, "weight (same scale as true)"),
+        (
+            f"learned − true (own scale)\nmax |difference| {largest:.1e}",
+            difference,
+            diff_limit,
+            "learned − true",
+        ),
     )
-    for ax, kernel, title in zip(axes, (true, learned, difference), titles):
+    for ax, (title, kernel, m, bar_label) in zip(axes, panels):
+        norm = Normalize(-m, m)
         image = ax.imshow(kernel, cmap=KERNEL_CMAP, norm=norm, interpolation="nearest")
         ax.set_title(title)
         _kernel_axes(ax, true.shape)
+        fig.colorbar(image, ax=ax, shrink=0.8, label=bar_label)
         if max(true.shape) <= MAX_LABELLED:
-            size = np.clip(_cell_fontsize(panel * 0.85, max(true.shape), fmt), MIN_FONTSIZE, 12)
+            fmt = value_format(m)
+            size = np.clip(_cell_fontsize(panel * 0.75, max(true.shape), fmt), MIN_FONTSIZE, 12)
             _write_values(ax, kernel, norm, fmt, size)
-    fig.colorbar(image, ax=axes, shrink=0.85, label="weight (one scale for all three)")
     heading = f"{true.shape[0]}×{true.shape[1]} kernel"
     if rel_error is not None:
         heading += f": kernel_rel_error ‖w − k‖² / ‖k‖² = {rel_error:.2e}"
+    if bias is not None:
+        heading += f", learned bias {bias:.1e}"
     fig.suptitle(heading)
     return fig
 
@@ -417,6 +441,7 @@ def sample_strip(
 
 # --- 4. training curves -----------------------------------------------------------
 
+# the per-epoch panels: (history column, title)
 CURVES = (
     ("kernel_rel_error", "kernel_rel_error\n‖w − k‖² / ‖k‖²"),
     ("kernel_mse", "kernel_mse\nmean (w − k)² over the weights"),
@@ -425,38 +450,55 @@ CURVES = (
 )
 
 
-def curves(history: Mapping[str, Sequence[float]]) -> Figure:
-    """The four per-epoch metrics against epoch, one log-scale panel each.
+def _log_curve(ax, x: np.ndarray, values: np.ndarray, key: str) -> None:
+    """values against x on a log y axis, only where positive; or a note if none is."""
+    shown = np.isfinite(values) & (values > 0)
+    ax.set_ylabel(key)
+    ax.grid(True, which="both", alpha=0.3)
+    if shown.any():
+        ax.plot(x[shown], values[shown], marker="o", markersize=3)
+        ax.set_yscale("log")
+    else:
+        ax.text(
+            0.5,
+            0.5,
+            f"no positive {key} values",
+            transform=ax.transAxes,
+            ha="center",
+            va="center",
+            color="0.4",
+        )
 
-    loss and val_loss are in different units (training sees whitened, rescaled
-    crops), so every metric gets its own axes rather than sharing one.
+
+def curves(history: Mapping[str, Sequence[float]], steps: Mapping[str, Sequence[float]]) -> Figure:
+    """kernel_rel_error at every kernel snapshot against the optimizer step (top), and
+    the four per-epoch metrics against the epoch, one log-scale panel each.
+
+    The step axis is symlog, linear up to step 1, so the initial weights at step 0
+    show beside the log-spaced snapshots. loss and val_loss are in different units
+    (training sees whitened, rescaled crops), so every metric gets its own axes.
     """
     epochs = np.asarray(history["epoch"], dtype=np.float64)
-    fig = Figure(figsize=(9.0, 6.4), layout="constrained")
-    axes = fig.subplots(2, 2, sharex=True)
-    for ax, (key, label) in zip(axes.ravel(), CURVES):
-        values = np.asarray(history[key], dtype=np.float64)
-        shown = np.isfinite(values) & (values > 0)
+    step = np.asarray(steps["step"], dtype=np.float64)
+    fig = Figure(figsize=(9.0, 9.0), layout="constrained")
+    axes = fig.subplot_mosaic(
+        [["steps", "steps"], [CURVES[0][0], CURVES[1][0]], [CURVES[2][0], CURVES[3][0]]],
+        height_ratios=[1.2, 1, 1],
+    )
+    ax = axes["steps"]
+    rel_errors = np.asarray(steps["kernel_rel_error"], dtype=np.float64)
+    _log_curve(ax, step, rel_errors, "kernel_rel_error")
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set_xlim(left=0)
+    ax.set_xlabel("optimizer step (0, then log scale)")
+    ax.set_title("kernel_rel_error at each kernel snapshot")
+    for key, label in CURVES:
+        ax = axes[key]
+        _log_curve(ax, epochs, np.asarray(history[key], dtype=np.float64), key)
         ax.set_title(label)
-        ax.set_ylabel(key)
-        ax.grid(True, which="both", alpha=0.3)
-        if shown.any():
-            ax.plot(epochs[shown], values[shown], marker="o", markersize=3)
-            ax.set_yscale("log")
-        else:
-            ax.text(
-                0.5,
-                0.5,
-                f"no positive {key} values",
-                transform=ax.transAxes,
-                ha="center",
-                va="center",
-                color="0.4",
-            )
-    for ax in axes[1]:
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.suptitle(f"training history, {len(epochs)} epochs")
+    fig.suptitle(f"training history: {len(epochs)} epochs, {int(step[-1])} optimizer steps")
     return fig
 
 

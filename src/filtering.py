@@ -94,6 +94,13 @@ def correlate(
     return out.astype(np.float32)
 
 
+def predict(images: np.ndarray, conv_kernel: np.ndarray, bias: float, padding: str) -> np.ndarray:
+    """What the trained layer outputs for an (N, H, W) batch: the correlation with its
+    kernel plus its bias, float32. Computed here, not by Keras, so that a stage that
+    only draws the model's prediction needs no TensorFlow."""
+    return correlate(images, conv_kernel, padding) + np.float32(bias)
+
+
 def add_noise(targets: np.ndarray, std: float, rng: np.random.Generator) -> np.ndarray:
     """targets + N(0, std²) per pixel, as float32.
 

@@ -3,8 +3,9 @@
     download   data/raw/images/, data/raw/manifest.csv        name,split of every image
     grayscale  data/gray/images.npy (a stack), index.csv      name,split of each stack row
     filter     data/filtered/targets.npy (a stack), kernel.npy, filter.json
-    train      model/ (kernel.npy, kernels.npy, model.keras, run.json),
-               metrics/history.csv (one row per epoch), metrics/train.json
+    train      model/ (kernel.npy, bias.json, kernels.npy, model.keras, run.json),
+               metrics/history.csv (one row per epoch), metrics/steps.csv (one row
+               per kernel snapshot), metrics/train.json
     visualize  figures/
 
 Writers put their files into the temporary folder of an atomic_dir (src/atomic.py),
@@ -30,6 +31,8 @@ SPLITS = ("train", "val")
 SPLIT_COLUMNS = ["name", "split"]
 HISTORY_COLUMNS = ["epoch", "loss", "val_loss", "kernel_mse", "kernel_rel_error", "elapsed_s"]
 OPTIONAL_HISTORY_COLUMNS = {"val_loss"}  # none without held-out images: its cells stay empty
+# step: the optimizer step of a kernel snapshot; epoch: the 1-based epoch it falls in, 0 for step 0
+STEPS_COLUMNS = ["step", "epoch", "kernel_mse", "kernel_rel_error"]
 
 
 # Who writes what: a missing file names the stage that makes it.
@@ -39,6 +42,7 @@ WRITERS = {
     paths.FILTERED: "filter",
     paths.MODEL: "train",
     paths.HISTORY: "train",
+    paths.STEPS: "train",
 }
 # What each stage reads, in the order it is checked: the first one missing is named.
 INPUTS = {
@@ -47,9 +51,10 @@ INPUTS = {
     "visualize": (
         paths.KERNEL_HISTORY,
         paths.LEARNED_KERNEL,
-        paths.MODEL_FILE,
+        paths.BIAS,
         paths.RUN_INFO,
         paths.HISTORY,
+        paths.STEPS,
         paths.KERNEL,
         paths.FILTER_INFO,
         paths.TARGETS,
@@ -210,12 +215,20 @@ def read_filter_info() -> FilterInfo:
 
 
 def write_model(
-    folder: Path, *, learned_kernel: np.ndarray, kernel_history: np.ndarray, model, run: dict
+    folder: Path,
+    *,
+    learned_kernel: np.ndarray,
+    bias: float,
+    kernel_history: np.ndarray,
+    model,
+    run: dict,
 ) -> None:
-    """Into the train stage's `folder`: the final kernel, the kernel after every epoch
-    (epochs, kh, kw), the Keras model in the filter's padding, and the MLflow run."""
+    """Into the train stage's `folder`: the final kernel and bias, the kernel snapshots
+    (n, kh, kw) of metrics/steps.csv's rows, the Keras model in the filter's padding,
+    and the MLflow run."""
     folder = Path(folder)
     np.save(folder / paths.LEARNED_KERNEL.name, learned_kernel)
+    write_json(folder / paths.BIAS.name, {"bias": float(bias)})
     np.save(folder / paths.KERNEL_HISTORY.name, kernel_history)
     model.save(folder / paths.MODEL_FILE.name)
     write_json(folder / paths.RUN_INFO.name, run)
@@ -234,12 +247,24 @@ def read_run() -> dict:
     return run
 
 
-def read_learned_kernels() -> tuple[np.ndarray, np.ndarray]:
-    """(the final learned kernel, the kernel after every epoch), as float64."""
-    return (
-        _load_kernels(paths.LEARNED_KERNEL, 2, "train"),
-        _load_kernels(paths.KERNEL_HISTORY, 3, "train"),
-    )
+def read_learned_layer() -> tuple[np.ndarray, float]:
+    """The final model's (kernel, bias): its kernel as float64, in Conv2D orientation
+    like the true kernel, so filtering.predict reproduces the model without Keras."""
+    kernel = _load_kernels(paths.LEARNED_KERNEL, 2, "train")
+    if not paths.BIAS.is_file():
+        raise _missing(paths.BIAS)
+    try:
+        bias = json.loads(paths.BIAS.read_text())["bias"]
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not np.isfinite(bias):
+            raise ValueError("not a finite number")
+    except (ValueError, TypeError, KeyError):
+        raise UserError(f"{paths.BIAS} holds no finite bias; {_rerun('train')}") from None
+    return kernel, float(bias)
+
+
+def read_kernel_snapshots() -> np.ndarray:
+    """The (n, kh, kw) kernel snapshots, one per row of metrics/steps.csv, as float64."""
+    return _load_kernels(paths.KERNEL_HISTORY, 3, "train")
 
 
 def write_history(history: pd.DataFrame) -> None:
@@ -252,20 +277,51 @@ def write_history(history: pd.DataFrame) -> None:
         history.reindex(columns=HISTORY_COLUMNS).to_csv(handle, index=False, float_format="%.6g")
 
 
-def read_history() -> pd.DataFrame:
+def _read_metrics_table(path: Path, columns: list[str]) -> pd.DataFrame:
+    """A table the train stage wrote; missing, empty or lacking a column names train."""
     try:
-        history = pd.read_csv(paths.HISTORY)
+        table = pd.read_csv(path)
     except FileNotFoundError:
-        raise _missing(paths.HISTORY) from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError):
-        history = pd.DataFrame()
-    missing = [c for c in HISTORY_COLUMNS if c not in history.columns]
-    if history.empty or missing:
+        raise _missing(path) from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
+        table = pd.DataFrame()
+    missing = [c for c in columns if c not in table.columns]
+    if table.empty or missing:
         raise UserError(
-            f"{paths.HISTORY} has no rows or lacks {', '.join(missing)}; "
+            f"{path} has no rows or lacks {', '.join(missing)}; "
             "rerun training with `dvc repro -f train`"
         )
-    return history
+    return table
+
+
+def read_history() -> pd.DataFrame:
+    """metrics/history.csv: one row per epoch, at least the columns of HISTORY_COLUMNS."""
+    return _read_metrics_table(paths.HISTORY, HISTORY_COLUMNS)
+
+
+def write_steps(steps: pd.DataFrame) -> None:
+    """metrics/steps.csv: one row per kernel snapshot in model/kernels.npy, the columns
+    of STEPS_COLUMNS (step and epoch as integers)."""
+    missing = set(STEPS_COLUMNS) - set(steps.columns)
+    if missing:
+        raise ValueError(f"the steps table lacks {', '.join(sorted(missing))}")
+    table = steps.reindex(columns=STEPS_COLUMNS).astype({"step": int, "epoch": int})
+    with atomic_file(paths.STEPS) as handle:
+        table.to_csv(handle, index=False, float_format="%.6g")
+
+
+def read_steps() -> pd.DataFrame:
+    """metrics/steps.csv: step, epoch, kernel_mse, kernel_rel_error per kernel snapshot,
+    the steps whole numbers rising from 0 or more."""
+    steps = _read_metrics_table(paths.STEPS, STEPS_COLUMNS)
+    counts = steps[["step", "epoch"]].apply(pd.to_numeric, errors="coerce").to_numpy(float)
+    whole = np.all(counts >= 0) and np.all(counts == np.round(counts))
+    if not (whole and np.all(np.diff(counts[:, 0]) > 0)):
+        raise UserError(
+            f"{paths.STEPS}: step and epoch must be whole numbers from 0, step rising; "
+            "rerun training with `dvc repro -f train`"
+        )
+    return steps.astype({"step": int, "epoch": int})
 
 
 def write_train_metrics(metrics: dict) -> None:

@@ -1,28 +1,28 @@
 """Visualize stage: the kernel converging, learned vs true, one validation image through
-the model, and the training curves; all four also go into the training's MLflow run.
+the learned layer, and the training curves; all four also go into the training's MLflow run.
 
-Reads model/, metrics/history.csv, data/filtered (the true kernel, the targets and
-filter.json), data/gray and, for the colour original, data/raw/images. Writes figures/:
-  convergence.gif  the learned kernel after every epoch beside the true one
-  comparison.png   true | learned | difference on one colour scale
+Reads model/ (the learned kernel and bias, the kernel snapshots, the MLflow run),
+metrics/history.csv and metrics/steps.csv, data/filtered (the true kernel, the targets
+and filter.json), data/gray and, for the colour original, data/raw/images. Writes figures/:
+  convergence.gif  the learned kernel at every snapshot step beside the true one
+  comparison.png   true | learned on one colour scale, their difference on its own
   sample.png       the first validation image: original, grayscale, target, prediction, residual
-  curves.png       kernel_rel_error, kernel_mse, loss and val_loss per epoch
+  curves.png       kernel_rel_error per snapshot step; kernel_rel_error, kernel_mse, loss
+                   and val_loss per epoch
+
+No TensorFlow: the prediction is the learned kernel correlated in the filter's padding,
+plus the bias (src/filtering.py), which is what the Keras layer computes.
 """
 
-from src import console
+import logging
 
-if __name__ == "__main__":  # run as a stage, not imported by a test
-    console.hide_tensorflow_logs()  # before TensorFlow is imported
+import mlflow
+import numpy as np
 
-import logging  # noqa: E402
-
-import mlflow  # noqa: E402
-import numpy as np  # noqa: E402
-
-from src import figures, images, layers, paths, stage_files, tracking  # noqa: E402
-from src.atomic import atomic_dir  # noqa: E402
-from src.errors import UserError, run_stage  # noqa: E402
-from src.padding import target_offset  # noqa: E402
+from src import figures, filtering, images, paths, stage_files, tracking
+from src.atomic import atomic_dir
+from src.errors import UserError, run_stage
+from src.padding import target_offset
 
 log = logging.getLogger("visualize")
 
@@ -52,16 +52,6 @@ def read_original(name: str, size: int) -> np.ndarray | None:
     return rgb if np.ptp(rgb, axis=-1).any() else None
 
 
-def load_model():
-    try:
-        return layers.load_model(paths.MODEL_FILE)
-    except (ValueError, OSError, TypeError) as exc:
-        raise UserError(
-            f"{paths.MODEL_FILE} could not be loaded ({type(exc).__name__}); "
-            "rerun training with `dvc repro -f train`"
-        ) from None
-
-
 def main() -> None:
     stage_files.require_inputs("visualize")
     run = stage_files.read_run()
@@ -73,15 +63,21 @@ def main() -> None:
         )
 
     with tracking.resume_run(run["run_id"]):  # before the work: a bad store fails at once
-        learned, kernels = stage_files.read_learned_kernels()
+        learned, bias = stage_files.read_learned_layer()
+        kernels = stage_files.read_kernel_snapshots()
         true_kernel = stage_files.read_true_kernel()
         padding = stage_files.read_filter_info().padding
         history = stage_files.read_history()
-        if len(kernels) != len(history) or kernels.shape[1:] != true_kernel.shape:
+        steps = stage_files.read_steps()
+        if (
+            len(kernels) != len(steps)
+            or kernels.shape[1:] != true_kernel.shape
+            or learned.shape != true_kernel.shape
+        ):
             raise UserError(
-                f"{paths.KERNEL_HISTORY} {kernels.shape}, {paths.HISTORY} "
-                f"({len(history)} epochs) and {paths.KERNEL} "
-                f"{true_kernel.shape} don't match; "
+                f"{paths.KERNEL_HISTORY} {kernels.shape}, {paths.STEPS} "
+                f"({len(steps)} snapshots), {paths.LEARNED_KERNEL} {learned.shape} and "
+                f"{paths.KERNEL} {true_kernel.shape} don't match; "
                 "rerun training with `dvc repro -f train`"
             )
 
@@ -92,20 +88,20 @@ def main() -> None:
             gray = grays[row]
         with stage_files.open_targets() as targets:
             target = targets[row]
-        prediction = load_model()(gray[None, :, :, None], training=False).numpy()[0, :, :, 0]
+        prediction = filtering.predict(gray[None], learned, bias, padding)[0]
         if prediction.shape != target.shape:
             raise UserError(
-                f"the model outputs {prediction.shape} for {names[row]}, but its "
-                f"target is {target.shape}; rerun with `dvc repro -f train`"
+                f"the learned kernel predicts {prediction.shape} for {names[row]}, but its "
+                f"target is {target.shape}; rerun with `dvc repro -f filter train`"
             )
         original = read_original(names[row], gray.shape[0])
 
-        errors = history["kernel_rel_error"].to_numpy()
+        final_error = float(steps["kernel_rel_error"].iloc[-1])
         with atomic_dir(paths.FIGURES) as out:
-            frames, epochs = figures.convergence_frames(kernels, errors, true_kernel)
+            frames, shown = figures.convergence_frames(kernels, steps, true_kernel)
             figures.write_gif(frames, out / "convergence.gif")
             pictures = {
-                "comparison.png": figures.comparison(true_kernel, learned, errors[-1]),
+                "comparison.png": figures.comparison(true_kernel, learned, final_error, bias),
                 "sample.png": figures.sample_strip(
                     gray,
                     target,
@@ -114,7 +110,7 @@ def main() -> None:
                     window_centre(true_kernel.shape, padding),
                     title=f"{names[row]} ({splits[row]}), {padding} padding",
                 ),
-                "curves.png": figures.curves(history),
+                "curves.png": figures.curves(history, steps),
             }
             for name, fig in pictures.items():
                 fig.savefig(out / name, dpi=figures.DPI)
@@ -122,10 +118,13 @@ def main() -> None:
 
     gif_kb = (paths.FIGURES / "convergence.gif").stat().st_size / 1024
     log.info(
-        "%s: convergence.gif (%d frames of %d epochs, %.0f KB), %s; sample image %s",
+        "%s: convergence.gif (%d frames of %d kernel snapshots, steps %d to %d, %.0f KB), "
+        "%s; sample image %s",
         paths.FIGURES,
-        len(epochs),
+        len(shown),
         len(kernels),
+        shown[0],
+        shown[-1],
         gif_kb,
         ", ".join(pictures),
         names[row],

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.image import AxesImage
-from PIL import Image
+from PIL import Image, ImageSequence
 
 from src import figures, kernels
 
@@ -40,55 +41,95 @@ def assert_fits(fig):
     assert drawn.x1 <= size[0] + 0.01 and drawn.y1 <= size[1] + 0.01
 
 
-def converging(true: np.ndarray, epochs: int) -> tuple[np.ndarray, np.ndarray]:
-    """Kernels t·true for t rising to 1 at the last epoch, and their kernel_rel_error."""
-    t = np.linspace(0.2, 1.0, epochs)[:, None, None]
+def converging(true: np.ndarray, snapshots: int) -> tuple[np.ndarray, pd.DataFrame]:
+    """Kernels t·true for t rising to 1 at the last snapshot, at log-spaced steps from 0
+    (1000 steps an epoch), and their steps table as metrics/steps.csv holds it."""
+    t = np.linspace(0.2, 1.0, snapshots)[:, None, None]
     stack = t * true
-    return stack, np.sum((stack - true) ** 2, axis=(1, 2)) / np.sum(true**2)
+    step = np.concatenate([[0], np.round(np.geomspace(10, 1e5, snapshots - 1)).astype(int)])
+    rel = np.sum((stack - true) ** 2, axis=(1, 2)) / np.sum(true**2)
+    table = pd.DataFrame(
+        {
+            "step": step,
+            "epoch": np.where(step == 0, 0, (step - 1) // 1000 + 1),
+            "kernel_mse": np.mean((stack - true) ** 2, axis=(1, 2)),
+            "kernel_rel_error": rel,
+        }
+    )
+    return stack, table
+
+
+def read_gif(path) -> list[np.ndarray]:
+    with Image.open(path) as gif:
+        return [np.asarray(frame.convert("RGB")) for frame in ImageSequence.Iterator(gif)]
 
 
 # --- the animation --------------------------------------------------------------
 
 
-def test_frame_epochs_keeps_every_epoch_up_to_the_limit():
-    np.testing.assert_array_equal(figures.frame_epochs(1), [0])
-    np.testing.assert_array_equal(figures.frame_epochs(8), np.arange(8))
-    np.testing.assert_array_equal(figures.frame_epochs(60), np.arange(60))
+def test_frame_indices_keeps_every_snapshot_up_to_the_limit():
+    np.testing.assert_array_equal(figures.frame_indices(1), [0])
+    np.testing.assert_array_equal(figures.frame_indices(8), np.arange(8))
+    np.testing.assert_array_equal(figures.frame_indices(60), np.arange(60))
 
 
-def test_frame_epochs_subsamples_evenly_keeping_first_and_last():
-    picked = figures.frame_epochs(1000)
+def test_frame_indices_subsamples_evenly_keeping_first_and_last():
+    picked = figures.frame_indices(1000)
     assert len(picked) == figures.MAX_FRAMES
     assert picked[0] == 0 and picked[-1] == 999
     assert np.all(np.diff(picked) > 0)
-    assert len(figures.frame_epochs(61)) == figures.MAX_FRAMES
+    assert len(figures.frame_indices(61)) == figures.MAX_FRAMES
 
 
-def test_one_frame_per_epoch_all_the_same_size(tmp_path):
-    stack, rel = converging(SOBEL, 5)
-    frames, epochs = figures.convergence_frames(stack, rel, SOBEL)
-    np.testing.assert_array_equal(epochs, [1, 2, 3, 4, 5])
-    assert len(frames) == 5
+def test_one_distinct_frame_per_snapshot_first_at_step_0(tmp_path):
+    stack, steps = converging(SOBEL, 6)
+    frames, shown = figures.convergence_frames(stack, steps, SOBEL)
+    np.testing.assert_array_equal(shown, steps.step)
+    assert shown[0] == 0
+    assert len(frames) == 6
     assert {f.shape for f in frames} == {frames[0].shape} and frames[0].dtype == np.uint8
     assert frames[0].shape[2] == 3
 
     path = tmp_path / "convergence.gif"
     figures.write_gif(frames, path)
+    back = read_gif(path)
+    assert len(back) == 6
+    assert {f.shape for f in back} == {frames[0].shape}
+    for i in range(len(back)):
+        for j in range(i):
+            assert not np.array_equal(back[i], back[j]), f"frames {j} and {i} are the same"
     with Image.open(path) as gif:
-        assert gif.n_frames == 5 and gif.info["loop"] == 0
-        sizes, durations = set(), []
+        assert gif.info["loop"] == 0
+        durations = []
         for i in range(gif.n_frames):
             gif.seek(i)
-            sizes.add(gif.size)
             durations.append(gif.info["duration"])
-    assert sizes == {(frames[0].shape[1], frames[0].shape[0])}
     assert durations[-1] > durations[0]  # the converged kernel is held
 
 
-def test_many_epochs_are_subsampled_with_first_and_last_kept(tmp_path):
-    stack, rel = converging(SOBEL, 25)
-    frames, epochs = figures.convergence_frames(stack, rel, SOBEL, max_frames=10)
-    assert len(frames) == 10 and epochs[0] == 1 and epochs[-1] == 25
+def test_frames_are_labelled_with_step_epoch_and_error():
+    assert figures.step_label(0, 0, 0.51) == (
+        "learned, step 0 (initial weights)\nkernel_rel_error 5.1e-01"
+    )
+    assert (
+        figures.step_label(12, 1, 0.034) == "learned, step 12 (epoch 1)\nkernel_rel_error 3.4e-02"
+    )
+
+
+def test_the_label_is_the_only_difference_between_equal_kernels():
+    """Two snapshots of one kernel differ only in the learned panel's title."""
+    stack = np.stack([SOBEL, SOBEL])
+    steps = {"step": [0, 100], "epoch": [0, 4], "kernel_rel_error": [0.0, 0.0]}
+    first, second = figures.convergence_frames(stack, steps, SOBEL)[0]
+    rows, columns = np.nonzero(np.any(first != second, axis=-1))
+    assert len(rows) and rows.max() < first.shape[0] * 0.2  # in the title band at the top
+    assert columns.max() < first.shape[1] * 0.5  # over the learned panel
+
+
+def test_many_snapshots_are_subsampled_with_first_and_last_kept(tmp_path):
+    stack, steps = converging(SOBEL, 25)
+    frames, shown = figures.convergence_frames(stack, steps, SOBEL, max_frames=10)
+    assert len(frames) == 10 and shown[0] == 0 and shown[-1] == steps.step.iloc[-1]
     figures.write_gif(frames, tmp_path / "k.gif")
     with Image.open(tmp_path / "k.gif") as gif:
         assert gif.n_frames == 10
@@ -97,8 +138,8 @@ def test_many_epochs_are_subsampled_with_first_and_last_kept(tmp_path):
 def test_frames_share_one_fixed_colour_range():
     """±max|true|, every frame: a learned weight of 0.4 is pale and only 2.0 is darkest red.
     Autoscaling each frame would paint the largest weight darkest red in every frame."""
-    stack, rel = converging(SOBEL, 3)
-    frames, _ = figures.convergence_frames(stack, rel, SOBEL)
+    stack, steps = converging(SOBEL, 3)
+    frames, _ = figures.convergence_frames(stack, steps, SOBEL)
 
     def darkest_red(frame):
         return int(np.all(frame == DARKEST_RED, axis=-1).sum())
@@ -109,23 +150,24 @@ def test_frames_share_one_fixed_colour_range():
 
 
 def test_large_kernel_frames_and_a_small_gif(tmp_path):
-    """90 epochs of a 32×32 kernel: 60 frames, and a GIF of a few hundred KB at most.
-    The kernel moves a little each epoch, as under gradient descent."""
+    """40 snapshots of a 32×32 kernel: 40 frames, and a GIF of a few hundred KB at most.
+    The kernel moves a little between snapshots, as under gradient descent."""
     smiley = kernels.smiley()
+    _, steps = converging(smiley, 40)
     start = np.random.default_rng(0).normal(0, 0.03, smiley.shape)
-    stack = smiley + start * np.exp(-np.linspace(0, 5, 90))[:, None, None]
-    rel = np.sum((stack - smiley) ** 2, axis=(1, 2)) / np.sum(smiley**2)
-    frames, epochs = figures.convergence_frames(stack, rel, smiley)
-    assert len(frames) == figures.MAX_FRAMES and epochs[-1] == 90
+    stack = smiley + start * np.exp(-np.linspace(0, 5, 40))[:, None, None]
+    frames, shown = figures.convergence_frames(stack, steps, smiley)
+    assert len(frames) == 40 and shown[-1] == 100_000
     figures.write_gif(frames, tmp_path / "smiley.gif")
     assert (tmp_path / "smiley.gif").stat().st_size < 300_000
 
 
 def test_convergence_rejects_mismatched_inputs():
+    steps = {"step": [0, 1], "epoch": [0, 1], "kernel_rel_error": [1, 1]}
     with pytest.raises(ValueError, match="kernels must be"):
-        figures.convergence_frames(np.zeros((2, 5, 5)), [1, 1], SOBEL)
-    with pytest.raises(ValueError, match="kernel_rel_error"):
-        figures.convergence_frames(np.zeros((2, 3, 3)), [1], SOBEL)
+        figures.convergence_frames(np.zeros((2, 5, 5)), steps, SOBEL)
+    with pytest.raises(ValueError, match="1 rows of steps for 2 kernel snapshots"):
+        figures.convergence_frames(np.zeros((2, 3, 3)), {k: v[:1] for k, v in steps.items()}, SOBEL)
 
 
 # --- learned vs true ----------------------------------------------------------------
@@ -133,23 +175,48 @@ def test_convergence_rejects_mismatched_inputs():
 
 def test_comparison_of_a_3x3_kernel():
     learned = SOBEL + 0.01
-    fig = figures.comparison(SOBEL, learned, rel_error=1.2e-3)
+    fig = figures.comparison(SOBEL, learned, rel_error=1.2e-3, bias=-2e-4)
     axes = panels(fig)
     assert [ax.get_title().split("\n")[0] for ax in axes] == [
-        "ground truth",
-        "learned",
-        "difference (learned − truth)",
+        "true kernel",
+        "learned kernel",
+        "learned − true (own scale)",
     ]
-    assert len(colour_bars(fig)) == 1
-    assert {image(ax).get_clim() for ax in axes} == {(-2.01, 2.01)}  # one shared scale
+    assert len(colour_bars(fig)) == 3  # one on every panel
+    assert image(axes[0]).get_clim() == image(axes[1]).get_clim() == (-2.01, 2.01)
+    assert image(axes[2]).get_clim() == pytest.approx((-0.01, 0.01))
     for ax in axes:
         assert len(ax.texts) == 9
         assert ax.get_xlabel() == "column" and ax.get_ylabel() == "row"
     truth_labels = {t.get_text(): t.get_color() for t in axes[0].texts}
     assert truth_labels["2.00"] == "white" and truth_labels["0"] == "black"  # readable contrast
-    assert [t.get_text() for t in axes[2].texts] == ["0.01"] * 9
-    assert "1.20e-03" in fig._suptitle.get_text()
+    assert [t.get_text() for t in axes[2].texts] == ["0.0100"] * 9
+    assert "1.20e-03" in fig._suptitle.get_text() and "bias -2.0e-04" in fig._suptitle.get_text()
     assert_fits(fig)
+
+
+def test_a_tiny_difference_fills_its_own_scale():
+    """3e-8 on the kernels' ±2 scale would be white; on its own it spans the colour map."""
+    difference = 3e-8 * np.random.default_rng(3).normal(size=SOBEL.shape)
+    fig = figures.comparison(SOBEL, SOBEL + difference)
+    ax_true, ax_learned, ax_difference = panels(fig)
+    largest = np.abs(difference).max()
+    low, high = image(ax_difference).get_clim()
+    assert low == pytest.approx(-largest, rel=1e-6) and high == pytest.approx(largest, rel=1e-6)
+    assert image(ax_true).get_clim() == image(ax_learned).get_clim()
+    assert image(ax_true).get_clim() == pytest.approx((-2.0, 2.0))
+    assert f"{largest:.1e}" in ax_difference.get_title()
+    labels = [t.get_text() for t in ax_difference.texts]
+    assert all("e-0" in label for label in labels)  # not rounded to 0
+    assert colour_bars(fig)[2].get_ylabel() == "learned − true"
+    assert_fits(fig)
+
+
+def test_an_exact_kernel_has_a_zero_difference_on_a_unit_scale():
+    fig = figures.comparison(SOBEL, SOBEL.copy())
+    ax_difference = panels(fig)[2]
+    assert image(ax_difference).get_clim() == (-1.0, 1.0)
+    assert {t.get_text() for t in ax_difference.texts} == {"0"}
 
 
 @pytest.mark.parametrize("shape, labels", [((5, 5), 25), ((5, 2), 10), ((6, 6), 0), ((32, 32), 0)])
@@ -164,6 +231,9 @@ def test_value_format_has_three_significant_digits():
     assert figures.value_format(2.0).format(-1.987) == "-1.99"
     assert figures.value_format(0.162).format(0.0981) == "0.098"
     assert figures.value_format(40.0).format(12.34) == "12.3"
+    assert figures.value_format(0.03).format(0.0251) == "0.0251"
+    assert figures.value_format(3e-4).format(2.5e-4) == "2.5e-04"
+    assert figures.value_format(3e-8).format(-2.5e-8) == "-2.5e-08"
 
 
 # --- one image through the model ----------------------------------------------------
@@ -206,8 +276,15 @@ def test_sample_strip_without_an_original_has_four_panels():
 
 # --- curves ----------------------------------------------------------------------
 
+STEPS = {
+    "step": [0, 1, 3, 10, 30, 100],
+    "epoch": [0, 1, 1, 1, 3, 10],
+    "kernel_mse": [0.5, 0.4, 0.2, 0.05, 0.01, 1e-4],
+    "kernel_rel_error": [1.0, 0.8, 0.4, 0.1, 0.02, 2e-4],
+}
 
-def test_curves_one_log_panel_per_metric():
+
+def test_curves_per_step_error_and_one_log_panel_per_epoch_metric():
     epochs = np.arange(1, 6)
     history = {
         "epoch": epochs,
@@ -216,17 +293,23 @@ def test_curves_one_log_panel_per_metric():
         "kernel_mse": 0.1 / epochs**2,
         "kernel_rel_error": 0.5 / epochs**2,
     }
-    fig = figures.curves(history)
+    fig = figures.curves(history, STEPS)
     axes = panels(fig)
     assert [ax.get_ylabel() for ax in axes] == [
+        "kernel_rel_error",
         "kernel_rel_error",
         "kernel_mse",
         "loss",
         "val_loss",
     ]
     assert all(ax.get_yscale() == "log" for ax in axes)
-    assert [ax.get_xlabel() for ax in axes[2:]] == ["epoch", "epoch"]
-    np.testing.assert_array_equal(axes[0].lines[0].get_xdata(), epochs)
+    by_step, per_epoch = axes[0], axes[1:]
+    assert by_step.get_xscale() == "symlog" and "step" in by_step.get_xlabel()
+    np.testing.assert_array_equal(by_step.lines[0].get_xdata(), STEPS["step"])
+    assert by_step.get_xlim()[0] <= 0  # step 0, the initial weights, is on the axis
+    assert [ax.get_xlabel() for ax in per_epoch] == ["epoch"] * 4
+    np.testing.assert_array_equal(per_epoch[0].lines[0].get_xdata(), epochs)
+    assert "100 optimizer steps" in fig._suptitle.get_text()
     assert_fits(fig)
 
 
@@ -238,8 +321,8 @@ def test_curves_without_validation_images():
         "kernel_mse": [0.1, 0.01],
         "kernel_rel_error": [0.2, 0.02],
     }
-    fig = figures.curves(history)
-    val = panels(fig)[3]
+    fig = figures.curves(history, STEPS)
+    val = panels(fig)[4]
     assert not val.lines and "no positive val_loss" in val.texts[0].get_text()
     assert_fits(fig)
 

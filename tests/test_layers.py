@@ -1,4 +1,5 @@
-"""src/layers.py: FFTConv2D is Conv2D by FFTs, and a saved model loads with this module alone."""
+"""src/layers.py: FFTConv2D is Conv2D by FFTs, a saved model loads with this module alone,
+and filtering.predict computes what the layer does."""
 
 import os
 import subprocess
@@ -11,7 +12,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from src import layers  # noqa: E402
+from src import filtering, layers  # noqa: E402
 
 RNG = np.random.default_rng(7)
 REPO = Path(__file__).resolve().parents[1]
@@ -64,3 +65,19 @@ def test_a_saved_model_loads_with_only_the_layers_module(tmp_path, conv):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "src.training" not in result.stdout
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), model(x).numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("conv", ["direct", "fft"])
+@pytest.mark.parametrize("shape", [(3, 3), (4, 4), (5, 2)])
+@pytest.mark.parametrize("padding", ["valid", "same"])
+def test_the_filter_code_predicts_what_the_layer_outputs(conv, shape, padding):
+    """filtering.predict, which visualize draws without TensorFlow, is the model itself:
+    the same kernel (Conv2D orientation) and bias give the same output, in either padding."""
+    kernel, bias = RNG.normal(size=shape), 0.37
+    model = layers.build_model(shape, conv, padding)
+    model.get_layer("conv").set_weights([kernel[:, :, None, None], np.array([bias])])
+    images = RNG.normal(size=(2, 19, 16)).astype(np.float32)
+    expected = model(images[..., None]).numpy()[..., 0]
+    predicted = filtering.predict(images, kernel, bias, padding)
+    assert predicted.shape == expected.shape and predicted.dtype == np.float32
+    np.testing.assert_allclose(predicted, expected, atol=1e-5)

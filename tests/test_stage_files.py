@@ -106,6 +106,99 @@ def test_history_round_trip_and_a_broken_one_names_train():
         stage_files.read_history()
 
 
+STEPS = pd.DataFrame(
+    {
+        "step": [0, 1, 3, 10],
+        "epoch": [0, 1, 1, 2],
+        "kernel_mse": [0.5, 0.1, 0.01, 1e-12],
+        "kernel_rel_error": [1.0, 0.2, 0.02, 3e-17],
+    }
+)
+
+
+def test_steps_round_trip():
+    paths.METRICS.mkdir()
+    shuffled = ["kernel_rel_error", "extra", "step", "kernel_mse", "epoch"]
+    stage_files.write_steps(STEPS.assign(extra=1)[shuffled])  # written in STEPS_COLUMNS order
+    assert paths.STEPS.read_text().splitlines()[:2] == [
+        "step,epoch,kernel_mse,kernel_rel_error",
+        "0,0,0.5,1",
+    ]
+    back = stage_files.read_steps()
+    assert list(back.columns) == stage_files.STEPS_COLUMNS
+    assert back.step.dtype == np.int64 and back.epoch.dtype == np.int64
+    np.testing.assert_allclose(back.kernel_rel_error, STEPS.kernel_rel_error)
+    with pytest.raises(ValueError, match="lacks kernel_mse"):
+        stage_files.write_steps(STEPS.drop(columns="kernel_mse"))
+
+
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ("", "has no rows"),
+        ("step,epoch,kernel_mse,kernel_rel_error\n", "has no rows"),
+        ("step,epoch,kernel_mse\n0,0,0.5\n", "has no rows or lacks kernel_rel_error"),
+        ("step,epoch,kernel_mse,kernel_rel_error\n0,0,1,1\n0,0,1,1\n", "step rising"),
+        ("step,epoch,kernel_mse,kernel_rel_error\n0,0,1,1\n2.5,1,1,1\n", "whole numbers"),
+        ("step,epoch,kernel_mse,kernel_rel_error\n0,,1,1\n", "whole numbers"),
+    ],
+)
+def test_a_short_or_broken_steps_table_names_train(text, problem):
+    paths.METRICS.mkdir()
+    paths.STEPS.write_text(text)
+    with pytest.raises(UserError, match=rf"^metrics/steps.csv.*{problem}.*`dvc repro -f train`$"):
+        stage_files.read_steps()
+
+
+def test_a_missing_steps_table_names_train():
+    with pytest.raises(UserError, match=r"^metrics/steps.csv is missing; run `dvc repro train`"):
+        stage_files.read_steps()
+
+
+class SavedModel:
+    """Stands in for the Keras model: only its save() is called."""
+
+    def save(self, path):
+        path.write_text("a Keras model")
+
+
+def test_model_round_trip_with_its_bias():
+    paths.MODEL.mkdir()
+    snapshots = np.random.default_rng(0).normal(size=(4, 3, 3))
+    stage_files.write_model(
+        paths.MODEL,
+        learned_kernel=snapshots[-1].astype(np.float32),
+        bias=np.float32(-0.25),
+        kernel_history=snapshots,
+        model=SavedModel(),
+        run={"run_id": "abc"},
+    )
+    assert sorted(p.name for p in paths.MODEL.iterdir()) == [
+        "bias.json",
+        "kernel.npy",
+        "kernels.npy",
+        "model.keras",
+        "run.json",
+    ]
+    kernel, bias = stage_files.read_learned_layer()
+    assert kernel.dtype == np.float64 and isinstance(bias, float) and bias == -0.25
+    np.testing.assert_allclose(kernel, snapshots[-1], rtol=1e-6)
+    np.testing.assert_array_equal(stage_files.read_kernel_snapshots(), snapshots)
+    assert stage_files.read_run() == {"run_id": "abc"}
+
+
+@pytest.mark.parametrize("text", ['{"bias": NaN}', '{"bias": "0"}', '{"b": 0}', "[0]", "0.1 x"])
+def test_a_damaged_bias_names_train(text):
+    paths.MODEL.mkdir()
+    np.save(paths.LEARNED_KERNEL, np.eye(3))
+    paths.BIAS.write_text(text)
+    with pytest.raises(UserError, match=r"^model/bias.json holds no finite bias; rerun `dvc re"):
+        stage_files.read_learned_layer()
+    paths.BIAS.unlink()
+    with pytest.raises(UserError, match=r"^model/bias.json is missing; run `dvc repro train`"):
+        stage_files.read_learned_layer()
+
+
 def test_inputs_are_checked_in_order_and_name_their_stage():
     with pytest.raises(
         UserError,
