@@ -29,8 +29,21 @@ from src.stack import Stack
 
 SPLITS = ("train", "val")
 SPLIT_COLUMNS = ["name", "split"]
-HISTORY_COLUMNS = ["epoch", "loss", "val_loss", "kernel_mse", "kernel_rel_error", "elapsed_s"]
-OPTIONAL_HISTORY_COLUMNS = {"val_loss"}  # none without held-out images: its cells stay empty
+HISTORY_COLUMNS = [
+    "epoch",
+    "steps",
+    "loss",
+    "val_loss",
+    "kernel_mse",
+    "kernel_rel_error",
+    "newton_step",
+    "kernel_change",
+    "learning_rate",
+    "elapsed_s",
+]
+# val_loss: none without held-out images; the rest: histories written before the stopping
+# rule. Absent ones are written as empty cells.
+OPTIONAL_HISTORY_COLUMNS = {"val_loss", "steps", "newton_step", "kernel_change", "learning_rate"}
 # step: the optimizer step of a kernel snapshot; epoch: the 1-based epoch it falls in, 0 for step 0
 STEPS_COLUMNS = ["step", "epoch", "kernel_mse", "kernel_rel_error"]
 

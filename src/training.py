@@ -397,6 +397,8 @@ def snapshot_steps(max_steps: int, count: int = MAX_SNAPSHOTS) -> set[int]:
     """About `count` optimizer steps from 0 to max_steps, log-spaced (every step of a short
     run), 0 included: where training records the kernel. A run that stops sooner keeps
     the ones it reached, plus its last step."""
+    if max_steps <= count:
+        return set(range(max_steps + 1))
     spaced = np.round(np.geomspace(1, max_steps, num=count)).astype(int)
     return {0, *spaced.tolist()}
 

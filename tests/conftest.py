@@ -26,8 +26,11 @@ from devtools.repo_copy import BIN, REPO, clean_env, copy_repo, merge  # noqa: F
 
 TINY = {
     "data": {"count": 8, "size": 64, "val_fraction": 0.25},
-    "train": {"epochs": 2, "batch_size": 2, "crop": 48},
+    "train": {"max_steps": 40, "min_epoch_steps": 4, "batch_size": 2, "crop": 48},
 }
+# A training that runs until stopped: the original recipe (Adam 1e-3, batch 1) learns
+# slowly, and its cap is far away. batch_size and crop back at the defaults it requires.
+ENDLESS_TRAIN = {"recipe": "original", "max_steps": 10**6, "batch_size": 16, "crop": 128}
 
 
 # Tests that use these run the real dvc, mlflow or stages end to end: marked e2e, so

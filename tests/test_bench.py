@@ -90,7 +90,7 @@ def test_sections_hold_their_measurements(quick):
     ours = sections["ours"]["sobel_x"]
     assert ours["steps"] > 0 and is_number(ours["final_error"]) and ours["total_s"] > 0
     assert [r["threshold"] for r in ours["reached"]] == [1e-2, 1e-3, 1e-4]
-    assert len(ours["epochs"]) == ours["config"]["epochs"]
+    assert 1 <= len(ours["epochs"]) and ours["steps"] <= ours["config"]["max_steps"]
 
     closed = sections["closed_form"]["sobel_x"]
     assert [p["pass"] for p in closed["passes"]] == [0, 1]

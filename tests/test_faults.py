@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import BIN, clean_env, default_sigint
+from conftest import BIN, ENDLESS_TRAIN, TINY, clean_env, default_sigint
 from mlflow import MlflowClient
 
 
@@ -61,7 +61,7 @@ def interrupt_training(ws, process: subprocess.Popen, signum: int, group: bool) 
 
 @pytest.mark.parametrize("how", ["ctrl-c on dvc repro", "sigterm to the train stage"])
 def test_interrupted_training_is_marked_killed_and_a_rerun_completes(workspace, how):
-    workspace.set_params({"train": {"epochs": 400}})
+    workspace.set_params({"train": ENDLESS_TRAIN})
     env = clean_env()
     if how == "ctrl-c on dvc repro":
         process = subprocess.Popen(
@@ -92,7 +92,7 @@ def test_interrupted_training_is_marked_killed_and_a_rerun_completes(workspace, 
     assert not (workspace.root / "model").exists()  # nothing half-written for DVC to cache
     assert statuses(workspace) == ["KILLED"]
 
-    workspace.set_params({"train": {"epochs": 2}})
+    workspace.set_params({"train": {**TINY["train"], "recipe": "fast"}})
     workspace.dvc("repro")
     assert statuses(workspace) == ["FINISHED", "KILLED"]
     assert (workspace.root / "model/kernel.npy").is_file()
@@ -124,7 +124,8 @@ def test_dvc_queue_kill_stops_a_queued_training_and_marks_it_killed(workspace, s
     """`dvc queue kill` sends SIGINT to the worker's process group (the celery worker,
     `dvc exp exec-run`, the stage). The worker re-enables SIGINT for its children, so
     the stage gets it even when `dvc queue start` was started with SIGINT ignored."""
-    workspace.dvc("exp", "run", "--queue", "-n", "slow", "-S", "train.epochs=20000")
+    endless = [f"train.{key}={value}" for key, value in ENDLESS_TRAIN.items()]
+    workspace.dvc("exp", "run", "--queue", "-n", "slow", *(f"-S{s}" for s in endless))
     try:
         # Not captured: the worker inherits its output, so a capture would last the whole queue.
         subprocess.run(

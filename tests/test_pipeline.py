@@ -1,5 +1,5 @@
 """End to end: the real `dvc repro`, `dvc exp run` (workspace, --temp, queued) and MLflow,
-in a temporary git copy of the repo on a tiny config (8 images of 64×64, 2 epochs)."""
+in a temporary git copy of the repo on a tiny config (8 images of 64×64, at most 40 steps)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from conftest import TINY, clean_env, ran_stages
 from mlflow import MlflowClient
 from PIL import Image
 
-EPOCHS = TINY["train"]["epochs"]
+MAX_STEPS = TINY["train"]["max_steps"]
 ALL_STAGES = ["download", "grayscale", "filter", "train", "visualize"]
 
 
@@ -24,18 +24,28 @@ def runs(ws, experiment="learn-linear-filter"):
     return client, found, client.search_runs([found.experiment_id], order_by=["start_time ASC"])
 
 
-def assert_complete(client, run, epochs=EPOCHS):
+def assert_complete(client, run):
+    """A finished run: per-epoch metrics from step 0 (the initial kernel's errors) or 1
+    (the losses), and kernel snapshots, pictures and errors, at optimizer steps from 0."""
     assert run.info.status == "FINISHED"
-    # the kernel's errors from step 0, the initial kernel; the losses from epoch 1
-    history = client.get_metric_history(run.info.run_id, "kernel_mse")
+    run_id = run.info.run_id
+    epochs = len(client.get_metric_history(run_id, "loss"))
+    assert epochs >= 1
+    history = client.get_metric_history(run_id, "kernel_mse")
     assert sorted(m.step for m in history) == list(range(0, epochs + 1))
-    rel_error = client.get_metric_history(run.info.run_id, "kernel_rel_error")
+    rel_error = client.get_metric_history(run_id, "kernel_rel_error")
     assert sorted(m.step for m in rel_error) == list(range(0, epochs + 1))
-    for key in ("loss", "val_loss", "elapsed_s"):
-        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
+    for key in ("loss", "val_loss", "elapsed_s", "newton_step", "steps"):
+        steps = sorted(m.step for m in client.get_metric_history(run_id, key))
         assert steps == list(range(1, epochs + 1)), key
-    images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
-    assert len([p for p in images if p.startswith("images/kernel+step+")]) >= epochs + 1
+    by_step = client.get_metric_history(run_id, "kernel_rel_error_by_step")
+    steps = sorted(m.step for m in by_step)
+    last = int(client.get_metric_history(run_id, "steps")[-1].value)
+    assert steps[0] == 0 and steps[-1] == last and len(steps) == len(set(steps))
+    images = [a.path for a in client.list_artifacts(run_id, "images")]
+    pictured = {int(p.split("+step+")[1].split("+")[0]) for p in images if "kernel+step+" in p}
+    assert pictured == set(steps), "a picture at every snapshot step"
+    assert run.data.tags["converged"] in ("true", "false")
     return history
 
 
@@ -48,7 +58,8 @@ def test_repro_runs_every_stage_and_logs_one_run(workspace):
     targets = np.load(workspace.root / "data/filtered/targets.npy", mmap_mode="r")
     assert targets.shape == (8, 62, 62)
     metrics = json.loads((workspace.root / "metrics/train.json").read_text())
-    assert metrics["epochs"] == EPOCHS and metrics["kernel_rel_error"] < 1.0
+    assert metrics["converged"] is True and metrics["kernel_rel_error"] < 1e-6
+    assert 1 <= metrics["epochs"] and metrics["steps"] <= MAX_STEPS
 
     client, experiment, found = runs(workspace)
     assert len(found) == 1
@@ -56,7 +67,8 @@ def test_repro_runs_every_stage_and_logs_one_run(workspace):
     assert history[-1].value < history[0].value  # the kernel error falls
     run = found[0]
     assert run.data.tags["kernel"] == "sobel_x"
-    assert run.data.params["train.epochs"] == str(EPOCHS)
+    assert run.data.params["train.max_steps"] == str(MAX_STEPS)
+    assert run.data.tags["converged"] == "true"
     assert experiment.artifact_location.startswith((workspace.root / "mlartifacts").as_uri())
 
     # a no-op repro runs none of the five stages and logs nothing

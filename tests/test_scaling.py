@@ -25,9 +25,13 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from devtools import postgres as pg
-from src import kernels, tracking
+from src import kernels, training
 
-EPOCHS = TINY["train"]["epochs"]
+
+def epochs_logged(client: MlflowClient, run_id: str) -> int:
+    return len(client.get_metric_history(run_id, "loss"))
+
+
 PIPELINE = ["download", "grayscale", "filter", "train", "visualize"]
 EXPERIMENT = "learn-linear-filter"
 
@@ -215,10 +219,13 @@ def test_two_clones_log_their_queued_sweeps_to_one_server_on_postgresql(tmp_path
         run_id = run.info.run_id
         assert run.info.artifact_uri.startswith("mlflow-artifacts:")
         steps = [m.step for m in client.get_metric_history(run_id, "kernel_mse")]
-        assert set(steps) == set(range(EPOCHS + 1)), steps  # step 0 is the initial kernel
+        epochs = epochs_logged(client, run_id)
+        assert set(steps) == set(range(epochs + 1)), steps  # step 0 is the initial kernel
         images = [a.path for a in client.list_artifacts(run_id, "images")]
-        for epoch in range(EPOCHS + 1):
-            assert any(p.startswith(f"images/kernel+step+{epoch}+") for p in images), images
+        snapshots = [m.step for m in client.get_metric_history(run_id, "kernel_rel_error_by_step")]
+        assert 0 in snapshots
+        for step in snapshots:
+            assert any(p.startswith(f"images/kernel+step+{step}+") for p in images), images
         figures = Path(client.download_artifacts(run_id, "figures", str(tmp_path / run_id)))
         for name in ("comparison.png", "curves.png", "sample.png", "convergence.gif"):
             with Image.open(figures / name) as picture:
@@ -233,6 +240,15 @@ def test_two_clones_log_their_queued_sweeps_to_one_server_on_postgresql(tmp_path
 
 
 AWAY_EPOCHS = 60  # long enough to stop the server while the run is logging epochs
+# 4 steps an epoch, and the original recipe, which does not converge in 240 steps: the run
+# goes to the cap (batch_size and crop back at the defaults the recipe requires)
+AWAY_TRAIN = {
+    "recipe": "original",
+    "max_steps": 4 * AWAY_EPOCHS,
+    "min_epoch_steps": 4,
+    "batch_size": 16,
+    "crop": 128,
+}
 OUTAGE = 2  # seconds the server stays down between its stop and its start (~8 s more)
 # MLflow's client gives up after 7 retries over about 4 minutes; these give up in ~3 s, so
 # the second outage can outlast them quickly
@@ -257,7 +273,7 @@ def test_a_server_that_goes_away_mid_run(tmp_path, away_server):
     """Measured: a short outage is ridden out by MLflow's retries; one longer than them fails
     the stage and leaves that run RUNNING on the server, saying so; a rerun completes."""
     server, client = away_server, MlflowClient(away_server.url)
-    ws = tiny_clone(tmp_path / "repo", {"train": {"epochs": AWAY_EPOCHS}})
+    ws = tiny_clone(tmp_path / "repo", {"train": AWAY_TRAIN})
     env = clean_env()
     run_block(scaling_blocks()[CLIENT][:1], ws.root, env, **server.local)  # the export line
 
@@ -291,7 +307,7 @@ def test_a_server_that_goes_away_mid_run(tmp_path, away_server):
     # every epoch once (step 0: the initial kernel), none lost or doubled by a retry
     assert steps == dict.fromkeys(range(AWAY_EPOCHS + 1), 1)
     images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
-    pictures = len(tracking.picture_steps(AWAY_EPOCHS))  # step 0 and log-spaced epochs
+    pictures = len(training.snapshot_steps(AWAY_TRAIN["max_steps"]))  # log-spaced from step 0
     assert len([p for p in images if p.endswith(".png")]) == pictures
 
     # 2. down for longer than the client's retries: the stage fails and says the run it
@@ -430,7 +446,8 @@ for name, conv in (("sobel_x", "direct"), ("smiley", "fft")):
     for devices in (1, 2):
         # few steps, small ones: far from converged, so a difference would show
         cfg = TrainConfig(
-            epochs=2, batch_size=4, crop=40, conv=conv, devices=devices, learning_rate=0.1
+            max_steps=4, min_epoch_steps=2, batch_size=4, crop=40, conv=conv, devices=devices,
+            learning_rate=0.1, precondition="none"
         )
         model, history = training.train(images, targets, kernel, split, "valid", cfg, 0)
         out[f"{name} {devices}"] = {
@@ -466,7 +483,7 @@ def test_two_devices_learn_the_single_device_kernel(tmp_path):
     # smiley's FFTConv2D calls in training: 4 images, 8 rows after the gradient whitening,
     # on one device; 4 rows on each of two (evaluation runs on one device either way)
     counts = Counter(tuple(map(int, line.split())) for line in calls.read_text().splitlines())
-    steps = 2 * 2  # epochs × batches of 4 among the 8 training images
+    steps = 2 * 2  # 2 epochs × 2 batches of 4 among the 8 training images
     assert counts[(2, 4)] == 2 * steps and counts[(2, 8)] == 0
     assert counts[(1, 8)] >= steps
     assert out["error 3 4"] == (

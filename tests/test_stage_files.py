@@ -99,7 +99,7 @@ def test_history_round_trip_and_a_broken_one_names_train():
     np.testing.assert_allclose(back.kernel_rel_error, [0.2, 3e-17])
     # no held-out images: no val_loss, written as empty cells, not NaN
     stage_files.write_history(history.drop(columns="val_loss"))
-    assert paths.HISTORY.read_text().splitlines()[1] == "1,1,,0.1,0.2,0.5"
+    assert paths.HISTORY.read_text().splitlines()[1] == "1,,1,,0.1,0.2,,,,0.5"
     assert stage_files.read_history().val_loss.isna().all()
     paths.HISTORY.write_text("epoch,loss\n1,0.5\n")
     with pytest.raises(UserError, match="lacks val_loss.*dvc repro -f train"):

@@ -45,7 +45,7 @@ def make_params(experiment: str = EXPERIMENT, **data) -> config.Params:
             "seed": 3,
             "kernels": {"gaussian": {"size": 7, "covariance": None}},
             "data": {"categories": [], **data},
-            "train": {"epochs": 3, "learning_rate": 0.01},
+            "train": {"max_steps": 3, "learning_rate": 0.01},
             "mlflow": {"experiment": experiment},
         }
     )
@@ -80,7 +80,7 @@ def store(tmp_path, monkeypatch) -> str:
 def test_param_values_are_strings_that_fit_mlflow():
     values = tracking.run_params(make_params(source="/" + "x" * 7000))
     assert values["data.source"] == ("/" + "x" * 7000)[:6000]
-    assert values["train.epochs"] == "3" and values["filter.noise_std"] == "0.0"
+    assert values["train.max_steps"] == "3" and values["filter.noise_std"] == "0.0"
 
 
 # --- runs on a SQLite store -----------------------------------------------------
@@ -126,7 +126,7 @@ def test_run_has_name_tags_and_flattened_params(store, tmp_path, monkeypatch, in
         "data.source": "synthetic",
     }
     assert run.data.params == tracking.run_params(params)
-    assert run.data.params["train.epochs"] == "3"
+    assert run.data.params["train.max_steps"] == "3"
     client = MlflowClient(store)
     logged = yaml.safe_load(open(client.download_artifacts(run_id, "params.yaml")))
     assert logged == params.model_dump(mode="json")  # all of it, as an artifact
@@ -170,12 +170,9 @@ def test_epochs_and_final_artifacts(store, tmp_path):
     with training_run(params) as run_id:
         for epoch in (1, 2, 3):
             learned = true_kernel * epoch / 3
-            log_epoch(
-                run_id,
-                epoch,
-                {"loss": 1.0 / epoch, "val_loss": np.float32(2.0 / epoch)},
-                learned[:, :, None, None],
-                SOBEL_RANGE,
+            log_epoch(run_id, epoch, {"loss": 1.0 / epoch, "val_loss": np.float32(2.0 / epoch)})
+            tracking.log_snapshots(
+                run_id, [(epoch * 10, learned[:, :, None, None])], true_kernel, SOBEL_RANGE
             )
         log_final(run_id, true_kernel=true_kernel, learned_kernel=learned)
 
@@ -187,6 +184,10 @@ def test_epochs_and_final_artifacts(store, tmp_path):
     log10 = {m.step: m.value for m in client.get_metric_history(run_id, "log10_val_loss")}
     assert log10 == pytest.approx({e: np.log10(2.0 / e) for e in (1, 2, 3)}, rel=1e-6)
     assert len(kernel_images(client, run_id)) == 3
+    by_step = {
+        m.step: m.value for m in client.get_metric_history(run_id, "kernel_rel_error_by_step")
+    }
+    assert by_step == pytest.approx({10: 4 / 9, 20: 1 / 9, 30: 0.0}), "at the optimizer steps"
 
     artifacts = tmp_path / "mlartifacts" / EXPERIMENT / run_id / "artifacts"
     assert client.get_run(run_id).info.artifact_uri == artifacts.as_uri()
@@ -240,7 +241,10 @@ def test_artifacts_stay_under_the_main_root_from_an_experiment_copy(
     params = make_params()
 
     with training_run(params) as run_id:
-        log_epoch(run_id, 1, {"loss": 1.0}, params.true_kernel(), SOBEL_RANGE)
+        log_epoch(run_id, 1, {"loss": 1.0})
+        tracking.log_snapshots(
+            run_id, [(1, params.true_kernel())], params.true_kernel(), SOBEL_RANGE
+        )
 
     client = MlflowClient(store)
     experiment = client.get_experiment_by_name(EXPERIMENT)
@@ -361,8 +365,8 @@ params = config.parse({"kernel": "sobel_x", "mlflow": {"experiment": "parallel"}
 kernel = params.true_kernel()
 with tracking.training_run(params) as run_id:
     for epoch in range(1, 21):
-        tracking.log_epoch(run_id, epoch, {"loss": 1.0 / epoch, "val_loss": 2.0 / epoch},
-                           kernel * epoch / 20, (-2.0, 2.0))
+        tracking.log_epoch(run_id, epoch, {"loss": 1.0 / epoch, "val_loss": 2.0 / epoch})
+        tracking.log_snapshots(run_id, [(epoch, kernel * epoch / 20)], kernel, (-2.0, 2.0))
 """
 
 
@@ -414,7 +418,7 @@ def test_tracking_server(store, tmp_path, monkeypatch, mlflow_server):
     params = make_params()
 
     with training_run(params) as run_id:
-        log_epoch(run_id, 1, {"loss": 0.25}, params.true_kernel(), SOBEL_RANGE)
+        log_epoch(run_id, 1, {"loss": 0.25})
 
     client = MlflowClient(mlflow_server)
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [(1, 0.25)]
@@ -578,7 +582,7 @@ def test_an_interrupt_inside_a_store_write_waits_for_it_and_the_run_is_killed(
     try:
         with pytest.raises(KeyboardInterrupt):
             with training_run(make_params()) as run_id:
-                log_epoch(run_id, 1, {"kernel_mse": 0.5}, np.eye(3), SOBEL_RANGE)
+                log_epoch(run_id, 1, {"kernel_mse": 0.5})
                 pytest.fail("the interrupt was not delivered after the write")
     finally:
         sqlalchemy.event.remove(
@@ -609,17 +613,6 @@ def test_experiments_open_in_the_training_view_new_ones_and_old_ones(store, tmp_
         pass
     experiment = client.get_experiment_by_name("new")
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
-
-
-@pytest.mark.parametrize("last", [1, 2, 8, 39, 40, 400, 5000])
-def test_a_long_run_logs_a_few_dozen_kernel_pictures_log_spaced(last):
-    steps = tracking.picture_steps(last)
-    assert {0, last} <= steps <= set(range(last + 1))
-    assert len(steps) <= tracking.MAX_PICTURES + 2
-    if last <= tracking.MAX_PICTURES // 2:
-        assert steps == set(range(last + 1))  # a short run shows every epoch
-    early = sorted(steps)[:5]
-    assert early == list(range(5)) or last < 5  # dense at the start, where the kernel moves
 
 
 @pytest.mark.parametrize(

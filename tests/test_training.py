@@ -398,3 +398,13 @@ def test_train_stage_without_held_out_images_then_on_a_corrupted_target(workspac
     )
     assert "Traceback" not in result.stderr
     assert (root / "metrics/train.json").read_text() == before
+
+
+@pytest.mark.parametrize("max_steps", [1, 3, 40, 400, 2000, 10**6])
+def test_snapshot_steps_are_a_few_dozen_log_spaced_from_0(max_steps):
+    steps = sorted(training.snapshot_steps(max_steps))
+    assert steps[0] == 0 and steps[-1] == max_steps
+    assert len(steps) <= training.MAX_SNAPSHOTS + 1
+    if max_steps <= training.MAX_SNAPSHOTS:
+        assert steps == list(range(max_steps + 1))  # a short run records every step
+    assert steps[:4] == list(range(min(4, max_steps + 1)))  # dense where the kernel moves
