@@ -102,7 +102,7 @@ def test_history_round_trip_and_a_broken_one_names_train():
     assert paths.HISTORY.read_text().splitlines()[1] == "1,,1,,0.1,0.2,,,,0.5"
     assert stage_files.read_history().val_loss.isna().all()
     paths.HISTORY.write_text("epoch,loss\n1,0.5\n")
-    with pytest.raises(UserError, match="lacks val_loss.*dvc repro -f train"):
+    with pytest.raises(UserError, match="lacks steps, val_loss.*dvc repro -f train"):
         stage_files.read_history()
 
 
