@@ -76,8 +76,8 @@ def not_converged_hint(cfg: config.TrainConfig, newton_step: float) -> str:
     elif cfg.precondition == "none":
         advice += " or set train.precondition kfac"
     return (
-        f"not converged: stopped at train.max_steps={cfg.max_steps} with the kernel still "
-        f"{newton_step:.1e} (relative) from its optimum, above train.tolerance="
+        f"warning: not converged: stopped at train.max_steps={cfg.max_steps} with the kernel "
+        f"still {newton_step:.1e} (relative) from its optimum, above train.tolerance="
         f"{cfg.tolerance:g}; {advice}"
     )
 

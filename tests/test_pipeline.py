@@ -218,3 +218,36 @@ def test_the_pipeline_logs_to_a_real_tracking_server(workspace, mlflow_server):
     assert_complete(client, found[0])
     figures = [a.path for a in client.list_artifacts(found[0].info.run_id, "figures")]
     assert "figures/convergence.gif" in figures
+
+
+def test_a_run_stopped_by_its_cap_warns_and_records_converged_false(workspace):
+    result = workspace.dvc("exp", "run", "-S", "train.max_steps=3")
+    warnings = [line for line in result.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 1, result.stderr[-3000:]
+    assert warnings[0].startswith("train: warning: not converged: stopped at train.max_steps=3")
+    assert warnings[0].endswith("; raise train.max_steps")
+    metrics = json.loads((workspace.root / "metrics/train.json").read_text())
+    assert metrics["converged"] is False and metrics["steps"] == 3 and metrics["epochs"] == 1
+    client, _, found = runs(workspace)
+    assert [r.data.tags["converged"] for r in found] == ["false"]
+    by_step = client.get_metric_history(found[0].info.run_id, "kernel_rel_error_by_step")
+    assert sorted(m.step for m in by_step) == [0, 1, 2, 3]
+
+
+def test_the_gif_shows_the_kernel_from_step_0_one_distinct_frame_per_snapshot(workspace):
+    workspace.set_params({"train": {"min_epoch_steps": 16}})  # 16 steps or more
+    workspace.dvc("repro")
+    with open(workspace.root / "metrics/steps.csv") as handle:
+        steps = [int(row["step"]) for row in csv.DictReader(handle)]
+    assert steps[0] == 0 and len(steps) >= 15
+    gif = Image.open(workspace.root / "figures/convergence.gif")
+    frames = []
+    for index in range(gif.n_frames):
+        gif.seek(index)
+        frames.append(np.asarray(gif.convert("RGB")))
+    assert len(frames) == len(steps)
+    assert len({frame.tobytes() for frame in frames}) == len(frames), "every frame differs"
+    # the kernel half of the first two frames differs: the initial weights, then a step
+    assert np.any(
+        frames[0][:, : frames[0].shape[1] // 2] != frames[1][:, : frames[1].shape[1] // 2]
+    )
