@@ -15,6 +15,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pandas as pd
+from matplotlib.figure import Figure
+
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
 sys.path.insert(0, str(REPO))
@@ -24,6 +27,7 @@ from docs import mlflow_ui  # noqa: E402
 from src import config, figures, kernels  # noqa: E402
 
 FIGURES = ("convergence.gif", "comparison.png", "sample.png", "curves.png")
+ORIGINAL = ["-S", "train.recipe=original", "-S", "train.max_steps=2000"]  # the seed's training
 
 
 def gallery() -> None:
@@ -39,6 +43,7 @@ def pipeline_figures() -> None:
         env = clean_env()  # MLflow goes to the copy's own mlflow.db
         subprocess.run(["git", "add", "-A"], cwd=copy, check=True)
         subprocess.run(["git", "commit", "-qm", "docs"], cwd=copy, check=True)
+        steps = {}
         for kernel in ("sobel_x", "smiley"):
             subprocess.run(
                 ["dvc", "exp", "run", "-S", f"kernel={kernel}"], cwd=copy, env=env, check=True
@@ -46,7 +51,35 @@ def pipeline_figures() -> None:
             (DOCS / kernel).mkdir(parents=True, exist_ok=True)
             for name in FIGURES:
                 shutil.copy2(copy / "figures" / name, DOCS / kernel / name)
+            steps[kernel] = pd.read_csv(copy / "metrics/steps.csv")
+        subprocess.run(
+            ["dvc", "exp", "run", "-S", "kernel=smiley", *ORIGINAL], cwd=copy, env=env, check=True
+        )
+        recipes(
+            {
+                "train.recipe fast (K-FAC SGD, batch 16)": steps["smiley"],
+                "train.recipe original (Adam 1e-3, batch 1)": pd.read_csv(
+                    copy / "metrics/steps.csv"
+                ),
+            }
+        ).savefig(DOCS / "recipes.png", dpi=figures.DPI)
         mlflow_ui.capture(copy, DOCS / "mlflow")
+
+
+def recipes(curves: dict[str, pd.DataFrame]) -> Figure:
+    """kernel_rel_error per optimizer step of the smiley, one line per recipe."""
+    fig = Figure(figsize=(6.4, 3.6), layout="constrained")
+    ax = fig.subplots()
+    for label, steps in curves.items():
+        ax.plot(steps.step, steps.kernel_rel_error, marker=".", label=label)
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set_yscale("log")
+    ax.set_xlabel("optimizer step (step 0: the random initial kernel)")
+    ax.set_ylabel("kernel_rel_error")
+    ax.set_title("smiley on the default data: the same layer, two recipes")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend()
+    return fig
 
 
 if __name__ == "__main__":

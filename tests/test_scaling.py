@@ -240,12 +240,13 @@ def test_two_clones_log_their_queued_sweeps_to_one_server_on_postgresql(tmp_path
 
 
 AWAY_EPOCHS = 60  # long enough to stop the server while the run is logging epochs
-# 4 steps an epoch, and the original recipe, which does not converge in 240 steps: the run
-# goes to the cap (batch_size and crop back at the defaults the recipe requires)
+# the original recipe, which does not converge in 360 steps: the run goes to the cap. Batch 1
+# on the 6 training images: 6 steps an epoch (batch_size and crop back at the defaults the
+# recipe requires)
 AWAY_TRAIN = {
     "recipe": "original",
-    "max_steps": 4 * AWAY_EPOCHS,
-    "min_epoch_steps": 4,
+    "max_steps": 6 * AWAY_EPOCHS,
+    "min_epoch_steps": 6,
     "batch_size": 16,
     "crop": 128,
 }

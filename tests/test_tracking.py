@@ -419,6 +419,9 @@ def test_tracking_server(store, tmp_path, monkeypatch, mlflow_server):
 
     with training_run(params) as run_id:
         log_epoch(run_id, 1, {"loss": 0.25})
+        tracking.log_snapshots(
+            run_id, [(1, params.true_kernel())], params.true_kernel(), SOBEL_RANGE
+        )
 
     client = MlflowClient(mlflow_server)
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [(1, 0.25)]
