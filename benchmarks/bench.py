@@ -385,17 +385,19 @@ def run_steps(args, data: Data) -> dict:
     from benchmarks import steps
     from src import layers
 
+    cfg = data.params.train
     rows = steps.step_times(
         data.images,
         args.step_sizes,
-        data.params.train,
+        cfg,
         args.step_crop,
         args.step_repeats,
         data.params.seed,
     )
     return {
         "rows": rows,
-        "batch_size": data.params.train.batch_size,
+        "batch_size": cfg.batch_size,
+        "precondition": cfg.precondition if cfg.optimizer == "sgd" else "none",
         "crop": args.step_crop,
         "repeats": args.step_repeats,
         "direct_max_taps": layers.DIRECT_MAX_TAPS,

@@ -649,6 +649,11 @@ def _scaling(stages: dict, steps: dict) -> list[str]:
             "",
         ]
     if steps and not steps.get("skipped"):
+        optimizer = (
+            "SGD, the gradient times the K-FAC inverse (the identity: same cost)"
+            if steps.get("precondition") == "kfac"
+            else "SGD"
+        )
         rows = [
             [
                 f"{r['kernel']}×{r['kernel']}",
@@ -664,9 +669,9 @@ def _scaling(stages: dict, steps: dict) -> list[str]:
             for r in steps["rows"]
         ]
         out += [
-            f"One train step (`model.train_on_batch`, SGD as in training) on {steps['batch_size']}"
-            f" whitened random {steps['crop']}×{steps['crop']} crops, median of "
-            f"{steps['repeats']} after 2 warm-up steps; `auto` is direct up to "
+            f"One train step (`model.train_on_batch`, {optimizer} as in training) on "
+            f"{steps['batch_size']} whitened random {steps['crop']}×{steps['crop']} crops, "
+            f"median of {steps['repeats']} after 2 warm-up steps; `auto` is direct up to "
             f"src.layers.DIRECT_MAX_TAPS = {steps['direct_max_taps']} taps:",
             "",
             table(
