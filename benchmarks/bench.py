@@ -37,7 +37,7 @@ import psutil
 import yaml
 
 from benchmarks import report
-from benchmarks.workspace import Workspace, disk_usage, filesystem, repeat_median
+from benchmarks.workspace import Measured, Workspace, disk_usage, filesystem, repeat_median
 from devtools.repo_copy import BIN, REPO
 from src.stack import Stack  # light: numpy only, unlike the TensorFlow modules imported late
 
@@ -221,14 +221,7 @@ def run_stages(args, workdir: Path) -> tuple[dict, Workspace]:
         if count == args.images:
             kernels = [k for k in args.kernels if k not in kernels] + kernels
         stages = {"download": ws.stage("download"), "grayscale": ws.stage("grayscale")}
-        for kernel in kernels:
-            ws.set_params({"kernel": kernel})
-            stages[f"filter:{kernel}"] = ws.stage("filter", f"filter {kernel}")
-            kept = ws.root / f"data/filtered-{kernel}"
-            if kernel == kernels[-1]:
-                shutil.copytree(ws.root / "data/filtered", kept, copy_function=os.link)
-            else:
-                os.rename(ws.root / "data/filtered", kept)
+        stages.update(filter_each(ws, kernels))
         stages["train"] = ws.stage("train")
         stages["visualize"] = ws.stage("visualize")
         scales[str(count)] = {name: m.as_dict() for name, m in stages.items()}
@@ -237,6 +230,21 @@ def run_stages(args, workdir: Path) -> tuple[dict, Workspace]:
         else:
             shutil.rmtree(ws.root)
     return {"scales": scales, "train_kernel": STAGE_KERNELS[-1]}, largest
+
+
+def filter_each(ws: Workspace, kernels: list[str]) -> dict[str, Measured]:
+    """The filter stage once per kernel, each one's targets kept in data/filtered-<kernel>/;
+    the last kernel's stay in data/filtered/ too (hard links), where train looks."""
+    measured = {}
+    for kernel in kernels:
+        ws.set_params({"kernel": kernel})
+        measured[f"filter:{kernel}"] = ws.stage("filter", f"filter {kernel}")
+        kept = ws.root / f"data/filtered-{kernel}"
+        if kernel == kernels[-1]:
+            shutil.copytree(ws.root / "data/filtered", kept, copy_function=os.link)
+        else:
+            os.rename(ws.root / "data/filtered", kept)
+    return measured
 
 
 def run_dvc(args, workdir: Path) -> dict:
