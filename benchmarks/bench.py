@@ -7,7 +7,8 @@ Sections, in the order they run:
   stages       every stage as `python -m stages.<name>` in a temporary git + DVC copy of
                the repo, at each --scales image count: wall time and peak memory
   dvc          `dvc repro` from scratch and as a no-op, `dvc exp run -S kernel=smiley`,
-               disk use, and the cache link types
+               disk use, and the cache link types; each run's metrics/train.json and the
+               distinct frames of its convergence GIF
   ours         src.training.train on the largest scale's stage outputs, error read between batches
   closed_form  the least-squares kernel on the same data
   original     the original recipe under a time budget (and, for big kernels, its projection)
@@ -259,12 +260,15 @@ def run_dvc(args, workdir: Path) -> dict:
     ws.commit("bench")
     dvc = str(BIN / "dvc")
     result = {"data_params": yaml.safe_load((ws.root / "params.yaml").read_text())["data"]}
-    result["full_repro"] = ws.dvc("repro").as_dict()
+    result["full_repro"] = {**ws.dvc("repro").as_dict(), "outputs": run_outputs(ws.root)}
     ws.commit("first run")
     median, runs = repeat_median(lambda: ws.dvc("repro"), args.noop_repeats)
     result["noop_repro"] = {"median_s": round(median, 3), "runs_s": [round(s, 3) for s in runs]}
     result["disk_after_run"] = disk(ws.root)
-    result["exp_run_smiley"] = ws.dvc("exp", "run", "-S", "kernel=smiley").as_dict()
+    result["exp_run_smiley"] = {
+        **ws.dvc("exp", "run", "-S", "kernel=smiley").as_dict(),
+        "outputs": run_outputs(ws.root),
+    }
     result["disk_after_second_kernel"] = disk(ws.root)
     result["filesystem"] = filesystem(ws.root)
     result["cache_type_default"] = (
@@ -276,10 +280,36 @@ def run_dvc(args, workdir: Path) -> dict:
     result["disk_hardlink"] = disk(ws.root)
     result["noop_repro_hardlink"] = ws.dvc("repro").as_dict()
     ws.commit("second kernel")
-    result["exp_run_hardlink"] = ws.dvc("exp", "run", "-S", "kernel=sobel_y").as_dict()
+    result["exp_run_hardlink"] = {
+        **ws.dvc("exp", "run", "-S", "kernel=sobel_y").as_dict(),
+        "outputs": run_outputs(ws.root),
+    }
     result["disk_hardlink_third_kernel"] = disk(ws.root)
     shutil.rmtree(ws.root)
     return result
+
+
+def run_outputs(root: Path) -> dict:
+    """What a run left in the workspace: its kernel, metrics/train.json, the first step of
+    metrics/steps.csv, and how many of figures/convergence.gif's frames differ."""
+    from PIL import Image, ImageSequence
+
+    from src import paths, stage_files
+
+    with contextlib.chdir(root):  # stage outputs are named relative to the repo root
+        steps = stage_files.read_steps()
+    with Image.open(root / paths.FIGURES / "convergence.gif") as gif:
+        # each frame as displayed (Pillow composites a frame onto the ones before it)
+        frames = [np.asarray(frame.convert("RGB")) for frame in ImageSequence.Iterator(gif)]
+    distinct = {hashlib.sha1(frame.tobytes()).hexdigest() for frame in frames}
+    return {
+        "kernel": yaml.safe_load((root / "params.yaml").read_text())["kernel"],
+        "train": json.loads((root / paths.TRAIN_METRICS).read_text()),
+        "snapshots": len(steps),
+        "first_step": int(steps["step"].iloc[0]),
+        "gif_frames": len(frames),
+        "gif_distinct_frames": len(distinct),
+    }
 
 
 def disk(root: Path) -> dict:
