@@ -200,6 +200,32 @@ def code_state() -> dict:
     }
 
 
+def baseline(path: Path) -> dict | None:
+    """What our training is compared with: the previous results' own baseline, carried
+    over, or else, from a full-size run, that run's ours section (the first time: the
+    8-epoch trainer's). Delete "before" from the results JSON to take a new baseline."""
+    if not path.exists():
+        return None
+    previous = json.loads(path.read_text())
+    if previous.get("before"):
+        return previous["before"]
+    settings, ours = previous["settings"], previous["sections"].get("ours", {})
+    full = (settings["images"], settings["size"]) == (report.FULL_IMAGES, report.FULL_SIZE)
+    if not full or not ours or ours.get("skipped"):
+        return None
+    return {
+        "date": previous["date"],
+        "commit": previous["code"]["commit"],
+        "images": settings["images"],
+        "size": settings["size"],
+        "data": settings["data"],
+        "ours": {
+            kernel: {key: run[key] for key in ("final_error", "steps", "total_s", "config")}
+            for kernel, run in ours.items()
+        },
+    }
+
+
 # --- sections ----------------------------------------------------------------------
 
 
@@ -484,6 +510,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": machine(),
         "code": code_state(),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "before": baseline(args.out_json),  # read before this run overwrites it
         "sections": {},
         "section_seconds": {},
     }
