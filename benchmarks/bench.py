@@ -9,6 +9,9 @@ Sections, in the order they run:
   dvc          `dvc repro` from scratch and as a no-op, `dvc exp run -S kernel=smiley`,
                disk use, and the cache link types; each run's metrics/train.json and the
                distinct frames of its convergence GIF
+  samples      data.source samples (13 real photographs): the stages up to filter for each
+               --samples-kernels kernel in a copy, then src.training.train on each, and the
+               original recipe (train.recipe original) on smiley for --samples-original-steps
   ours         src.training.train on the largest scale's stage outputs, error read between batches
   closed_form  the least-squares kernel on the same data
   original     the original recipe under a time budget (and, for big kernels, its projection)
@@ -44,7 +47,10 @@ from src.stack import Stack  # light: numpy only, unlike the TensorFlow modules 
 
 log = logging.getLogger("bench")
 
-SECTIONS = ("stages", "dvc", "ours", "closed_form", "original", "steps")
+LEARNING = ("ours", "closed_form", "original", "steps")  # on the largest scale's stage outputs
+SECTIONS = ("stages", "dvc", "samples", *LEARNING)
+SAMPLE_KERNELS = ("sobel_x", "sobel_y", "laplacian", "gaussian", "smiley")
+SAMPLE_THRESHOLDS = (1e-4, 1e-6, 1e-8)
 STAGE_KERNELS = ("smiley", "sobel_x")  # the filter stage at 32×32 and 3×3; sobel_x last, as
 # params.yaml's default, so train sees its targets
 QUICK = dict(
@@ -59,6 +65,8 @@ QUICK = dict(
     step_repeats=3,
     noop_repeats=1,
     dvc_images=8,
+    samples_kernels=["sobel_x", "smiley"],
+    samples_original_steps=20,
 )
 
 
@@ -110,6 +118,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         default=None,
         help="data.count for the dvc section (default: params.yaml's)",
+    )
+    parser.add_argument(
+        "--samples-kernels",
+        type=_names,
+        default=list(SAMPLE_KERNELS),
+        help="kernels the samples section learns from data.source samples",
+    )
+    parser.add_argument(
+        "--samples-original-steps",
+        type=int,
+        default=2000,
+        help="train.max_steps of the original recipe on samples (smiley)",
     )
     parser.add_argument("--skip", type=_names, default=[], help=f"any of {', '.join(SECTIONS)}")
     parser.add_argument(
@@ -369,6 +389,51 @@ class Data:
         return (Stack(folder / "targets.npy"), np.load(folder / "kernel.npy").astype(np.float64))
 
 
+def run_samples(args, workdir: Path) -> dict:
+    """The few-real-photos case: data.source samples at --size, the stages up to filter for
+    each kernel, then src.training.train with the default params on each, and with
+    train.recipe original on smiley (or the last kernel) for --samples-original-steps."""
+    from benchmarks import learning
+
+    ws = Workspace(workdir / "samples")
+    ws.set_params({"data": {"source": "samples", "size": args.size}})
+    ws.commit("bench")
+    stages = {"download": ws.stage("download"), "grayscale": ws.stage("grayscale")}
+    stages.update(filter_each(ws, args.samples_kernels))
+    data = Data(ws)
+    warm_up(data, args.samples_kernels[0])  # untimed, as before section ours
+
+    def learn(kernel: str, cfg) -> dict:
+        targets, true_kernel = data.targets(kernel)
+        log.info("samples: %s, train.recipe %s", kernel, cfg.recipe)
+        return learning.ours(
+            data.images,
+            targets,
+            true_kernel,
+            data.split,
+            data.params.filter.padding,
+            cfg,
+            data.params.seed,
+            SAMPLE_THRESHOLDS,
+        )
+
+    cfg = data.params.train
+    fast = {kernel: learn(kernel, cfg) for kernel in args.samples_kernels}
+    slow = "smiley" if "smiley" in args.samples_kernels else args.samples_kernels[-1]
+    original = cfg.model_copy(
+        update={"recipe": "original", "max_steps": args.samples_original_steps}
+    )
+    result = {
+        "data_params": data.params.data.model_dump(),
+        "images": {split: int(np.sum(data.split == split)) for split in ("train", "val")},
+        "stages": {name: m.as_dict() for name, m in stages.items()},
+        "fast": fast,
+        "original": {slow: learn(slow, original)},
+    }
+    shutil.rmtree(ws.root)
+    return result
+
+
 def run_ours(args, data: Data) -> dict:
     from benchmarks import learning
 
@@ -468,12 +533,12 @@ def run_steps(args, data: Data) -> dict:
     }
 
 
-def warm_up(data: Data) -> None:
+def warm_up(data: Data, kernel: str = STAGE_KERNELS[-1]) -> None:
     """The first training in a process pays one-time start-up costs (seen: ~1.5 s); the
     contenders then share a warm process. 16 steps on a few images, untimed."""
     from src import training
 
-    targets, true_kernel = data.targets(STAGE_KERNELS[-1])
+    targets, true_kernel = data.targets(kernel)
     cfg = data.params.train.model_copy(update={"max_steps": 16})
     rows = np.sort(np.concatenate([data.train_rows[:6], np.flatnonzero(data.split == "val")[:2]]))
     training.train(
@@ -535,7 +600,8 @@ def main(argv: list[str] | None = None) -> dict:
 
         timed("stages", stages)
         timed("dvc", lambda: run_dvc(args, workdir))
-        if set(SECTIONS[2:]) - set(args.skip):
+        timed("samples", lambda: run_samples(args, workdir))
+        if set(LEARNING) - set(args.skip):
             if not largest:  # stages skipped: make only the data the learning sections use
                 only = argparse.Namespace(**{**vars(args), "scales": [args.images]})
                 largest.append(run_stages(only, workdir)[1])
