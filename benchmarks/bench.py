@@ -7,7 +7,11 @@ Sections, in the order they run:
   stages       every stage as `python -m stages.<name>` in a temporary git + DVC copy of
                the repo, at each --scales image count: wall time and peak memory
   dvc          `dvc repro` from scratch and as a no-op, `dvc exp run -S kernel=smiley`,
-               disk use, and the cache link types
+               disk use, and the cache link types; each run's metrics/train.json and the
+               distinct frames of its convergence GIF
+  samples      data.source samples (13 real photographs): the stages up to filter for each
+               --samples-kernels kernel in a copy, then src.training.train on each, and the
+               original recipe (train.recipe original) on smiley for --samples-original-steps
   ours         src.training.train on the largest scale's stage outputs, error read between batches
   closed_form  the least-squares kernel on the same data
   original     the original recipe under a time budget (and, for big kernels, its projection)
@@ -37,13 +41,16 @@ import psutil
 import yaml
 
 from benchmarks import report
-from benchmarks.workspace import Workspace, disk_usage, filesystem, repeat_median
+from benchmarks.workspace import Measured, Workspace, disk_usage, filesystem, repeat_median
 from devtools.repo_copy import BIN, REPO
 from src.stack import Stack  # light: numpy only, unlike the TensorFlow modules imported late
 
 log = logging.getLogger("bench")
 
-SECTIONS = ("stages", "dvc", "ours", "closed_form", "original", "steps")
+LEARNING = ("ours", "closed_form", "original", "steps")  # on the largest scale's stage outputs
+SECTIONS = ("stages", "dvc", "samples", *LEARNING)
+SAMPLE_KERNELS = ("sobel_x", "sobel_y", "laplacian", "gaussian", "smiley")
+SAMPLE_THRESHOLDS = (1e-4, 1e-6, 1e-8)
 STAGE_KERNELS = ("smiley", "sobel_x")  # the filter stage at 32×32 and 3×3; sobel_x last, as
 # params.yaml's default, so train sees its targets
 QUICK = dict(
@@ -58,6 +65,8 @@ QUICK = dict(
     step_repeats=3,
     noop_repeats=1,
     dvc_images=8,
+    samples_kernels=["sobel_x", "smiley"],
+    samples_original_steps=20,
 )
 
 
@@ -109,6 +118,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         default=None,
         help="data.count for the dvc section (default: params.yaml's)",
+    )
+    parser.add_argument(
+        "--samples-kernels",
+        type=_names,
+        default=list(SAMPLE_KERNELS),
+        help="kernels the samples section learns from data.source samples",
+    )
+    parser.add_argument(
+        "--samples-original-steps",
+        type=int,
+        default=2000,
+        help="train.max_steps of the original recipe on samples (smiley)",
     )
     parser.add_argument("--skip", type=_names, default=[], help=f"any of {', '.join(SECTIONS)}")
     parser.add_argument(
@@ -199,6 +220,32 @@ def code_state() -> dict:
     }
 
 
+def baseline(path: Path) -> dict | None:
+    """What our training is compared with: the previous results' own baseline, carried
+    over, or else, from a full-size run, that run's ours section (the first time: the
+    8-epoch trainer's). Delete "before" from the results JSON to take a new baseline."""
+    if not path.exists():
+        return None
+    previous = json.loads(path.read_text())
+    if previous.get("before"):
+        return previous["before"]
+    settings, ours = previous["settings"], previous["sections"].get("ours", {})
+    full = (settings["images"], settings["size"]) == (report.FULL_IMAGES, report.FULL_SIZE)
+    if not full or not ours or ours.get("skipped"):
+        return None
+    return {
+        "date": previous["date"],
+        "commit": previous["code"]["commit"],
+        "images": settings["images"],
+        "size": settings["size"],
+        "data": settings["data"],
+        "ours": {
+            kernel: {key: run[key] for key in ("final_error", "steps", "total_s", "config")}
+            for kernel, run in ours.items()
+        },
+    }
+
+
 # --- sections ----------------------------------------------------------------------
 
 
@@ -221,14 +268,7 @@ def run_stages(args, workdir: Path) -> tuple[dict, Workspace]:
         if count == args.images:
             kernels = [k for k in args.kernels if k not in kernels] + kernels
         stages = {"download": ws.stage("download"), "grayscale": ws.stage("grayscale")}
-        for kernel in kernels:
-            ws.set_params({"kernel": kernel})
-            stages[f"filter:{kernel}"] = ws.stage("filter", f"filter {kernel}")
-            kept = ws.root / f"data/filtered-{kernel}"
-            if kernel == kernels[-1]:
-                shutil.copytree(ws.root / "data/filtered", kept, copy_function=os.link)
-            else:
-                os.rename(ws.root / "data/filtered", kept)
+        stages.update(filter_each(ws, kernels))
         stages["train"] = ws.stage("train")
         stages["visualize"] = ws.stage("visualize")
         scales[str(count)] = {name: m.as_dict() for name, m in stages.items()}
@@ -237,6 +277,21 @@ def run_stages(args, workdir: Path) -> tuple[dict, Workspace]:
         else:
             shutil.rmtree(ws.root)
     return {"scales": scales, "train_kernel": STAGE_KERNELS[-1]}, largest
+
+
+def filter_each(ws: Workspace, kernels: list[str]) -> dict[str, Measured]:
+    """The filter stage once per kernel, each one's targets kept in data/filtered-<kernel>/;
+    the last kernel's stay in data/filtered/ too (hard links), where train looks."""
+    measured = {}
+    for kernel in kernels:
+        ws.set_params({"kernel": kernel})
+        measured[f"filter:{kernel}"] = ws.stage("filter", f"filter {kernel}")
+        kept = ws.root / f"data/filtered-{kernel}"
+        if kernel == kernels[-1]:
+            shutil.copytree(ws.root / "data/filtered", kept, copy_function=os.link)
+        else:
+            os.rename(ws.root / "data/filtered", kept)
+    return measured
 
 
 def run_dvc(args, workdir: Path) -> dict:
@@ -251,12 +306,15 @@ def run_dvc(args, workdir: Path) -> dict:
     ws.commit("bench")
     dvc = str(BIN / "dvc")
     result = {"data_params": yaml.safe_load((ws.root / "params.yaml").read_text())["data"]}
-    result["full_repro"] = ws.dvc("repro").as_dict()
+    result["full_repro"] = {**ws.dvc("repro").as_dict(), "outputs": run_outputs(ws.root)}
     ws.commit("first run")
     median, runs = repeat_median(lambda: ws.dvc("repro"), args.noop_repeats)
     result["noop_repro"] = {"median_s": round(median, 3), "runs_s": [round(s, 3) for s in runs]}
     result["disk_after_run"] = disk(ws.root)
-    result["exp_run_smiley"] = ws.dvc("exp", "run", "-S", "kernel=smiley").as_dict()
+    result["exp_run_smiley"] = {
+        **ws.dvc("exp", "run", "-S", "kernel=smiley").as_dict(),
+        "outputs": run_outputs(ws.root),
+    }
     result["disk_after_second_kernel"] = disk(ws.root)
     result["filesystem"] = filesystem(ws.root)
     result["cache_type_default"] = (
@@ -268,10 +326,36 @@ def run_dvc(args, workdir: Path) -> dict:
     result["disk_hardlink"] = disk(ws.root)
     result["noop_repro_hardlink"] = ws.dvc("repro").as_dict()
     ws.commit("second kernel")
-    result["exp_run_hardlink"] = ws.dvc("exp", "run", "-S", "kernel=sobel_y").as_dict()
+    result["exp_run_hardlink"] = {
+        **ws.dvc("exp", "run", "-S", "kernel=sobel_y").as_dict(),
+        "outputs": run_outputs(ws.root),
+    }
     result["disk_hardlink_third_kernel"] = disk(ws.root)
     shutil.rmtree(ws.root)
     return result
+
+
+def run_outputs(root: Path) -> dict:
+    """What a run left in the workspace: its kernel, metrics/train.json, the first step of
+    metrics/steps.csv, and how many of figures/convergence.gif's frames differ."""
+    from PIL import Image, ImageSequence
+
+    from src import paths, stage_files
+
+    with contextlib.chdir(root):  # stage outputs are named relative to the repo root
+        steps = stage_files.read_steps()
+    with Image.open(root / paths.FIGURES / "convergence.gif") as gif:
+        # each frame as displayed (Pillow composites a frame onto the ones before it)
+        frames = [np.asarray(frame.convert("RGB")) for frame in ImageSequence.Iterator(gif)]
+    distinct = {hashlib.sha1(frame.tobytes()).hexdigest() for frame in frames}
+    return {
+        "kernel": yaml.safe_load((root / "params.yaml").read_text())["kernel"],
+        "train": json.loads((root / paths.TRAIN_METRICS).read_text()),
+        "snapshots": len(steps),
+        "first_step": int(steps["step"].iloc[0]),
+        "gif_frames": len(frames),
+        "gif_distinct_frames": len(distinct),
+    }
 
 
 def disk(root: Path) -> dict:
@@ -303,6 +387,51 @@ class Data:
     def targets(self, kernel: str) -> tuple[np.ndarray, np.ndarray]:
         folder = self.root / f"data/filtered-{kernel}"
         return (Stack(folder / "targets.npy"), np.load(folder / "kernel.npy").astype(np.float64))
+
+
+def run_samples(args, workdir: Path) -> dict:
+    """The few-real-photos case: data.source samples at --size, the stages up to filter for
+    each kernel, then src.training.train with the default params on each, and with
+    train.recipe original on smiley (or the last kernel) for --samples-original-steps."""
+    from benchmarks import learning
+
+    ws = Workspace(workdir / "samples")
+    ws.set_params({"data": {"source": "samples", "size": args.size}})
+    ws.commit("bench")
+    stages = {"download": ws.stage("download"), "grayscale": ws.stage("grayscale")}
+    stages.update(filter_each(ws, args.samples_kernels))
+    data = Data(ws)
+    warm_up(data, args.samples_kernels[0])  # untimed, as before section ours
+
+    def learn(kernel: str, cfg) -> dict:
+        targets, true_kernel = data.targets(kernel)
+        log.info("samples: %s, train.recipe %s", kernel, cfg.recipe)
+        return learning.ours(
+            data.images,
+            targets,
+            true_kernel,
+            data.split,
+            data.params.filter.padding,
+            cfg,
+            data.params.seed,
+            SAMPLE_THRESHOLDS,
+        )
+
+    cfg = data.params.train
+    fast = {kernel: learn(kernel, cfg) for kernel in args.samples_kernels}
+    slow = "smiley" if "smiley" in args.samples_kernels else args.samples_kernels[-1]
+    original = cfg.model_copy(
+        update={"recipe": "original", "max_steps": args.samples_original_steps}
+    )
+    result = {
+        "data_params": data.params.data.model_dump(),
+        "images": {split: int(np.sum(data.split == split)) for split in ("train", "val")},
+        "stages": {name: m.as_dict() for name, m in stages.items()},
+        "fast": fast,
+        "original": {slow: learn(slow, original)},
+    }
+    shutil.rmtree(ws.root)
+    return result
 
 
 def run_ours(args, data: Data) -> dict:
@@ -385,29 +514,31 @@ def run_steps(args, data: Data) -> dict:
     from benchmarks import steps
     from src import layers
 
+    cfg = data.params.train
     rows = steps.step_times(
         data.images,
         args.step_sizes,
-        data.params.train,
+        cfg,
         args.step_crop,
         args.step_repeats,
         data.params.seed,
     )
     return {
         "rows": rows,
-        "batch_size": data.params.train.batch_size,
+        "batch_size": cfg.batch_size,
+        "precondition": cfg.precondition if cfg.optimizer == "sgd" else "none",
         "crop": args.step_crop,
         "repeats": args.step_repeats,
         "direct_max_taps": layers.DIRECT_MAX_TAPS,
     }
 
 
-def warm_up(data: Data) -> None:
+def warm_up(data: Data, kernel: str = STAGE_KERNELS[-1]) -> None:
     """The first training in a process pays one-time start-up costs (seen: ~1.5 s); the
     contenders then share a warm process. 16 steps on a few images, untimed."""
     from src import training
 
-    targets, true_kernel = data.targets(STAGE_KERNELS[-1])
+    targets, true_kernel = data.targets(kernel)
     cfg = data.params.train.model_copy(update={"max_steps": 16})
     rows = np.sort(np.concatenate([data.train_rows[:6], np.flatnonzero(data.split == "val")[:2]]))
     training.train(
@@ -444,6 +575,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": machine(),
         "code": code_state(),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "before": baseline(args.out_json),  # read before this run overwrites it
         "sections": {},
         "section_seconds": {},
     }
@@ -468,7 +600,8 @@ def main(argv: list[str] | None = None) -> dict:
 
         timed("stages", stages)
         timed("dvc", lambda: run_dvc(args, workdir))
-        if set(SECTIONS[2:]) - set(args.skip):
+        timed("samples", lambda: run_samples(args, workdir))
+        if set(LEARNING) - set(args.skip):
             if not largest:  # stages skipped: make only the data the learning sections use
                 only = argparse.Namespace(**{**vars(args), "scales": [args.images]})
                 largest.append(run_stages(only, workdir)[1])

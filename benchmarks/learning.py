@@ -1,7 +1,8 @@
 """Three ways to the kernel on the same (grayscale, target) pairs, each timed from its start.
 
-ours          src.training.train with the TrainConfig of params.yaml, unchanged; a
-              subclass of its epoch callback also records the kernel error between batches.
+ours          src.training.train with the TrainConfig of params.yaml (or any TrainConfig,
+              e.g. train.recipe original), unchanged; a callback after its epoch callback
+              also records the kernel error between batches.
 original      the original project's recipe: Keras Conv2D ('same', one filter, bias), Adam
               at 1e-3, batch size 1, MSE, whole images and 'same' targets, stopped at a
               time budget.
@@ -86,11 +87,11 @@ class Trace:
             "settled_step": None if settled is None else settled[1],
         }
 
-    def summary(self, every: int = 0) -> dict:
+    def summary(self, every: int = 0, thresholds: tuple[float, ...] = THRESHOLDS) -> dict:
         errors = [p[2] for p in self.points]
         first_1e2 = next((i for i, e in enumerate(errors) if e <= THRESHOLDS[0]), None)
         return {
-            "reached": [self.reached(e) for e in THRESHOLDS],
+            "reached": [self.reached(e) for e in thresholds],
             "steps": self.step,
             "final_error": errors[-1] if errors else None,
             "min_error": min(errors) if errors else None,
@@ -116,8 +117,11 @@ def ours(
     padding: str,
     cfg: TrainConfig,
     seed: int,
+    thresholds: tuple[float, ...] = THRESHOLDS,
 ) -> dict:
-    """src.training.train as the train stage calls it, with the error read between batches."""
+    """src.training.train as the train stage calls it, with the error read between batches:
+    when it reached each of `thresholds`, and what the last epoch's logs say (converged,
+    the trainer's own step count, the Newton step)."""
     trace = Trace(true_kernel)
     epochs: list[dict] = []
     fit_end: list[float] = []
@@ -143,35 +147,41 @@ def ours(
             fit_end.append(trace.elapsed)
 
     trace.restart()
-    model, _ = training.train(
+    model, history = training.train(
         images, targets, true_kernel, split, padding, cfg, seed, callbacks=[Traced()]
     )
     total = trace.elapsed
     final = kernels.errors(layers.learned_kernel(model), true_kernel)[1]
-    result = trace.summary(_thin(trace.points))
+    last = {key: values[-1] for key, values in history.history.items()}
+    result = trace.summary(_thin(trace.points), thresholds)
     first_step = trace.points[0][0] if trace.points else None
     per_epoch = [
         {
             "threshold": e,
             "seconds": next((r["seconds"] for r in epochs if r["kernel_rel_error"] <= e), None),
         }
-        for e in THRESHOLDS
+        for e in thresholds
     ]
     result.update(
         total_s=round(total, 3),
         final_error=final,
+        converged=bool(last["converged"]),
+        trainer_steps=int(last["steps"]),
+        newton_step=float(last["newton_step"]),
         setup_s=first_step,
         # train() returning well after fit() ends was seen once: kept on record
         after_fit_s=round(total - fit_end[0], 3) if fit_end else None,
         kernel_shape=list(true_kernel.shape),
         epochs=epochs,
         per_epoch_reached=per_epoch,
-        config=cfg.model_dump(),
+        config=cfg.effective().model_dump(),  # what it trained with: the recipe applied
     )
     log.info(
-        "ours: final error %.2e in %.1f s (first step after %.1f s)",
+        "ours: final error %.2e in %.1f s, %d steps, %s (first step after %.1f s)",
         final,
         total,
+        result["trainer_steps"],
+        "converged" if result["converged"] else "not converged",
         first_step or float("nan"),
     )
     return result

@@ -1,8 +1,9 @@
 """One training step's time against kernel size, direct Conv2D vs FFTConv2D.
 
 The step is the one src.training.train runs: the model of build_model in 'valid'
-geometry, the default optimizer, a batch of whitened random crops of real
-grayscale images. This is what src.layers.DIRECT_MAX_TAPS ('auto') should follow.
+geometry, the default optimizer (with kfac, the gradient times a taps×taps matrix), a
+batch of whitened random crops of real grayscale images. This is what
+src.layers.DIRECT_MAX_TAPS ('auto') should follow.
 """
 
 from __future__ import annotations
@@ -51,9 +52,13 @@ def step_times(
         shape = (size, size)
         x, t = batch(images, shape, crop, cfg.batch_size, cfg.whiten, rng)
         row = {"kernel": size, "taps": size * size, "auto": layers.choose_conv(shape, "auto")}
+        # the step costs the same whatever the inverse Hessian holds: the identity stands in
+        # for it (its eigendecomposition at 64×64 takes longer than the steps measured)
+        kfac = cfg.precondition == "kfac" and cfg.optimizer == "sgd"
+        inverse = np.eye(size * size, dtype=np.float32) if kfac else None
         for conv in ("direct", "fft"):
-            model = layers.build_model(shape, conv, "valid")
-            model.compile(optimizer=training.optimizer(cfg, 1000), loss="mse")
+            model = layers.build_model(shape, conv, "valid", use_bias=False)
+            model.compile(optimizer=training.optimizer(cfg, inverse), loss="mse")
             seconds = []
             for _ in range(WARMUP + repeats):
                 start = time.perf_counter()

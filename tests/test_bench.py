@@ -1,5 +1,7 @@
-"""`make bench` on a tiny size (8 images of 64×64, sobel_x, 3 s budgets, DVC section skipped):
-the report, JSON and markdown, is complete and well formed. Its numbers are not judged."""
+"""`make bench` on a tiny size (8 images of 64×64, sobel_x, 3 s budgets, the samples photos at
+64×64 with sobel_x and smiley, DVC section skipped): the report, JSON and markdown, is complete
+and well formed. Its numbers are not judged. What the DVC section reads from a run, and the
+targets it checks, are tested on files and results made here."""
 
 from __future__ import annotations
 
@@ -9,20 +11,42 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
+import yaml
 
 from benchmarks import report
-from benchmarks.bench import SECTIONS
+from benchmarks.bench import SECTIONS, baseline, run_outputs
 from benchmarks.learning import Trace
+from src import figures, paths, stage_files
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.e2e  # runs `make bench --quick` in a temporary copy (~40 s)
+
+# the results.json of a full run of the 8-epoch trainer, as much of it as the baseline reads
+PREVIOUS = {
+    "date": "2026-11-22T06:58:22+00:00",
+    "code": {"commit": "ef3852e"},
+    "settings": {"images": 2688, "size": 256, "data": None},
+    "sections": {
+        "ours": {
+            "sobel_x": {
+                "final_error": 1.8e-19,
+                "steps": 1080,
+                "total_s": 15.0,
+                "config": {"epochs": 8},
+                "trace": [[0.5, 1, 0.1]],
+            }
+        }
+    },
+}
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     md, js = out / "BENCHMARKS.md", out / "results.json"
+    js.write_text(json.dumps(PREVIOUS))  # the run it overwrites
     result = subprocess.run(
         [
             sys.executable,
@@ -41,7 +65,7 @@ def quick(tmp_path_factory):
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=900,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     assert not (out / "work").exists(), "the workdir is removed unless --keep"
@@ -63,6 +87,7 @@ def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+@pytest.mark.e2e  # runs `make bench --quick` in a temporary copy (~70 s)
 def test_every_section_is_there_and_every_number_is_finite(quick):
     results, _ = quick
     assert set(results["sections"]) == set(SECTIONS)
@@ -73,6 +98,7 @@ def test_every_section_is_there_and_every_number_is_finite(quick):
     assert results["machine"]["cpus"] >= 1 and results["machine"]["versions"]["tensorflow-cpu"]
 
 
+@pytest.mark.e2e
 def test_sections_hold_their_measurements(quick):
     sections = quick[0]["sections"]
     stages = sections["stages"]["scales"]["8"]
@@ -104,7 +130,24 @@ def test_sections_hold_their_measurements(quick):
     assert [r["kernel"] for r in rows] == [3, 9]
     assert all(r["direct_ms"] > 0 and r["fft_ms"] > 0 for r in rows)
 
+    samples = sections["samples"]
+    assert samples["data_params"]["source"] == "samples" and samples["data_params"]["size"] == 64
+    assert sum(samples["images"].values()) == 13
+    assert set(samples["stages"]) == {"download", "grayscale", "filter:sobel_x", "filter:smiley"}
+    assert list(samples["fast"]) == ["sobel_x", "smiley"] and list(samples["original"]) == [
+        "smiley"
+    ]
+    for run in [*samples["fast"].values(), *samples["original"].values()]:
+        assert [r["threshold"] for r in run["reached"]] == [1e-4, 1e-6, 1e-8]
+        assert isinstance(run["converged"], bool) and is_number(run["final_error"])
+        assert 0 < run["trainer_steps"] <= run["config"]["max_steps"] and run["total_s"] > 0
+    assert samples["fast"]["smiley"]["config"]["recipe"] == "fast"
+    slow = samples["original"]["smiley"]
+    assert slow["config"]["recipe"] == "original" and slow["config"]["max_steps"] == 20
+    assert slow["trainer_steps"] == 20 and not slow["converged"]  # far from it in 20 steps
 
+
+@pytest.mark.e2e
 def test_targets_have_a_status_and_the_markdown_shows_them_all(quick):
     results, md = quick
     statuses = {report.PASS, report.FAIL, report.PROJECTED, report.NOT_APPLICABLE}
@@ -115,16 +158,141 @@ def test_targets_have_a_status_and_the_markdown_shows_them_all(quick):
     for heading in (
         "## Machine",
         "## Targets",
+        "## Before and after (issue 10)",
         "## 1. ",
         "## 2. ",
         "## 3. ",
         "## 4. ",
         "## 5. ",
         "## 6. ",
+        "## 7. ",
     ):
         assert heading in md
     assert "nan" not in md.lower().replace("nanosecond", "") and "None" not in md
     assert results["command"] in md
+
+
+@pytest.mark.e2e
+def test_the_baseline_is_the_previous_run_and_its_targets_need_the_same_data(quick):
+    results, _ = quick
+    before = results["before"]
+    assert before["commit"] == "ef3852e" and (before["images"], before["size"]) == (2688, 256)
+    assert before["ours"]["sobel_x"]["final_error"] == 1.8e-19
+    assert "trace" not in before["ours"]["sobel_x"]
+    (target,) = [t for t in results["targets"] if "≤ before" in t["target"]]
+    assert target["target"].startswith("ours, sobel_x: final kernel error ≤ before (1.8e-19, ")
+    assert "8-epoch trainer, commit ef3852e" in target["target"]
+    assert target["status"] == report.NOT_APPLICABLE  # 8 images of 64×64 are not 2688 of 256
+
+
+def test_the_baseline_is_carried_over_and_never_taken_from_a_small_run(tmp_path):
+    path = tmp_path / "results.json"
+    assert baseline(path) is None
+    small = {**PREVIOUS, "settings": {"images": 8, "size": 64, "data": None}}
+    path.write_text(json.dumps(small))
+    assert baseline(path) is None
+    path.write_text(json.dumps({**small, "before": {"commit": "ef3852e"}}))
+    assert baseline(path) == {"commit": "ef3852e"}
+
+
+def test_run_outputs_counts_the_distinct_frames_of_the_gif(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for folder in (paths.FIGURES, paths.METRICS):
+        folder.mkdir()
+    Path("params.yaml").write_text(yaml.safe_dump({"kernel": "smiley"}))
+    stage_files.write_train_metrics({"converged": True, "steps": 32, "kernel_rel_error": 1e-12})
+    stage_files.write_steps(
+        pd.DataFrame(
+            {"step": [0, 1, 2], "epoch": [0, 1, 1], "kernel_mse": 0.1, "kernel_rel_error": 0.1}
+        )
+    )
+    black, white = np.zeros((16, 16, 3), np.uint8), np.full((16, 16, 3), 255, np.uint8)
+    figures.write_gif([black, white, black], paths.FIGURES / "convergence.gif")
+    outputs = run_outputs(tmp_path)
+    assert outputs["kernel"] == "smiley" and outputs["train"]["steps"] == 32
+    assert (outputs["snapshots"], outputs["first_step"]) == (3, 0)
+    assert (outputs["gif_frames"], outputs["gif_distinct_frames"]) == (3, 2)
+
+
+def full_results(**sections) -> dict:
+    settings = {"images": 2688, "size": 256, "data": None, "dvc_images": None}
+    return {"settings": settings, "sections": sections, "total_s": 600.0}
+
+
+def test_the_issue_targets_are_checked_against_their_limits():
+    def trained(error, converged, first_1e8=None):
+        reached = [
+            {"threshold": t, "first_s": first_1e8, "first_step": 9} for t in (1e-4, 1e-6, 1e-8)
+        ]
+        return {
+            "final_error": error,
+            "converged": converged,
+            "trainer_steps": 32,
+            "total_s": 4.0,
+            "reached": reached,
+        }
+
+    def run(kernel, distinct, first_step=0):
+        return {
+            "kernel": kernel,
+            "gif_distinct_frames": distinct,
+            "gif_frames": distinct,
+            "first_step": first_step,
+        }
+
+    samples = {
+        "fast": {
+            "sobel_x": trained(1e-15, True),
+            "gaussian": trained(1e-5, True),
+            "laplacian": trained(1e-15, False),
+            "smiley": trained(1e-12, True, first_1e8=3.5),
+        }
+    }
+    dvc = {
+        "noop_repro": {"median_s": 1.0},
+        "full_repro": {"seconds": 24.0, "outputs": run("sobel_x", 15)},
+        "exp_run_smiley": {"seconds": 12.5, "outputs": run("smiley", 40, first_step=1)},
+    }
+    statuses = {
+        t["target"]: t["status"] for t in report.targets(full_results(samples=samples, dvc=dvc))
+    }
+    assert statuses == {
+        "samples, sobel_x: kernel error ≤ 1e-6, converged": report.PASS,
+        "samples, gaussian: kernel error ≤ 1e-6, converged": report.FAIL,
+        "samples, laplacian: kernel error ≤ 1e-6, converged": report.FAIL,
+        "samples, smiley: kernel error ≤ 1e-6, converged": report.PASS,
+        "samples, smiley: kernel error ≤ 1e-8 within 3 s of training": report.FAIL,
+        "no-op dvc repro ≤ 3 s": report.PASS,
+        "fresh default dvc repro ≤ 25 s (was 43 s)": report.PASS,
+        "`dvc exp run -S kernel=smiley` after it ≤ 12 s (was 32 s)": report.FAIL,
+        "GIF of a default sobel_x run: ≥ 15 distinct frames, the first at step 0": report.PASS,
+        "GIF of a default smiley run: ≥ 15 distinct frames, the first at step 0": report.FAIL,
+        "make bench ≤ 20 min": report.PASS,
+    }
+
+
+def test_ours_is_checked_against_the_baseline_only_on_the_same_data():
+    before = {
+        "commit": "ef3852e",
+        "images": 2688,
+        "size": 256,
+        "data": None,
+        "ours": {"laplacian": {"final_error": 1e-14, "config": {"epochs": 8}}},
+    }
+    target = (
+        "ours, laplacian: final kernel error ≤ before (1.0e-14, 8-epoch trainer, "
+        "commit ef3852e), converged"
+    )
+
+    def status(error, converged, images=2688):
+        results = full_results(ours={"laplacian": {"final_error": error, "converged": converged}})
+        results["before"] = {**before, "images": images}
+        return {t["target"]: t["status"] for t in report.targets(results)}[target]
+
+    assert status(1e-15, True) == report.PASS
+    assert status(1e-13, True) == report.FAIL  # less accurate than before
+    assert status(1e-15, False) == report.FAIL  # stopped by max_steps
+    assert status(1e-15, True, images=1024) == report.NOT_APPLICABLE  # not the same data
 
 
 def test_reached_tells_first_touch_from_staying():
