@@ -185,14 +185,8 @@ def top_curvature(x: tf.Tensor | np.ndarray, kernel_shape: tuple[int, int], seed
     """
     x = np.asarray(x, dtype=np.float32)[..., 0]
     if kernel_shape[0] * kernel_shape[1] <= EXACT_HESSIAN_MAX_TAPS:
-        hessian = np.zeros((kernel_shape[0] * kernel_shape[1],) * 2)
-        count = 0
-        for image in x:
-            patches = np.lib.stride_tricks.sliding_window_view(image, kernel_shape)
-            patches = patches.reshape(-1, hessian.shape[0]).astype(np.float64)
-            hessian += patches.T @ patches
-            count += len(patches)
-        return float(np.linalg.eigvalsh(2.0 * hessian / count)[-1])
+        hessian, _ = exact_normal_equations(x, np.zeros((len(x), 1, 1)), kernel_shape)
+        return float(np.linalg.eigvalsh(hessian)[-1])
     return _toeplitz_top_curvature(x, kernel_shape, seed)
 
 
@@ -247,6 +241,24 @@ def _toeplitz_top_curvature(x: np.ndarray, kernel_shape: tuple[int, int], seed: 
 # --- preconditioning ------------------------------------------------------------
 
 
+def exact_normal_equations(
+    x: np.ndarray, t: np.ndarray, kernel_shape: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """(H, b) of the loss mean((k ⋆ x − t)²) = kᵀHk/2 − bᵀk + c on crops x (N, H, W) and
+    their 'valid' targets t: H = 2·PᵀP/M and b = 2·Pᵀt/M, built from the patches P
+    themselves. For small kernels (EXACT_HESSIAN_MAX_TAPS); a zero t gives H alone."""
+    taps = kernel_shape[0] * kernel_shape[1]
+    hessian, right, count = np.zeros((taps, taps)), np.zeros(taps), 0
+    for image, target in zip(np.asarray(x, np.float64), np.asarray(t, np.float64)):
+        patches = np.lib.stride_tricks.sliding_window_view(image, kernel_shape)
+        patches = patches.reshape(-1, taps)
+        hessian += patches.T @ patches
+        if target.size > 1:
+            right += patches.T @ target.ravel()
+        count += len(patches)
+    return 2.0 * hessian / count, 2.0 * right / count
+
+
 def patch_products(x: np.ndarray, kernel_shape: tuple[int, int]) -> Callable:
     """v ↦ H v, the exact Hessian of the loss on crops x (N, H, W) times a flattened
     kernel v, in two FFT correlations: H = 2·PᵀP/M, P the patches under the kernel."""
@@ -293,14 +305,18 @@ class Preconditioner:
         """The largest curvature of the preconditioned loss on the batch x: the top
         eigenvalue of H^(-1/2)·H_x·H^(-1/2), by Lanczos on exact products. A step is
         stable on x below 2 over it."""
-        times = patch_products(x, kernel_shape)
         root = self._inverse_sqrt
         taps = root.shape[0]
+        if taps <= EXACT_HESSIAN_MAX_TAPS:  # the batch's Hessian itself, in one product
+            hessian, _ = exact_normal_equations(x, np.zeros((len(x), 1, 1)), kernel_shape)
+            return float(np.linalg.eigvalsh(root @ hessian @ root)[-1])
+        times = patch_products(x, kernel_shape)
         operator = LinearOperator(
             (taps, taps), matvec=lambda v: root @ times(root @ v), dtype=np.float64
         )
         start = streams.rng(seed, streams.CURVATURE).standard_normal(taps)
-        return float(eigsh(operator, k=1, which="LA", v0=start, tol=1e-3)[0][0])
+        # a few % is enough: the step's margin covers it, and each product is two FFTs
+        return float(eigsh(operator, k=1, which="LA", v0=start, tol=1e-2)[0][0])
 
 
 class PreconditionedSGD(keras.optimizers.SGD):
@@ -424,9 +440,18 @@ class NewtonStep:
 
     def __init__(self, x: np.ndarray, t: np.ndarray, inverse: np.ndarray):
         self.x, self.t, self.inverse = x, t, inverse
+        self.shape = (x.shape[1] - t.shape[1] + 1, x.shape[2] - t.shape[2] + 1)
+        self.normal = None
+        if self.shape[0] * self.shape[1] <= EXACT_HESSIAN_MAX_TAPS:
+            # the loss is quadratic: its gradient Hk − b, from (H, b) built once
+            self.normal = exact_normal_equations(x, t, self.shape)
 
     def __call__(self, kernel: np.ndarray) -> float:
-        k = np.asarray(kernel, dtype=np.float64).reshape(self.x.shape[1] - self.t.shape[1] + 1, -1)
+        k = np.asarray(kernel, dtype=np.float64).reshape(self.shape)
+        if self.normal is not None:
+            hessian, right = self.normal
+            step = self.inverse @ (hessian @ k.ravel() - right)
+            return float(np.linalg.norm(step) / max(np.linalg.norm(k), 1e-30))
         prediction = signal.fftconvolve(self.x, k[None, ::-1, ::-1], mode="valid", axes=(1, 2))
         residual = prediction - self.t
         gradient = signal.fftconvolve(self.x, residual[:, ::-1, ::-1], mode="valid", axes=(1, 2))

@@ -159,10 +159,11 @@ def main() -> None:
         example = example_input(images, split, true_kernel.shape)
         tracking.log_model(model, example, model_id, params, float(last.kernel_rel_error))
         log.info(
-            "kernel_rel_error %.3e after %d steps (%d epochs) in %.1f s, %s",
+            "kernel_rel_error %.3e after %d steps (%d epoch%s) in %.1f s, %s",
             last.kernel_rel_error,
             last.steps,
             last.epoch,
+            "" if last.epoch == 1 else "s",
             last.elapsed_s,
             "converged" if converged else "not converged",
         )
