@@ -23,8 +23,10 @@ $(VENV)/.installed-dev: requirements-dev.lock $(VENV)/.installed
 run: install
 	dvc repro
 
+# One worker per core (pytest-xdist); a test file's tests stay on one worker, so a module's
+# shared fixture is made once.
 test: install-dev lint
-	python -m pytest -q tests
+	python -m pytest -q -n auto --dist loadfile tests
 
 # The unit tests only, no end-to-end runs of dvc or mlflow (under 2 minutes on 2 cores).
 test-fast: install-dev
