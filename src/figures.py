@@ -497,8 +497,10 @@ def curves(history: Mapping[str, Sequence[float]], steps: Mapping[str, Sequence[
         _log_curve(ax, epochs, np.asarray(history[key], dtype=np.float64), key)
         ax.set_title(label)
         ax.set_xlabel("epoch")
+        ax.set_xlim(0.5, len(epochs) + 0.5)  # whole epochs, even when there is one
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.suptitle(f"training history: {len(epochs)} epochs, {int(step[-1])} optimizer steps")
+    plural = "" if len(epochs) == 1 else "s"
+    fig.suptitle(f"training history: {len(epochs)} epoch{plural}, {int(step[-1])} optimizer steps")
     return fig
 
 
