@@ -498,7 +498,10 @@ def curves(history: Mapping[str, Sequence[float]], steps: Mapping[str, Sequence[
         ax.set_title(label)
         ax.set_xlabel("epoch")
         ax.set_xlim(0.5, len(epochs) + 0.5)  # whole epochs, even when there is one
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if len(epochs) <= 10:
+            ax.set_xticks(epochs)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     plural = "" if len(epochs) == 1 else "s"
     fig.suptitle(f"training history: {len(epochs)} epoch{plural}, {int(step[-1])} optimizer steps")
     return fig
