@@ -214,7 +214,7 @@ class TrainConfig(Section):
     conv: Literal["auto", "direct", "fft"] = "auto"
     whiten: Literal["gradient", "laplacian", "none"] = "gradient"
     crop: Whole = Field(128, ge=0)
-    devices: int | Literal["all"] = 1  # GPUs (or logical CPUs) to train on; src/training.py
+    devices: int | Literal["all"] = 1  # GPUs (or logical CPUs) to train on; src/training/
 
     @model_validator(mode="after")
     def _recipe_is_whole(self) -> TrainConfig:
@@ -243,7 +243,7 @@ class TrainConfig(Section):
         raise ValueError(f"train.devices must be a whole number from 1, or all; got {value!r}")
 
     def crop_side(self, image_size: int) -> int:
-        """The side of the crops training takes (src/training.py, crops): whole images
+        """The side of the crops training takes (src/training/, crops): whole images
         when crop is 0 or not smaller than them."""
         return self.crop if 0 < self.crop < image_size else image_size
 

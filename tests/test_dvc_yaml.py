@@ -37,7 +37,13 @@ def imported_modules(path: Path, root: Path) -> set[Path]:
         else:
             continue
         for name in names:
-            if name.split(".")[0] in PACKAGES:
+            parts = name.split(".")
+            if parts[0] in PACKAGES:
+                # importing src.a.b runs the package src/a/__init__.py first
+                for depth in range(2, len(parts) + 1):
+                    init = root.joinpath(*parts[:depth], "__init__.py")
+                    if init.is_file():
+                        found.add(init.relative_to(root))
                 file = root / (name.replace(".", "/") + ".py")
                 if file.is_file():
                     found.add(file.relative_to(root))

@@ -191,7 +191,7 @@ def test_two_parallel_queued_experiments_on_a_fresh_store(workspace):
 
 
 def test_a_queued_experiment_runs_its_own_copy_of_the_code(workspace):
-    source = workspace.root / "src/training.py"
+    source = workspace.root / "src/training/loop.py"
     original = source.read_text()
     marker = "queued-code-marker-5521"
     seeding = "    keras.utils.set_random_seed(seed)\n"
