@@ -6,7 +6,8 @@ inline, byte for byte as npm publishes them, so it works wherever `dvc plots -o`
 Their licences, and those of the packages their builds bundle (read from the builds' source
 maps), go to .dvc/plots/licenses/.
 
-Run it only to change a version: `python -m devtools.vega_page` (needs npm and the registry).
+Run it only to change a version: `python -m devtools.vega_page` (needs npm and the registry);
+`python -m devtools.vega_page --keep-builds` rewrites the page around the builds it holds.
 tests/test_plots.py checks the page against the hashes below.
 """
 
@@ -16,6 +17,7 @@ import hashlib
 import json
 import re
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -63,6 +65,38 @@ HEAD = """<!DOCTYPE html>
     <!-- {credits}, inlined: this page needs no network. Their licences are
          in the repository's .dvc/plots/licenses/. Written by devtools/vega_page.py. -->
 """
+# In a template's lists of column names, "<prefix>/*" stands for every column of the plot's
+# data that starts with "<prefix>/", in the data's order: a bank's per-filter columns
+# (kernel_rel_error/<name>) are known only from the data, and Vega-Lite's fold needs names.
+# dvc_render's page calls vegaEmbed(element, spec) for each plot, so this wraps it. Where
+# DVC draws the templates without this page (DVC Studio, VS Code), a pattern matches no
+# column, and only the per-filter panels are missing.
+COLUMNS = """    <script>
+        // the column patterns of .dvc/plots/*.json: see devtools/vega_page.py
+        (() => {
+            const embed = window.vegaEmbed;
+            const expand = (node, keys) => {
+                if (Array.isArray(node)) {
+                    return node.flatMap((item) =>
+                        typeof item === "string" && item.endsWith("/*")
+                            ? keys.filter((key) => key.startsWith(item.slice(0, -1)))
+                            : [expand(item, keys)]
+                    );
+                }
+                if (node && typeof node === "object") {
+                    return Object.fromEntries(Object.entries(node).map(([name, value]) =>
+                        [name, name === "values" ? value : expand(value, keys)]));
+                }
+                return node;
+            };
+            window.vegaEmbed = Object.assign((element, spec, options) => {
+                const rows = (spec.data && spec.data.values) || [];
+                const keys = [...new Set(rows.flatMap((row) => Object.keys(row)))];
+                return embed(element, expand(spec, keys), options);
+            }, embed);
+        })();
+    </script>
+"""
 TAIL = """    <style>
         body { font-family: sans-serif; }
         table { border-spacing: 15px; }
@@ -86,7 +120,7 @@ def script(name: str, version: str, build: str) -> str:
 def page(builds: dict[str, str]) -> str:
     credits = ", ".join(f"{name} {LIBRARIES[name][0]}" for name in LIBRARIES)
     scripts = "".join(script(name, LIBRARIES[name][0], builds[name]) for name in LIBRARIES)
-    return HEAD.replace("{credits}", credits) + scripts + TAIL
+    return HEAD.replace("{credits}", credits) + scripts + COLUMNS + TAIL
 
 
 def inline_builds(html: str) -> dict[str, str]:
@@ -108,6 +142,16 @@ def bundled(source_map: Path) -> set[str]:
 def licence(package: Path) -> Path | None:
     files = sorted(p for p in package.iterdir() if re.match(r"(?i)licen[cs]e|copying", p.name))
     return files[0] if files else None
+
+
+def keep_builds() -> None:
+    """Rewrite the page around the builds it already holds, once they pass their hashes."""
+    builds = inline_builds(PAGE.read_text(encoding="utf-8"))
+    for name, (version, build, _, digest) in LIBRARIES.items():
+        if sha256(builds.get(name, "")) != digest:
+            raise SystemExit(f"error: {PAGE} holds no {name} {version} {build}; run without flags")
+    PAGE.write_bytes(page(builds).encode("utf-8"))
+    print(f"wrote {PAGE.relative_to(REPO)}")
 
 
 def main() -> None:
@@ -151,4 +195,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    keep_builds() if sys.argv[1:] == ["--keep-builds"] else main()
