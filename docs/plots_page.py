@@ -120,8 +120,8 @@ def capture(index_html: Path, out: Path) -> Path:
         clip = {
             "x": 0,
             "y": 0,
-            "width": max(b["x"] + b["width"] for b in boxes) + 16,
-            "height": max(b["y"] + b["height"] for b in boxes) + 16,
+            "width": max(b["x"] + b["width"] for b in boxes) + 8,
+            "height": max(b["y"] + b["height"] for b in boxes),
         }
         out.parent.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=out, clip=clip, full_page=True)
