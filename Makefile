@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Stages run as `python -m stages.<name>`: the venv must come first on PATH.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install install-dev run test test-fast lint format compare docs bench lock server clean
+.PHONY: install install-dev run test test-fast lint format compare ui docs bench lock server clean
 
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
@@ -47,8 +47,55 @@ compare: install
 	dvc exp show --no-pager --md --drop '.*' \
 	  --keep 'Experiment|^kernel$$|kernel_mse|kernel_rel_error|val_loss|train_seconds'
 	@echo
-	@echo "Compare the runs in MLflow:  $(BIN)/mlflow ui   (then open"
-	@echo "  http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning)"
+	@echo "Compare the runs in MLflow:  make ui   (it prints the link to open)"
+
+# `mlflow ui` on the project's store (src/paths.py: mlflow.db and mlartifacts/ at the main
+# repo root), light: one worker and no GenAI job runner, where a plain `mlflow ui` starts 15
+# processes and takes 3 GB. Once it answers, it prints the link to the experiment's runs in
+# the Model training view. HOST and PORT as for `make server`; Ctrl-C stops it.
+define UI_STORE
+import shlex, sys
+from src import paths
+uri = paths.tracking_uri()
+if not uri.startswith("sqlite"):
+    sys.exit(f"error: MLFLOW_TRACKING_URI is {uri}; open that server, or unset it for make ui")
+print(f"store={shlex.quote(uri)} artifacts={shlex.quote(str(paths.artifact_root()))}")
+endef
+define UI_LINK
+import os, sys, time, requests
+from src import config, errors
+host, port, server = sys.argv[1:]  # server: the pid of the shell that became `mlflow server`
+base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+while True:
+    try:
+        if requests.get(f"{base}/health", timeout=1).ok:
+            break
+    except requests.RequestException:
+        pass
+    try:
+        os.kill(int(server), 0)
+    except ProcessLookupError:
+        sys.exit()  # the server stopped, and said why
+    time.sleep(0.25)
+try:
+    name = config.load().mlflow.experiment
+except errors.UserError:
+    name = config.MlflowConfig().experiment
+found = requests.get(f"{base}/api/2.0/mlflow/experiments/get-by-name",
+                     params={"experiment_name": name}, timeout=10)
+view = "workflowType=machine_learning"
+if found.ok:
+    link = f"{base}/#/experiments/{found.json()['experiment']['experiment_id']}/runs?{view}"
+else:
+    link = f"{base}/#/experiments?{view}   (no {name} runs yet: dvc repro logs the first)"
+print(f"\nMLflow UI, the runs of {name}:  {link}\n", flush=True)
+endef
+export UI_STORE UI_LINK
+ui: install
+	@found=$$(python -c "$$UI_STORE") && eval "$$found" && \
+	{ (python -c "$$UI_LINK" '$(HOST)' '$(PORT)' $$$$ &) } && \
+	exec env MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow server --host '$(HOST)' \
+	  --port '$(PORT)' --workers 1 --backend-store-uri "$$store" --artifacts-destination "$$artifacts"
 
 # A shared MLflow tracking server (README, "Scaling up"): runs and metrics in PostgreSQL (DB),
 # artifacts proxied by the server to ARTIFACTS (a folder or s3://bucket/path), so clients

@@ -2,9 +2,9 @@
 
 Runs the default pipeline (sobel_x) and a smiley experiment in a temporary git
 copy of this repo, so the workspace, its DVC cache and its mlflow.db are left
-alone, then copies the figures here, and takes screenshots of `mlflow ui` on that
-copy's store (docs/mlflow_ui.py; needs Debian's chromium). Takes a few minutes on
-2 cores.
+alone, then copies the figures here, and takes screenshots of `dvc plots diff`'s page
+offline (docs/plots_page.py) and of `mlflow ui` on that copy's store
+(docs/mlflow_ui.py); both need Debian's chromium. Takes a few minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ DOCS = REPO / "docs"
 sys.path.insert(0, str(REPO))
 
 from devtools.repo_copy import clean_env, copy_repo  # noqa: E402
-from docs import mlflow_ui  # noqa: E402
+from docs import mlflow_ui, plots_page  # noqa: E402
 from src import config, figures, kernels  # noqa: E402
 
 FIGURES = ("convergence.gif", "comparison.png", "sample.png", "curves.png")
@@ -46,12 +46,18 @@ def pipeline_figures() -> None:
         steps = {}
         for kernel in ("sobel_x", "smiley"):
             subprocess.run(
-                ["dvc", "exp", "run", "-S", f"kernel={kernel}"], cwd=copy, env=env, check=True
+                ["dvc", "exp", "run", "-n", kernel, "-S", f"kernel={kernel}"],
+                cwd=copy,
+                env=env,
+                check=True,
             )
             (DOCS / kernel).mkdir(parents=True, exist_ok=True)
             for name in FIGURES:
                 shutil.copy2(copy / "figures" / name, DOCS / kernel / name)
             steps[kernel] = pd.read_csv(copy / "metrics/steps.csv")
+        # the README's step 5, `dvc plots diff main smiley`, drawn offline
+        subprocess.run(["dvc", "plots", "diff", "main", "smiley"], cwd=copy, env=env, check=True)
+        plots_page.capture(copy / "dvc_plots/index.html", DOCS / "plots.png")
         subprocess.run(
             ["dvc", "exp", "run", "-S", "kernel=smiley", *ORIGINAL], cwd=copy, env=env, check=True
         )
