@@ -101,7 +101,8 @@ ui: install
 # artifacts proxied by the server to ARTIFACTS (a folder or s3://bucket/path), so clients
 # need no storage of their own. Bound to 127.0.0.1 unless HOST says otherwise; ALLOWED_HOSTS
 # are the names clients may reach it by (empty: MLflow's default, localhost and private IPs).
-# No GenAI job runner: nothing here uses it, and it is one more process per server.
+# src/server.py checks the port and the database (one line and exit 2 if either is wrong),
+# then execs `mlflow server` without its GenAI job runner.
 HOST ?= 127.0.0.1
 PORT ?= 5000
 WORKERS ?= 4
@@ -109,12 +110,8 @@ DB ?=
 ARTIFACTS ?=
 ALLOWED_HOSTS ?=
 server: install
-	@if [ -z "$(DB)" ] || [ -z "$(ARTIFACTS)" ]; then \
-	  echo "error: make server needs DB=postgresql://user:password@host:5432/database" \
-	    "and ARTIFACTS=<a folder or s3://bucket/path>" >&2; exit 2; fi
-	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow server --host '$(HOST)' --port '$(PORT)' \
-	  --workers '$(WORKERS)' --backend-store-uri '$(DB)' --artifacts-destination '$(ARTIFACTS)' \
-	  $(if $(ALLOWED_HOSTS),--allowed-hosts '$(ALLOWED_HOSTS)')
+	@python -m src.server --host '$(HOST)' --port '$(PORT)' --workers '$(WORKERS)' \
+	  --db '$(DB)' --artifacts '$(ARTIFACTS)' --allowed-hosts '$(ALLOWED_HOSTS)'
 
 docs: install-dev  # refresh the README's pictures from real runs, in a temporary copy
 	python docs/refresh.py

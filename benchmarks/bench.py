@@ -1,7 +1,11 @@
 """`make bench`: one run, one machine, one data set; writes BENCHMARKS.md and a JSON twin.
 
     python -m benchmarks.bench            # the full run (~15 min on 2 shared cores)
-    python -m benchmarks.bench --quick    # 8 images of 64×64: a smoke run (~1 min)
+    python -m benchmarks.bench --quick    # 8 images of 64×64: a smoke run (~1 min), written
+                                          # to benchmarks/quick/ (git-ignored), not BENCHMARKS.md
+
+BENCHMARKS.md and results.json are written together, when the run ends: Ctrl-C leaves them
+as they were, with one line to say so.
 
 Sections, in the order they run:
   stages       every stage as `python -m stages.<name>` in a temporary git + DVC copy of
@@ -43,6 +47,7 @@ import yaml
 from benchmarks import report
 from benchmarks.workspace import Measured, Workspace, disk_usage, filesystem, repeat_median
 from devtools.repo_copy import BIN, REPO
+from src import atomic, interrupts
 from src.stack import Stack  # light: numpy only, unlike the TensorFlow modules imported late
 
 log = logging.getLogger("bench")
@@ -68,6 +73,8 @@ QUICK = dict(
     samples_kernels=["sobel_x", "smiley"],
     samples_original_steps=20,
 )
+OUT_MD, OUT_JSON = REPO / "BENCHMARKS.md", REPO / "benchmarks" / "results.json"  # committed
+QUICK_OUT = REPO / "benchmarks" / "quick"  # git-ignored: a smoke run is not the record
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -144,8 +151,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="where the repo copies go (default: a new temporary directory)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the workdir afterwards")
-    parser.add_argument("--out-md", type=Path, default=REPO / "BENCHMARKS.md")
-    parser.add_argument("--out-json", type=Path, default=REPO / "benchmarks" / "results.json")
+    parser.add_argument(
+        "--out-md", type=Path, default=None, help=f"default {OUT_MD.name}; --quick: in {QUICK_OUT}"
+    )
+    parser.add_argument(
+        "--out-json",
+        type=Path,
+        default=None,
+        help=f"default {OUT_JSON.relative_to(REPO)}; --quick: in {QUICK_OUT}",
+    )
     parser.add_argument(
         "--render",
         type=Path,
@@ -157,6 +171,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.quick:
         for key, value in QUICK.items():
             setattr(args, key, value)
+    out = QUICK_OUT if args.quick else None
+    args.out_md = args.out_md or (out / OUT_MD.name if out else OUT_MD)
+    args.out_json = args.out_json or (out / OUT_JSON.name if out else OUT_JSON)
     unknown = set(args.skip) - set(SECTIONS)
     if unknown:
         parser.error(f"--skip: unknown {', '.join(sorted(unknown))}; use {', '.join(SECTIONS)}")
@@ -561,6 +578,24 @@ def main(argv: list[str] | None = None) -> dict:
     )
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = parse_args(argv)
+    try:
+        return measure(args, argv)
+    except KeyboardInterrupt:  # Ctrl-C, also in a stage or dvc the run started
+        outputs = " and ".join(str(_shown(path)) for path in (args.out_md, args.out_json))
+        print(
+            f"error: interrupted; {outputs} are as they were (a run writes them when it ends), "
+            "rerun to measure",
+            file=sys.stderr,
+        )
+        sys.exit(130)
+
+
+def _shown(path: Path) -> Path:
+    path = path.resolve()
+    return path.relative_to(REPO) if path.is_relative_to(REPO) else path
+
+
+def measure(args: argparse.Namespace, argv: list[str] | None) -> dict:
     if args.render:
         render(args.render, args.out_md)
         return json.loads(args.render.read_text())
@@ -617,9 +652,7 @@ def main(argv: list[str] | None = None) -> dict:
     results["total_s"] = round(time.perf_counter() - started, 1)
     results["machine"]["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
     results["code_changed_during_run"] = code_state() != results["code"]
-    args.out_json.parent.mkdir(parents=True, exist_ok=True)
-    args.out_json.write_text(json.dumps(results, indent=1, default=_plain) + "\n")
-    results = render(args.out_json, args.out_md)
+    results = write(json.loads(json.dumps(results, default=_plain)), args.out_json, args.out_md)
     log.info("wrote %s and %s in %.0f s", args.out_md, args.out_json, results["total_s"])
     return results
 
@@ -627,10 +660,18 @@ def main(argv: list[str] | None = None) -> dict:
 def render(json_path: Path, md_path: Path) -> dict:
     """Check the targets and write the markdown from a results JSON (also after the fact:
     `python -m benchmarks.bench --render benchmarks/results.json`)."""
-    results = json.loads(json_path.read_text())
+    return write(json.loads(json_path.read_text()), json_path, md_path)
+
+
+def write(results: dict, json_path: Path, md_path: Path) -> dict:
+    """The results with their targets checked, as JSON and markdown: both made first, then
+    each file replaced whole, Ctrl-C held back in between, so the two always match."""
     results["targets"] = report.targets(results)
-    json_path.write_text(json.dumps(results, indent=1) + "\n")
-    md_path.write_text(report.markdown(results))
+    texts = {json_path: json.dumps(results, indent=1) + "\n", md_path: report.markdown(results)}
+    with interrupts.uninterrupted():
+        for path, text in texts.items():
+            with atomic.atomic_file(path) as handle:
+                handle.write(text)
     return results
 
 

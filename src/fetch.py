@@ -34,8 +34,8 @@ log = logging.getLogger(__name__)
 
 CHUNK = 1 << 16
 OFFLINE_HINT = (
-    "use data.source=synthetic (the default, no network) or a path to your own "
-    "folder or .zip of images"
+    "use data.source=synthetic (the default, no network), data.source=samples (13 photos "
+    "in the scikit-image wheel, no network) or a path to your own folder or .zip of images"
 )
 
 

@@ -5,8 +5,11 @@ targets it checks, are tested on files and results made here."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +18,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from conftest import default_sigint
 
-from benchmarks import report
+from benchmarks import bench, report
 from benchmarks.bench import SECTIONS, baseline, run_outputs
 from benchmarks.learning import Trace
 from src import figures, paths, stage_files
@@ -314,3 +318,57 @@ def test_reached_tells_first_touch_from_staying():
         "settled_s": None,
         "settled_step": None,
     }
+
+
+def test_a_quick_run_writes_inside_the_repo_where_git_ignores_it():
+    """`--quick` used to overwrite the committed BENCHMARKS.md with an 8-image smoke run."""
+    full, quick = bench.parse_args([]), bench.parse_args(["--quick"])
+    assert (full.out_md, full.out_json) == (
+        REPO / "BENCHMARKS.md",
+        REPO / "benchmarks/results.json",
+    )
+    for path in (quick.out_md, quick.out_json):
+        assert path.is_relative_to(REPO) and path not in (full.out_md, full.out_json)
+        ignored = subprocess.run(["git", "check-ignore", "-q", str(path)], cwd=REPO)
+        assert ignored.returncode == 0, f"{path} is not git-ignored"
+    chosen = bench.parse_args(["--quick", "--out-md", "elsewhere.md"])
+    assert chosen.out_md == Path("elsewhere.md")  # asked for: as asked
+
+
+@pytest.mark.e2e  # a real run, stopped by a real Ctrl-C while a stage runs (~10 s)
+def test_ctrl_c_is_one_line_and_leaves_the_reports_as_they_were(tmp_path):
+    md, js, work = tmp_path / "BENCHMARKS.md", tmp_path / "results.json", tmp_path / "work"
+    md.write_text("the committed report\n")
+    js.write_text(json.dumps(PREVIOUS))
+    before = {path: path.read_bytes() for path in (md, js)}
+    command = ["--quick", "--skip", "dvc,samples", "--workdir", str(work)]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.bench", *command, "--out-md", str(md)]
+        + ["--out-json", str(js)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=default_sigint,
+    )
+    try:
+        lines = []
+        for line in process.stderr:  # the first stage done: the next one is running
+            lines.append(line)
+            if " stage download " in line:
+                break
+        assert process.poll() is None, "".join(lines)
+        os.killpg(process.pid, signal.SIGINT)  # as the terminal sends Ctrl-C to the job
+        stderr = "".join(lines) + process.stderr.read()
+        process.wait(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [stderr.splitlines()[-1]], stderr[-3000:]
+    assert errors[0].startswith(f"error: interrupted; {md} and {js} are as they were")
+    assert {path: path.read_bytes() for path in (md, js)} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["BENCHMARKS.md", "results.json"]

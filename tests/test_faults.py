@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -17,9 +18,15 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
-from conftest import BIN, ENDLESS_TRAIN, TINY, clean_env, default_sigint
+import yaml
+from conftest import BIN, ENDLESS_TRAIN, REPO, TINY, clean_env, default_sigint
 from mlflow import MlflowClient
+
+from src.errors import BACK_TO_COMMITTED
+
+README = (REPO / "README.md").read_text()
 
 
 def epochs_logged(ws) -> int:
@@ -183,3 +190,87 @@ def test_an_unreachable_tracking_server_fails_before_training(workspace):
     assert len(lines) == 1 and uri in lines[0] and "MLFLOW_TRACKING_URI" in lines[0]
     assert "Traceback" not in result.stderr
     assert not (workspace.root / "model").exists()
+
+
+def stage_pids(ws, name: str) -> list[int]:
+    """The processes of `python -m stages.<name>` running in this workspace."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "cwd"]):
+        cmdline = proc.info["cmdline"] or []
+        if cmdline[1:] == ["-m", f"stages.{name}"] and proc.info["cwd"] == str(ws.root):
+            found.append(proc.pid)
+    return found
+
+
+def test_a_killed_dvc_stops_its_stage_and_the_readme_gets_the_workspace_back(workspace):
+    """`kill -TERM <dvc pid>` (or `timeout`) kills dvc alone: the stage used to go on as
+    an orphan and finish its run, so the next `dvc repro` made a second one. DVC leaves
+    git on a detached HEAD; the README's Troubleshooting says how to get back. Then, in
+    the same workspace (one training, not two), a failed `-S` value and a failed stage:
+    each error line says how to get back, and the README's one command does it."""
+    workspace.set_params({"train": ENDLESS_TRAIN})
+    workspace.commit("a training that runs until stopped")
+    process = subprocess.Popen(
+        [str(BIN / "dvc"), "exp", "run"],
+        cwd=workspace.root,
+        env=clean_env(),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        preexec_fn=default_sigint,
+    )
+    try:
+        stderr = interrupt_training(workspace, process, signal.SIGTERM, group=False)
+        deadline = time.time() + 20
+        while stage_pids(workspace, "train"):
+            assert time.time() < deadline, "the train stage outlived dvc by 20 s"
+            time.sleep(0.2)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # an orphan of a failed test
+            os.killpg(process.pid, signal.SIGKILL)
+    assert statuses(workspace, settle_s=5) == ["KILLED"]
+    assert f"error: dvc (pid {process.pid}), which ran this stage, exited" in stderr
+    assert "Traceback" not in stderr
+    assert not (workspace.root / "model").exists()
+
+    detached = workspace.run("git", "symbolic-ref", "-q", "HEAD", check=False)
+    assert detached.returncode != 0, "DVC now restores the branch: update the README"
+    troubleshooting = re.search(r"^## Troubleshooting\n(.*?)(?=^## )", README, re.S | re.M)[1]
+    assert "`git switch main`" in troubleshooting
+    workspace.run("git", "switch", "main")
+    assert workspace.run("git", "symbolic-ref", "HEAD").stdout.strip() == "refs/heads/main"
+
+    # The committed state: the data stages and what they made (the training never
+    # finished, so `dvc checkout` would have no model to restore).
+    for name in ("dvc.yaml", "dvc.lock"):
+        doc = yaml.safe_load((workspace.root / name).read_text())
+        for stage in ("train", "visualize"):
+            del doc["stages"][stage]
+        doc.pop("plots", None)
+        (workspace.root / name).write_text(yaml.safe_dump(doc, sort_keys=False))
+    workspace.commit("the data stages")
+    committed = workspace.run("git", "show", "HEAD:params.yaml").stdout
+    assert f"`{BACK_TO_COMMITTED}`" in README
+
+    # A bad -S value: 40 and -1 are the same size, so git's stat cache may hide it.
+    failed = workspace.dvc("exp", "run", "-S", "train.max_steps=-1", check=False)
+    (line,) = [line for line in failed.stderr.splitlines() if line.startswith("error: ")]
+    assert line.startswith("error: train.max_steps must be at least 1")
+    assert "params.yaml differs from the last commit (`git status` may not show it): " in line
+    assert line.endswith(f"`{BACK_TO_COMMITTED}`")
+    workspace.run("bash", "-c", BACK_TO_COMMITTED)
+    assert (workspace.root / "params.yaml").read_text() == committed
+    assert workspace.run("git", "status", "--porcelain").stdout == ""
+
+    # A failed stage: DVC deleted data/raw before running download.
+    missing = workspace.root / "no-such-photos"
+    failed = workspace.dvc("exp", "run", "-S", f"data.source={missing}", check=False)
+    (line,) = [line for line in failed.stderr.splitlines() if line.startswith("error: ")]
+    assert "data.source" in line and line.endswith(f"`{BACK_TO_COMMITTED}`")
+    assert not (workspace.root / "data/raw").exists()
+    workspace.run("bash", "-c", BACK_TO_COMMITTED)
+    assert (workspace.root / "data/raw/manifest.csv").is_file()
+    assert (workspace.root / "params.yaml").read_text() == committed
+    status = workspace.dvc("status", "download", "grayscale", "filter").stdout
+    assert "up to date" in status, status

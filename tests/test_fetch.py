@@ -232,6 +232,7 @@ def test_unreachable_host_points_to_offline_sources(tmp_path):
         )
     message = str(info.value)
     assert f"127.0.0.1:{port}" in message and "data.source=synthetic" in message
+    assert "data.source=samples" in message  # real photos, offline too
     assert "\n" not in message
 
 

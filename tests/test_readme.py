@@ -10,7 +10,9 @@ import time
 
 import psutil
 import requests
+import yaml
 from conftest import REPO, clean_env, free_port
+from mlflow import MlflowClient
 
 README = (REPO / "README.md").read_text()
 
@@ -119,6 +121,18 @@ def test_the_walkthrough_runs_as_written(workspace):
     finally:
         os.killpg(ui.pid, signal.SIGTERM)
         ui.wait(timeout=30)
+
+    # The registry example, where the walkthrough leaves the workspace (the smiley of step
+    # 2): it registers a sobel_x, and its setting does not stay for later runs.
+    (registry,) = re.findall(r"`(dvc exp run [^`]*mlflow\.registered_model=sobel-filter)`", README)
+    params = (workspace.root / "params.yaml").read_bytes()
+    workspace.run("bash", "-c", registry)
+    assert (workspace.root / "params.yaml").read_bytes() == params
+    assert yaml.safe_load(params)["mlflow"]["registered_model"] == ""
+    client = MlflowClient(workspace.tracking_uri)
+    (version,) = client.search_model_versions("name = 'sobel-filter'")
+    assert int(version.version) == 1 and version.tags["kernel"] == "sobel_x"
+    assert client.get_run(version.run_id).data.tags["kernel"] == "sobel_x"
 
 
 def _in_session(process: psutil.Process, session: int) -> bool:
