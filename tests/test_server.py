@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -45,7 +46,8 @@ def make_server(tmp_path, *assignments: str) -> tuple[str, float]:
     seconds = time.monotonic() - started
     assert process.returncode != 0, stderr[-3000:]
     assert "Traceback" not in stderr and SECRET not in stderr, stderr[-3000:]
-    lines = [line for line in stderr.splitlines() if not line.startswith("make: ")]  # make's own
+    # make's own lines: "make: ***", or "make[1]: ***" when make runs under make (make test)
+    lines = [line for line in stderr.splitlines() if not re.match(r"make(\[\d+\])?: ", line)]
     assert len(lines) == 1 and lines[0].startswith("error: "), stderr[-3000:]
     return lines[0], seconds
 
