@@ -1,4 +1,5 @@
-"""The model: one linear convolution layer, as Conv2D or as FFTConv2D, the same map by FFTs.
+"""The model: one convolution layer (C input channels, F filters, a bias each), as Conv2D or
+as FFTConv2D, the same map by FFTs, and the activation after it (filter.activation).
 
 A 32×32 Conv2D costs about 0.6 s per 256×256 image on a 2-core CPU; FFTConv2D
 computes the same correlation with the same weights, outputs and gradients,
@@ -17,51 +18,65 @@ import tensorflow as tf
 from src.padding import same_padding
 
 DIRECT_MAX_TAPS = 121  # auto: direct Conv2D up to 11×11, FFT above (BENCHMARKS.md, section 5)
+ACTIVATIONS = ("linear", "relu", "sigmoid", "tanh")
 
 
 def fft_correlate(x: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
-    """'valid' cross-correlation of (B, H, W) images with a (kh, kw) kernel, via FFTs.
+    """'valid' cross-correlation of (B, H, W, C) images with a (kh, kw, C, F) kernel, via
+    FFTs: (B, H−kh+1, W−kw+1, F), the channels summed as Conv2D sums them.
 
     Circular correlation equals the linear one on the valid region, which never
     wraps around, so no padding beyond the image is needed.
     """
     height, width = tf.shape(x)[1], tf.shape(x)[2]
-    kh, kw = kernel.shape
-    padded = tf.pad(kernel, [[0, height - kh], [0, width - kw]])
-    spectrum = tf.signal.rfft2d(x) * tf.math.conj(tf.signal.rfft2d(padded))
+    kh, kw = kernel.shape[0], kernel.shape[1]
+    images = tf.signal.rfft2d(tf.transpose(x, [0, 3, 1, 2]))  # (B, C, H, W/2+1)
+    padded = tf.pad(
+        tf.transpose(kernel, [2, 3, 0, 1]), [[0, 0], [0, 0], [0, height - kh], [0, width - kw]]
+    )
+    spectrum = tf.einsum("bchw,cfhw->bfhw", images, tf.math.conj(tf.signal.rfft2d(padded)))
     full = tf.signal.irfft2d(spectrum, fft_length=tf.stack([height, width]))
-    return full[:, : height - kh + 1, : width - kw + 1]
+    return tf.transpose(full[:, :, : height - kh + 1, : width - kw + 1], [0, 2, 3, 1])
 
 
 @keras.saving.register_keras_serializable(package="learn_linear_filter")
 class FFTConv2D(keras.layers.Layer):
-    """Conv2D(1 filter, kernel_size, padding, use_bias) computed with FFTs.
+    """Conv2D(filters, kernel_size, padding, use_bias) computed with FFTs.
 
-    Holds its weights exactly as Conv2D does (kernel (kh, kw, 1, 1), bias (1,)),
+    Holds its weights exactly as Conv2D does (kernel (kh, kw, C, F), bias (F,)),
     so the two are interchangeable with set_weights.
     """
 
     def __init__(
-        self, kernel_size: tuple[int, int], padding: str = "valid", use_bias: bool = True, **kwargs
+        self,
+        kernel_size: tuple[int, int],
+        padding: str = "valid",
+        use_bias: bool = True,
+        filters: int = 1,
+        **kwargs,
     ):
         super().__init__(**kwargs)
         self.kernel_size = tuple(kernel_size)
         self.padding = padding
         self.use_bias = use_bias
+        self.filters = int(filters)
 
     def build(self, input_shape):
+        channels = int(input_shape[-1])
         self.kernel = self.add_weight(
-            name="kernel", shape=(*self.kernel_size, 1, 1), initializer="glorot_uniform"
+            name="kernel",
+            shape=(*self.kernel_size, channels, self.filters),
+            initializer="glorot_uniform",
         )
         if self.use_bias:
-            self.bias = self.add_weight(name="bias", shape=(1,), initializer="zeros")
+            self.bias = self.add_weight(name="bias", shape=(self.filters,), initializer="zeros")
 
     def call(self, inputs):
-        x = inputs[..., 0]
+        x = inputs
         if self.padding == "same":
             (top, bottom), (left, right) = same_padding(*self.kernel_size)
-            x = tf.pad(x, [[0, 0], [top, bottom], [left, right]])
-        y = fft_correlate(x, self.kernel[:, :, 0, 0])[..., None]
+            x = tf.pad(x, [[0, 0], [top, bottom], [left, right], [0, 0]])
+        y = fft_correlate(x, self.kernel)
         return y + self.bias if self.use_bias else y
 
     def get_config(self):
@@ -70,6 +85,7 @@ class FFTConv2D(keras.layers.Layer):
             "kernel_size": self.kernel_size,
             "padding": self.padding,
             "use_bias": self.use_bias,
+            "filters": self.filters,
         }
 
 
@@ -80,20 +96,49 @@ def choose_conv(kernel_shape: tuple[int, int], conv: str) -> str:
 
 
 def build_model(
-    kernel_shape: tuple[int, int], conv: str, padding: str, use_bias: bool = True
+    kernel_shape: tuple[int, int],
+    conv: str,
+    padding: str,
+    use_bias: bool = True,
+    channels: int = 1,
+    filters: int = 1,
+    activation: str = "linear",
 ) -> keras.Model:
-    """One linear conv layer: one filter of the kernel's size, with a bias."""
+    """One conv layer of `filters` filters of the kernel's size on `channels` input
+    channels, with a bias each, and the activation after it (layer "activation")."""
     if choose_conv(kernel_shape, conv) == "direct":
         layer = keras.layers.Conv2D(
-            1, kernel_shape, padding=padding, use_bias=use_bias, name="conv"
+            filters, kernel_shape, padding=padding, use_bias=use_bias, name="conv"
         )
     else:
-        layer = FFTConv2D(kernel_shape, padding=padding, use_bias=use_bias, name="conv")
-    return keras.Sequential([keras.Input((None, None, 1)), layer], name="linear_filter")
+        layer = FFTConv2D(
+            kernel_shape, padding=padding, use_bias=use_bias, filters=filters, name="conv"
+        )
+    stack = [keras.Input((None, None, channels)), layer]
+    if activation != "linear":
+        stack.append(keras.layers.Activation(activation, name="activation"))
+    return keras.Sequential(stack, name="linear_filter" if activation == "linear" else "filter")
+
+
+def activation_of(model: keras.Model) -> str:
+    """The model's activation after the conv: linear, relu, sigmoid or tanh."""
+    try:
+        return str(model.get_layer("activation").get_config()["activation"])
+    except ValueError:
+        return "linear"
 
 
 def learned_kernel(model: keras.Model) -> np.ndarray:
-    return np.asarray(model.get_layer("conv").get_weights()[0][:, :, 0, 0], dtype=np.float64)
+    """The conv's kernel, float64 (kh, kw, C, F)."""
+    return np.asarray(model.get_layer("conv").get_weights()[0], dtype=np.float64)
+
+
+def learned_bias(model: keras.Model) -> np.ndarray:
+    """The conv's biases, float64 (F,); zeros for a layer without them."""
+    weights = model.get_layer("conv").get_weights()
+    if len(weights) > 1:
+        return np.asarray(weights[1], dtype=np.float64)
+    return np.zeros(weights[0].shape[-1])
 
 
 def load_model(path: str | Path) -> keras.Model:

@@ -1,79 +1,71 @@
-"""A single linear convolution layer learns the kernel from (grayscale, target) pairs.
+"""A single convolution layer learns the kernel (or a bank of them, on gray or colour
+images, with an activation after it) from (image, target) pairs.
 
-The model is the original experiment's: one Conv2D filter of the kernel's size
-with a bias, no activation, trained with a mean-squared-error loss. Four things
-make it fast and exact on 2 CPU cores:
+The model is the original experiment's: one Conv2D of the kernel's size with a bias,
+trained on the mean squared error. What makes it fast and exact on 2 CPU cores:
 
-- conv: a 32×32 Conv2D is slow on a CPU, so large kernels use FFTConv2D, the
-  same linear map computed with FFTs (same weights, outputs and gradients).
+- conv: a 32×32 Conv2D is slow on a CPU, so large kernels use FFTConv2D, the same
+  linear map computed with FFTs (same weights, outputs and gradients).
 - whiten: natural images have a ~1/f² power spectrum, which makes the loss badly
-  conditioned. We filter input and target with the same derivative filters;
-  filters commute, so the optimum is unchanged, and the spectrum becomes ~flat.
-- scale: whitened input and target are multiplied by one constant chosen so that
-  the loss's largest curvature in the kernel is 1 (measured on a few batches
-  before training). The optimum is unchanged, and the same learning_rate is
-  stable for any whitening, kernel size and image contrast.
-- bias: whitening removes constants, so the bias has nothing to fit in whitened
-  space (and its curvature, 2 at any scale, would make the step unstable). SGD
-  trains the kernel; after each epoch the bias is set to its least-squares value
-  for that kernel, the mean residual on training images in the original space.
+  conditioned. A linear layer's input and target are filtered with the same derivative
+  filters; filters commute, so the optimum is unchanged, and the spectrum becomes
+  ~flat. (An activation does not commute with them: its layer trains unwhitened.)
+- K-FAC: the gradient times the inverse input-patch covariance, shared by a bank's
+  filters; each step's length is the exact line search on its own batch, so one steep
+  batch slows only itself. Small layers with an activation take the batch's exact
+  Gauss–Newton step instead.
+- the stopping rule: the Newton step to the optimum of fixed check images, against its
+  own standard error; at the noise floor, a final exact step to the closed form.
 
 One job a module:
 
     batches     crops with their targets, whitening, the tf.data pipeline, epoch length
-    curvature   the Hessian in the kernel: exact, Toeplitz, Lanczos; K-FAC's inverse
-    stopping    the Newton step, the stopping rule's measure, and its check images
-    optimizer   SGD (K-FAC-preconditioned) or Adam
+    curvature   the Hessian in the kernel and K-FAC's inverse
+    step        the Learner: each step's direction and length (K-FAC or Gauss–Newton)
+    stopping    the Newton step, its standard error, and the check images
+    optimizer   what applies the step (or SGD / Adam on the plain gradient)
     devices     train.devices as a tf.distribute strategy
     callbacks   after each epoch (stop, bias, metrics), and the kernel snapshots
-    loop        train(): the set-up and Keras's fit
+    loop        train(): the set-up, Keras's fit, the final exact step
 """
 
 from src.training.batches import WHITENERS, crops, epoch_steps, training_dataset, whiten_pair
 from src.training.callbacks import (
-    ANNEALED,
+    FLOOR,
     MAX_SNAPSHOTS,
-    PLATEAU,
-    PLATEAU_FACTOR,
     EpochEnd,
     KernelSnapshots,
+    kernel_errors,
     residual_moments,
     snapshot_steps,
 )
-from src.training.curvature import (
-    EXACT_HESSIAN_MAX_TAPS,
-    Preconditioner,
-    exact_normal_equations,
-    patch_autocorrelation,
-    patch_products,
-    top_curvature,
-)
+from src.training.curvature import EXACT_HESSIAN_MAX_TAPS, Preconditioner, top_curvature
 from src.training.devices import distribution, visible_devices
-from src.training.loop import train
-from src.training.optimizer import PreconditionedSGD, optimizer
+from src.training.loop import Result, check_equations, train
+from src.training.optimizer import optimizer
+from src.training.step import GAUSS_NEWTON_MAX_WEIGHTS, Learner
 from src.training.stopping import CHECK_IMAGES, NewtonStep, check_images
 
 __all__ = [
-    "ANNEALED",
     "CHECK_IMAGES",
     "EXACT_HESSIAN_MAX_TAPS",
+    "FLOOR",
+    "GAUSS_NEWTON_MAX_WEIGHTS",
     "MAX_SNAPSHOTS",
-    "PLATEAU",
-    "PLATEAU_FACTOR",
     "WHITENERS",
     "EpochEnd",
     "KernelSnapshots",
+    "Learner",
     "NewtonStep",
-    "PreconditionedSGD",
     "Preconditioner",
+    "Result",
+    "check_equations",
     "check_images",
     "crops",
     "distribution",
     "epoch_steps",
-    "exact_normal_equations",
+    "kernel_errors",
     "optimizer",
-    "patch_autocorrelation",
-    "patch_products",
     "residual_moments",
     "snapshot_steps",
     "top_curvature",

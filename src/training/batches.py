@@ -15,6 +15,7 @@ import tensorflow as tf
 from src import streams
 from src.config import TrainConfig
 from src.errors import UserError
+from src.normal_equations import four
 from src.padding import target_offset
 
 
@@ -83,7 +84,7 @@ def crops(
                 for i, (oy, ox) in windows
             ]
         )
-        yield x[..., None].astype(np.float32), t[..., None].astype(np.float32)
+        yield four(x).astype(np.float32), four(t).astype(np.float32)
 
 
 def training_dataset(
@@ -102,6 +103,7 @@ def training_dataset(
     reading a batch (a corrupted stage file) is appended to `read_errors`: tf.data itself
     only raises an UnknownError with the traceback in its message. `shares`: see crops."""
     side = cfg.crop_side(images.shape[1])
+    whiten = cfg.whiten
 
     def epochs():
         # Every iterator of the dataset starts the same stream: Keras under tf.distribute
@@ -118,12 +120,12 @@ def training_dataset(
             raise
 
     spec = (
-        tf.TensorSpec((None, None, None, 1), tf.float32),
-        tf.TensorSpec((None, None, None, 1), tf.float32),
+        tf.TensorSpec((None, None, None, None), tf.float32),
+        tf.TensorSpec((None, None, None, None), tf.float32),
     )
     dataset = (
         tf.data.Dataset.from_generator(epochs, output_signature=spec)
-        .map(lambda x, t: whiten_pair(x * scale, t * scale, cfg.whiten))
+        .map(lambda x, t: whiten_pair(x * scale, t * scale, whiten))
         .prefetch(2)
     )
     return dataset

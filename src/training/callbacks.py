@@ -10,39 +10,57 @@ import time
 import keras
 import numpy as np
 
-from src import kernels
 from src.errors import UserError
-from src.layers import learned_kernel
+from src.layers import learned_bias, learned_kernel
 
 log = logging.getLogger("train")
 
 MAX_SNAPSHOTS = 40  # kernel snapshots per run, log-spaced over the optimizer steps
-PLATEAU = 0.99  # an epoch whose loss is not below this share of the best so far ...
-PLATEAU_FACTOR = 0.5  # ... multiplies the learning rate by this
-ANNEALED = 10  # halvings after which a kernel that stopped moving has converged (noisy targets)
+FLOOR = 3.0  # a Newton step within this many of its standard errors is at the noise floor
+STALL = 2.0  # ... or that has fallen less than this factor in an epoch ...
+STALL_MAX = 0.1  # ... while below this (relative): far from the optimum, a stall is not noise
+BATCH = 16  # whole images predicted at once
 
 
-def residual_moments(
-    model: keras.Model,
-    images: np.ndarray,
-    targets: np.ndarray,
-    rows: np.ndarray,
-    batch_size: int = 16,
-) -> tuple[float, float]:
-    """Mean and mean square of target − prediction over whole images, un-whitened, in the
-    filter's padding: the bias's least-squares value, and the validation loss."""
+def kernel_errors(learned: np.ndarray, true: np.ndarray, names: list[str]) -> dict[str, float]:
+    """kernel_mse, kernel_rel_error (‖w − k‖² / ‖k‖², over the whole bank) and, for a bank,
+    kernel_rel_error/<name> of each filter."""
+    difference = learned - true
+    errors = {
+        "kernel_mse": float(np.mean(difference**2)),
+        "kernel_rel_error": float(np.sum(difference**2) / max(np.sum(true**2), 1e-300)),
+    }
+    if len(names) > 1:
+        for f, name in enumerate(names):
+            errors[f"kernel_rel_error/{name}"] = float(
+                np.sum(difference[..., f] ** 2) / max(np.sum(true[..., f] ** 2), 1e-300)
+            )
+    return errors
+
+
+def residual_moments(model, images, targets, rows, batch_size: int = BATCH):
+    """Per filter: the mean and mean square of target − prediction over the rows' whole
+    images, as they are, in the filter's padding; and the targets' variance. The bias's
+    least-squares value, and the loss on the same footing for training and held-out
+    images."""
     if len(rows) == 0:
         raise ValueError("residual_moments needs at least one row")
-    total, total_sq, count = 0.0, 0.0, 0
+    total = total_sq = t_sum = t_sq = 0.0
+    count = 0
     for start in range(0, len(rows), batch_size):
         idx = np.sort(rows[start : start + batch_size])
-        x = np.asarray(images[idx], dtype=np.float32)[..., None]
+        x = np.asarray(images[idx], dtype=np.float32)
+        x = x[..., None] if x.ndim == 3 else x
         t = np.asarray(targets[idx], dtype=np.float64)
-        residual = t - model(x, training=False).numpy()[..., 0].astype(np.float64)
-        total += float(np.sum(residual))
-        total_sq += float(np.sum(residual**2))
-        count += t.size
-    return total / count, total_sq / count
+        t = t[..., None] if t.ndim == 3 else t
+        residual = t - model(x, training=False).numpy().astype(np.float64)
+        total = total + residual.sum(axis=(0, 1, 2))
+        total_sq = total_sq + (residual**2).sum(axis=(0, 1, 2))
+        t_sum = t_sum + t.sum(axis=(0, 1, 2))
+        t_sq = t_sq + (t**2).sum(axis=(0, 1, 2))
+        count += t[..., 0].size
+    variance = float(np.sum(t_sq / count - (t_sum / count) ** 2))
+    return total / count, total_sq / count, variance
 
 
 def snapshot_steps(max_steps: int, count: int = MAX_SNAPSHOTS) -> set[int]:
@@ -56,89 +74,130 @@ def snapshot_steps(max_steps: int, count: int = MAX_SNAPSHOTS) -> set[int]:
 
 
 class EpochEnd(keras.callbacks.Callback):
-    """After each epoch: stop on divergence, fit the bias, and add val_loss, kernel_mse,
-    kernel_rel_error, kernel_change, newton_step, learning_rate, steps, converged and
-    elapsed_s to the
-    epoch's logs, where later callbacks and Keras's History find them.
+    """After each epoch: stop on divergence, fit the bias (a linear layer trains in
+    whitened space, where there is none), measure, and apply the stopping rule.
 
-    The stopping rule reads only what training itself sees: the run has converged when
-    the Newton step (NewtonStep) is below train.tolerance. In the fast recipe an epoch
-    whose loss is not 1 % below the best so far halves the learning rate, so noisy
-    targets (filter.noise_std) settle too; with noise the check images' own optimum is
-    off by the noise, and the run has converged once the rate has been halved ANNEALED
-    times and an epoch moved the kernel by less than train.tolerance. The true kernel
+    The epoch's logs get `crop_loss` (the training batches' loss, as Keras measured it),
+    `loss` and `val_loss` (mean squared error on whole training and held-out images, as
+    they are: the same footing), `explained_variance` (R² on the held-out images, or the
+    training ones with none held out), the kernel errors when a true kernel exists,
+    `newton_step`, `standard_error`, `kernel_change`, `steps`, `elapsed_s`.
+
+    The stopping rule reads only what training itself sees (stopping.NewtonStep): the
+    run has reached the optimum when every filter's Newton step is below
+    train.tolerance, and the noise floor when the standard error is above
+    train.tolerance / FLOOR (the targets' noise, or a filter no linear layer is, is then
+    measurable) and every step is within FLOOR standard errors, or has fallen less than
+    STALL× in the epoch while below STALL_MAX. `stop_reason` says which. The true kernel
     is only measured.
     """
 
     def __init__(
-        self, final_model, true_kernel, images, targets, bias_rows, val_rows, cfg, newton_step
+        self,
+        final_model,
+        true_kernel,
+        names,
+        images,
+        targets,
+        bias_rows,
+        val_rows,
+        cfg,
+        newton_step,
+        linear: bool,
+        floor_rule: bool,
     ):
         super().__init__()
         self.newton_step = newton_step
         self.final_model = final_model
-        self.true_kernel = true_kernel
+        self.true_kernel, self.names = true_kernel, names
         self.images, self.targets = images, targets
         self.bias_rows, self.val_rows = bias_rows, val_rows
-        self.cfg = cfg
+        self.cfg, self.linear, self.floor_rule = cfg, linear, floor_rule
         self.started = time.perf_counter()
         self.steps = 0
-        self.converged = False
+        self.stop_reason: str | None = None
+        self.previous_step: np.ndarray | None = None
+        self.last: dict = {}
 
     def on_train_begin(self, logs=None):
-        self.previous = self.model.get_layer("conv").get_weights()[0].astype(np.float64)
-        self.best_loss = math.inf
+        self.previous = learned_kernel(self.model)
 
     def on_train_batch_end(self, batch, logs=None):
         self.steps += 1
         if self.steps >= self.cfg.max_steps:
             self.model.stop_training = True
+            self.stop_reason = self.stop_reason or "max_steps"
 
-    def on_epoch_end(self, epoch, logs=None):
-        loss = float(logs["loss"])
-        kernel = self.model.get_layer("conv").get_weights()[0]
-        if not math.isfinite(loss) or not np.all(np.isfinite(kernel)):
-            self.model.stop_training = True
-            raise UserError(
-                f"training diverged: the loss became {loss} in epoch {epoch + 1}; "
-                f"lower train.learning_rate (now {self.cfg.learning_rate:g})"
-            )
-        layer = self.final_model.get_layer("conv")
-        layer.set_weights([kernel, np.zeros(1, np.float32)])
-        bias, _ = residual_moments(self.final_model, self.images, self.targets, self.bias_rows)
-        layer.set_weights([kernel, np.array([bias], np.float32)])
+    def measure(self, logs: dict) -> None:
+        """loss, val_loss, explained_variance and the kernel errors of the final model."""
+        _, mean_sq, variance = residual_moments(
+            self.final_model, self.images, self.targets, self.bias_rows
+        )
+        logs["loss"] = float(np.mean(mean_sq))
         if len(self.val_rows):  # with no held-out images val_loss is absent, as in Keras
-            _, logs["val_loss"] = residual_moments(
+            _, val_sq, variance = residual_moments(
                 self.final_model, self.images, self.targets, self.val_rows
             )
+            logs["val_loss"] = float(np.mean(val_sq))
+        shown = logs.get("val_loss", logs["loss"])
+        filters = len(self.names)
+        logs["explained_variance"] = (
+            1.0 - shown * filters / variance if variance > 0 else float("nan")
+        )
+        if self.true_kernel is not None:
+            logs.update(
+                kernel_errors(learned_kernel(self.final_model), self.true_kernel, self.names)
+            )
+
+    def on_epoch_end(self, epoch, logs=None):
+        crop_loss = float(logs["loss"])
+        kernel = self.model.get_layer("conv").get_weights()[0]
+        if not math.isfinite(crop_loss) or not np.all(np.isfinite(kernel)):
+            self.model.stop_training = True
+            raise UserError(
+                f"training diverged: the loss became {crop_loss} in epoch {epoch + 1}; "
+                f"lower train.learning_rate (now {self.cfg.learning_rate:g})"
+            )
+        filters = kernel.shape[-1]
+        layer = self.final_model.get_layer("conv")
+        if self.linear:
+            layer.set_weights([kernel, np.zeros(filters, np.float32)])
+            bias, _, _ = residual_moments(
+                self.final_model, self.images, self.targets, self.bias_rows
+            )
+        else:
+            bias = learned_bias(self.model)
+        layer.set_weights([kernel, np.asarray(bias, np.float32)])
+        logs["crop_loss"] = crop_loss
+        self.measure(logs)
         kernel64 = kernel.astype(np.float64)
         change = float(
             np.linalg.norm(kernel64 - self.previous) / max(np.linalg.norm(kernel64), 1e-30)
         )
         self.previous = kernel64
-        remaining = self.newton_step(kernel64)
-        rate = self.model.optimizer.learning_rate
-        annealed = float(rate.numpy()) <= self.cfg.learning_rate * PLATEAU_FACTOR**ANNEALED
-        self.converged = remaining < self.cfg.tolerance or (
-            annealed and change < self.cfg.tolerance
-        )
-        logs.update(learning_rate=float(rate.numpy()))
-        if loss < PLATEAU * self.best_loss:
-            self.best_loss = loss
-        elif self.cfg.recipe == "fast":  # the original kept its rate
-            rate.assign(rate * PLATEAU_FACTOR)
-        if self.converged:
+        step, error = self.newton_step(kernel64, np.asarray(bias, np.float64))
+        tolerance = self.cfg.tolerance
+        if np.all(step < tolerance):
+            self.stop_reason = "optimum"
+        elif self.floor_rule and np.max(error) > tolerance / FLOOR:
+            # noise is measurable; at its floor the step is within a few standard errors,
+            # or has stopped falling (less than STALL× in an epoch) while still small
+            stalled = self.previous_step is not None and np.all(step > self.previous_step / STALL)
+            if np.all(step <= FLOOR * error) or (stalled and np.max(step) < STALL_MAX):
+                self.stop_reason = "noise floor"
+        self.previous_step = step
+        if self.stop_reason in ("optimum", "noise floor"):
             self.model.stop_training = True
-        kernel_mse, kernel_rel_error = kernels.errors(kernel64[:, :, 0, 0], self.true_kernel)
         logs.update(
-            kernel_mse=kernel_mse,
-            kernel_rel_error=kernel_rel_error,
+            newton_step=float(np.max(step)),
+            standard_error=float(np.max(error)),
             kernel_change=change,
-            newton_step=remaining,
             steps=self.steps,
-            converged=float(self.converged),
             elapsed_s=time.perf_counter() - self.started,
         )
-        shown = ("loss", "val_loss", "newton_step", "kernel_rel_error")
+        self.last = dict(logs)
+        shown = ("loss", "val_loss", "explained_variance", "newton_step", "standard_error")
+        shown += ("kernel_rel_error",)
         log.info(
             "epoch %d, step %d/%d  %s  %.1f s",
             epoch + 1,
@@ -151,9 +210,10 @@ class EpochEnd(keras.callbacks.Callback):
 
 class KernelSnapshots(keras.callbacks.Callback):
     """The learned kernel at log-spaced optimizer steps (snapshot_steps), from step 0, the
-    random initial weights, to the last step: `kernels` float64 (n, kh, kw), `steps` and
-    `epochs` (the 1-based epoch each step ends; 0 for step 0). `taken()` hands a logger
-    the snapshots since its last call."""
+    random initial weights, to the last step: `kernels` float64 (n, kh, kw, C, F), `steps`
+    and `epochs` (the 1-based epoch each step ends; 0 for step 0). `taken()` hands a
+    logger the snapshots since its last call; `add` records one made after training (the
+    final exact step)."""
 
     def __init__(self, max_steps: int):
         super().__init__()
@@ -168,6 +228,14 @@ class KernelSnapshots(keras.callbacks.Callback):
             self.kernels.append(learned_kernel(self.model))
             self.steps.append(self._step)
             self.epochs.append(self._epoch + (self._step > 0))
+
+    def add(self, step: int, epoch: int, kernel: np.ndarray) -> None:
+        if self.steps and self.steps[-1] == step:
+            self.kernels[-1] = np.asarray(kernel, np.float64)
+        else:
+            self.kernels.append(np.asarray(kernel, np.float64))
+            self.steps.append(step)
+            self.epochs.append(epoch)
 
     def on_train_begin(self, logs=None):
         self._take()

@@ -1,0 +1,310 @@
+"""The closed-form best linear filter: least squares on all training images, in NumPy.
+
+The layer's prediction of target pixel q of filter f is Σ_a k[a, f]·x[q + a] + b[f], a
+linear map of the patch under the kernel, so the best kernel and bias on the training
+images solve the normal equations of the centred patches P (one row a pixel, one column a
+tap and channel) and targets t:
+
+    (PᵀP − M·μμᵀ) k = Pᵀt − M·μ·t̄,    b = t̄ − μᵀk,
+
+μ the mean patch, M the pixel count. Up to EXACT_MAX_WEIGHTS weights the matrix is built
+from the patches themselves, in float64 and in chunks of CHUNK_PIXELS rows; above, it is
+solved by conjugate gradients with exact products from FFTs (a product is two FFTs an
+image), preconditioned by the Toeplitz estimate K-FAC uses. No TensorFlow: the train
+stage solves it on a thread while TensorFlow imports.
+
+Images are (N, H, W, C) and targets (N, H', W', F), as the stages write them; 'same'
+targets are the 'valid' ones of the zero-padded images.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import fft
+
+from src.padding import same_padding
+from src.toeplitz import toeplitz_covariance
+
+EXACT_MAX_WEIGHTS = 150  # taps × channels built exactly up to this (~1 s for 3×3 on 410 × 256²)
+CHUNK_PIXELS = 2**18  # patch rows per matrix product: 2 MB a tap, memory flat in the data
+CG_TOLERANCE = 1e-13  # relative residual of the normal equations where CG stops
+CG_MAX_ITERATIONS = 60
+BATCH_IMAGES = 32  # images read at once
+SPECTRA_MAX_BYTES = 512 * 2**20  # the images' spectra are kept between CG products up to this
+
+
+def four(a: np.ndarray) -> np.ndarray:
+    """Images or targets as (N, H, W, C): a stack of 3-D rows gets a channel axis."""
+    a = np.asarray(a)
+    return a[..., None] if a.ndim == 3 else a
+
+
+def padded(x: np.ndarray, kernel_shape: tuple[int, int], padding: str) -> np.ndarray:
+    """The images whose 'valid' patches are the layer's patches in `padding`."""
+    if padding != "same":
+        return x
+    (top, bottom), (left, right) = same_padding(*kernel_shape)
+    return np.pad(x, [(0, 0), (top, bottom), (left, right), (0, 0)])
+
+
+@dataclass
+class Solution:
+    kernel: np.ndarray  # (kh, kw, C, F) float64
+    bias: np.ndarray  # (F,)
+    pixels: int  # equations per filter: training target pixels
+    weights: int  # unknowns per filter: taps × channels + 1
+    condition: float | None  # of the centred patch covariance, when built exactly
+    method: str  # exact | cg
+    iterations: int
+    seconds: float
+
+
+def _batches(images, targets, rows, kernel_shape, padding):
+    for start in range(0, len(rows), BATCH_IMAGES):
+        chunk = np.sort(rows[start : start + BATCH_IMAGES])
+        x = padded(four(images[chunk]).astype(np.float64), kernel_shape, padding)
+        yield x, four(targets[chunk]).astype(np.float64)
+
+
+def _patches(x: np.ndarray, kernel_shape: tuple[int, int]) -> np.ndarray:
+    """(pixels, kh·kw·C) patch rows of (n, H, W, C) images, ordered as Conv2D flattens."""
+    kh, kw = kernel_shape
+    windows = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(1, 2))
+    # (n, H', W', C, kh, kw) -> (n, H', W', kh, kw, C)
+    return windows.transpose(0, 1, 2, 4, 5, 3).reshape(-1, kh * kw * x.shape[-1])
+
+
+def normal_equations(images, targets, rows, kernel_shape, padding):
+    """(PᵀP, Pᵀt, Σp, Σt, Σt², M) over the rows, exactly, in float64."""
+    gram = right = patch_sum = target_sum = target_sq = None
+    pixels = 0
+    for x, t in _batches(images, targets, rows, kernel_shape, padding):
+        flat_t = t.reshape(-1, t.shape[-1])
+        patches = _patches(x, kernel_shape)
+        if gram is None:
+            n, f = patches.shape[1], flat_t.shape[1]
+            gram, right = np.zeros((n, n)), np.zeros((n, f))
+            patch_sum, target_sum, target_sq = np.zeros(n), np.zeros(f), np.zeros(f)
+        for start in range(0, len(patches), CHUNK_PIXELS):
+            p = np.ascontiguousarray(patches[start : start + CHUNK_PIXELS])
+            q = flat_t[start : start + CHUNK_PIXELS]
+            gram += p.T @ p
+            right += p.T @ q
+            patch_sum += p.sum(axis=0)
+        target_sum += flat_t.sum(axis=0)
+        target_sq += np.einsum("pf,pf->f", flat_t, flat_t)
+        pixels += len(patches)
+    return gram, right, patch_sum, target_sum, target_sq, pixels
+
+
+def _exact(images, targets, rows, kernel_shape, padding):
+    gram, right, patch_sum, target_sum, _, pixels = normal_equations(
+        images, targets, rows, kernel_shape, padding
+    )
+    mean_patch, mean_target = patch_sum / pixels, target_sum / pixels
+    covariance = gram / pixels - np.outer(mean_patch, mean_patch)
+    cross = right / pixels - np.outer(mean_patch, mean_target)
+    values = np.linalg.eigvalsh(covariance)
+    condition = float(values[-1] / values[0]) if values[0] > 0 else float("inf")
+    try:
+        kernel = np.linalg.solve(covariance, cross)
+    except np.linalg.LinAlgError:
+        kernel = np.linalg.lstsq(covariance, cross, rcond=None)[0]
+    return kernel, mean_target - mean_patch @ kernel, pixels, condition
+
+
+class _Products:
+    """v ↦ (PᵀP/M − μμᵀ) v for (taps·C, F) v, by FFTs over all the rows' images."""
+
+    def __init__(self, images, targets, rows, kernel_shape, padding):
+        self.kernel_shape = kernel_shape
+        self.source = (images, targets, rows, padding)
+        self.spectra: list[np.ndarray] | None = []
+        self.pixels, right, patch_sum, target_sum = 0, None, None, None
+        kh, kw = kernel_shape
+        spent = 0
+        for x, t in _batches(images, targets, rows, kernel_shape, padding):
+            n, h, w, c = x.shape
+            self.size = (h, w)
+            spectrum = fft.rfft2(x, axes=(1, 2), workers=-1)  # (n, h, w/2+1, C)
+            # Pᵀt: the correlation of each image with its target, lags 0..kh-1, 0..kw-1
+            t_spectrum = fft.rfft2(t, s=(h, w), axes=(1, 2), workers=-1)
+            lags = fft.irfft2(
+                np.einsum("nhwf,nhwc->hwcf", np.conj(t_spectrum), spectrum),
+                s=(h, w),
+                axes=(0, 1),
+                workers=-1,
+            )[:kh, :kw]
+            right = lags if right is None else right + lags
+            sums = _box_sums(x, t.shape[1:3])  # (n, kh, kw, C): each tap's sum over patches
+            patch_sum = sums.sum(axis=0) if patch_sum is None else patch_sum + sums.sum(axis=0)
+            ts = t.sum(axis=(0, 1, 2))
+            target_sum = ts if target_sum is None else target_sum + ts
+            self.pixels += n * t.shape[1] * t.shape[2]
+            self.valid = t.shape[1:3]
+            spent += spectrum.nbytes
+            if self.spectra is not None and spent <= SPECTRA_MAX_BYTES:
+                self.spectra.append(spectrum)
+            else:
+                self.spectra = None
+        self.channels = patch_sum.shape[-1]
+        self.right = right.reshape(-1, right.shape[-1]) / self.pixels
+        self.mean_patch = patch_sum.reshape(-1) / self.pixels
+        self.mean_target = target_sum / self.pixels
+        self.cross = self.right - np.outer(self.mean_patch, self.mean_target)
+
+    def _spectra(self):
+        if self.spectra is not None:
+            yield from self.spectra
+            return
+        images, targets, rows, padding = self.source
+        for x, _ in _batches(images, targets, rows, self.kernel_shape, padding):
+            yield fft.rfft2(x, axes=(1, 2), workers=-1)
+
+    def __call__(self, v: np.ndarray) -> np.ndarray:
+        kh, kw = self.kernel_shape
+        h, w = self.size
+        vh, vw = self.valid
+        k = v.reshape(kh, kw, self.channels, -1)
+        k_spectrum = np.conj(fft.rfft2(k, s=(h, w), axes=(0, 1), workers=-1))  # (h, w', C, F)
+        total = 0.0
+        for spectrum in self._spectra():
+            z = fft.irfft2(
+                np.einsum("nhwc,hwcf->nhwf", spectrum, k_spectrum),
+                s=(h, w),
+                axes=(1, 2),
+                workers=-1,
+            )
+            z[:, vh:] = 0.0
+            z[:, :, vw:] = 0.0
+            z_spectrum = fft.rfft2(z, axes=(1, 2), workers=-1)
+            total = total + np.einsum("nhwf,nhwc->hwcf", np.conj(z_spectrum), spectrum)
+        back = fft.irfft2(total, s=(h, w), axes=(0, 1), workers=-1)[:kh, :kw]
+        product = back.reshape(-1, back.shape[-1]) / self.pixels
+        return product - np.outer(self.mean_patch, self.mean_patch @ v)
+
+
+def _box_sums(x: np.ndarray, valid: tuple[int, int]) -> np.ndarray:
+    """(n, kh, kw, C): Σ over the valid positions q of x[q + a], for every tap a."""
+    vh, vw = valid
+    n, h, w, c = x.shape
+    kh, kw = h - vh + 1, w - vw + 1
+    integral = np.zeros((n, h + 1, w + 1, c))
+    integral[:, 1:, 1:] = x.cumsum(axis=1).cumsum(axis=2)
+    a, b = np.arange(kh), np.arange(kw)
+    return (
+        integral[:, a[:, None] + vh, b[None, :] + vw]
+        - integral[:, a[:, None], b[None, :] + vw]
+        - integral[:, a[:, None] + vh, b[None, :]]
+        + integral[:, a[:, None], b[None, :]]
+    )
+
+
+def _toeplitz_inverse(images, rows, kernel_shape, padding, mean_patch):
+    """The inverse of the centred patch covariance's Toeplitz estimate, on a few images:
+    the preconditioner of CG (src/training/curvature.py builds the same for K-FAC)."""
+    x = padded(four(images[np.sort(rows[:64])]).astype(np.float64), kernel_shape, padding)
+    # unbiased: each lag's mean over its own overlap, closer to the exact matrix at long
+    # lags than the biased estimate (CG then needs a few passes, not dozens)
+    covariance = toeplitz_covariance(x, kernel_shape, biased=False) - np.outer(mean_patch, mean_patch)
+    values, vectors = np.linalg.eigh(covariance)
+    values = np.maximum(values, values[-1] * 1e-10)
+    return (vectors / values) @ vectors.T
+
+
+def _conjugate_gradients(products: _Products, inverse: np.ndarray, start: np.ndarray | None):
+    b = products.cross
+    k = np.zeros_like(b) if start is None else start.reshape(b.shape).copy()
+    r = b - products(k) if start is not None else b.copy()
+    z = inverse @ r
+    p = z.copy()
+    rz = np.einsum("nf,nf->f", r, z)
+    scale = np.linalg.norm(b, axis=0)
+    iterations = 0
+    while iterations < CG_MAX_ITERATIONS and np.any(
+        np.linalg.norm(r, axis=0) > CG_TOLERANCE * scale
+    ):
+        q = products(p)
+        alpha = rz / np.maximum(np.einsum("nf,nf->f", p, q), 1e-300)
+        k += p * alpha
+        r -= q * alpha
+        z = inverse @ r
+        rz_next = np.einsum("nf,nf->f", r, z)
+        p = z + p * (rz_next / np.maximum(rz, 1e-300))
+        rz = rz_next
+        iterations += 1
+    return k, iterations
+
+
+def least_squares(
+    images,
+    targets,
+    rows: np.ndarray,
+    kernel_shape: tuple[int, int],
+    padding: str,
+    start: np.ndarray | None = None,
+) -> Solution:
+    """The least-squares kernel (kh, kw, C, F) and biases (F,) of a conv layer on the
+    rows' images and targets, in `padding`. `start`: a kernel to warm-start CG from."""
+    started = time.perf_counter()
+    rows = np.asarray(rows)
+    kh, kw = kernel_shape
+    channels = four(images[rows[:1]]).shape[-1]
+    filters = four(targets[rows[:1]]).shape[-1]
+    taps = kh * kw * channels
+    if taps <= EXACT_MAX_WEIGHTS:
+        kernel, bias, pixels, condition = _exact(images, targets, rows, kernel_shape, padding)
+        method, iterations = "exact", 0
+    else:
+        products = _Products(images, targets, rows, kernel_shape, padding)
+        inverse = _toeplitz_inverse(images, rows, kernel_shape, padding, products.mean_patch)
+        kernel, iterations = _conjugate_gradients(products, inverse, start)
+        bias = products.mean_target - products.mean_patch @ kernel
+        pixels, condition, method = products.pixels, None, "cg"
+    return Solution(
+        kernel=kernel.reshape(kh, kw, channels, filters),
+        bias=np.asarray(bias, dtype=np.float64),
+        pixels=int(pixels),
+        weights=taps + 1,
+        condition=condition,
+        method=method,
+        iterations=iterations,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def residuals(images, targets, rows, kernel: np.ndarray, bias: np.ndarray, padding: str):
+    """(mean squared residual, R²) of a linear filter on the rows' whole images: the
+    val_loss and explained_variance of the closed form, on the same footing as training's."""
+    kh, kw = kernel.shape[:2]
+    flat = kernel.reshape(-1, kernel.shape[-1])
+    sq = total = total_sq = 0.0
+    count = 0
+    for x, t in _batches(images, targets, np.asarray(rows), (kh, kw), padding):
+        prediction = (
+            _patches(x, (kh, kw)) @ flat + bias
+            if flat.shape[0] <= EXACT_MAX_WEIGHTS
+            else _fft_predict(x, kernel, bias)
+        )
+        flat_t = t.reshape(-1, t.shape[-1])
+        sq += float(np.sum((prediction.reshape(flat_t.shape) - flat_t) ** 2))
+        total += float(np.sum(flat_t))
+        total_sq += float(np.sum(flat_t**2))
+        count += flat_t.size
+    mse = sq / count
+    variance = total_sq / count - (total / count) ** 2
+    return mse, 1.0 - mse / variance if variance > 0 else float("nan")
+
+
+def _fft_predict(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    kh, kw = kernel.shape[:2]
+    n, h, w, c = x.shape
+    spectrum = fft.rfft2(x, axes=(1, 2), workers=-1)
+    k_spectrum = np.conj(fft.rfft2(kernel, s=(h, w), axes=(0, 1), workers=-1))
+    out = fft.irfft2(
+        np.einsum("nhwc,hwcf->nhwf", spectrum, k_spectrum), s=(h, w), axes=(1, 2), workers=-1
+    )
+    return out[:, : h - kh + 1, : w - kw + 1] + bias
