@@ -215,6 +215,7 @@ class TrainConfig(Section):
     whiten: Literal["gradient", "laplacian", "none"] = "gradient"
     crop: Whole = Field(128, ge=0)
     devices: int | Literal["all"] = 1  # GPUs (or logical CPUs) to train on; src/training/
+    solver: Literal["sgd", "lstsq"] = "sgd"  # lstsq: the closed-form least-squares filter
 
     @model_validator(mode="after")
     def _recipe_is_whole(self) -> TrainConfig:

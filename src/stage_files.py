@@ -32,20 +32,25 @@ SPLIT_COLUMNS = ["name", "split"]
 HISTORY_COLUMNS = [
     "epoch",
     "steps",
+    "crop_loss",
     "loss",
     "val_loss",
+    "explained_variance",
     "kernel_mse",
     "kernel_rel_error",
     "newton_step",
+    "standard_error",
     "kernel_change",
-    "learning_rate",
     "elapsed_s",
 ]
-# val_loss: none without held-out images; the rest: histories written before the stopping
-# rule. Absent ones are written as empty cells.
-OPTIONAL_HISTORY_COLUMNS = {"val_loss", "steps", "newton_step", "kernel_change", "learning_rate"}
-# step: the optimizer step of a kernel snapshot; epoch: the 1-based epoch it falls in, 0 for step 0
-STEPS_COLUMNS = ["step", "epoch", "kernel_mse", "kernel_rel_error"]
+# val_loss: none without held-out images; the kernel errors: none for a filter with no true
+# kernel (median, …). Absent ones are left out of the file; a bank's kernel_rel_error/<name>
+# columns follow the others.
+OPTIONAL_HISTORY_COLUMNS = {"val_loss", "kernel_mse", "kernel_rel_error", "standard_error"}
+# step: the optimizer step of a kernel snapshot; epoch: the 1-based epoch it falls in, 0 for
+# step 0; the kernel errors (and a bank's kernel_rel_error/<name>) when a true kernel exists
+STEPS_COLUMNS = ["step", "epoch"]
+STEPS_ERROR_COLUMNS = ["kernel_mse", "kernel_rel_error"]
 
 
 # Who writes what: a missing file names the stage that makes it.
@@ -231,20 +236,28 @@ def write_model(
     folder: Path,
     *,
     learned_kernel: np.ndarray,
-    bias: float,
+    bias,
     kernel_history: np.ndarray,
     model,
     run: dict,
+    lstsq: dict | None = None,
 ) -> None:
-    """Into the train stage's `folder`: the final kernel and bias, the kernel snapshots
-    (n, kh, kw) of metrics/steps.csv's rows, the Keras model in the filter's padding,
-    and the MLflow run."""
+    """Into the train stage's `folder`: the final kernel (kh, kw, C, F) and its biases, the
+    kernel snapshots (n, kh, kw, C, F) of metrics/steps.csv's rows, the Keras model in the
+    filter's padding, the MLflow run, and the closed-form filter (`lstsq`: its kernel,
+    bias and measures) when there is one."""
     folder = Path(folder)
     np.save(folder / paths.LEARNED_KERNEL.name, learned_kernel)
-    write_json(folder / paths.BIAS.name, {"bias": float(bias)})
+    write_json(folder / paths.BIAS.name, {"bias": [float(b) for b in np.ravel(bias)]})
     np.save(folder / paths.KERNEL_HISTORY.name, kernel_history)
     model.save(folder / paths.MODEL_FILE.name)
     write_json(folder / paths.RUN_INFO.name, run)
+    if lstsq is not None:
+        np.save(folder / paths.LSTSQ_KERNEL.name, lstsq["kernel"])
+        write_json(
+            folder / paths.LSTSQ_INFO.name,
+            {key: value for key, value in lstsq.items() if key != "kernel"},
+        )
 
 
 def read_run() -> dict:
@@ -280,14 +293,23 @@ def read_kernel_snapshots() -> np.ndarray:
     return _load_kernels(paths.KERNEL_HISTORY, 3, "train")
 
 
+def _table_columns(table: pd.DataFrame, base: list[str]) -> list[str]:
+    """The base columns the table has, in order, then a bank's kernel_rel_error/<name>."""
+    return [c for c in base if c in table.columns] + [
+        c for c in table.columns if c.startswith("kernel_rel_error/")
+    ]
+
+
 def write_history(history: pd.DataFrame) -> None:
-    """metrics/history.csv: one row per epoch, the columns of HISTORY_COLUMNS; an optional
-    one that is absent is written as empty cells."""
+    """metrics/history.csv: one row per epoch, the columns of HISTORY_COLUMNS (an optional
+    one that is absent left out), then a bank's kernel_rel_error/<name>."""
     missing = set(HISTORY_COLUMNS) - OPTIONAL_HISTORY_COLUMNS - set(history.columns)
     if missing:
         raise ValueError(f"the history lacks {', '.join(sorted(missing))}")
     with atomic_file(paths.HISTORY) as handle:
-        history.reindex(columns=HISTORY_COLUMNS).to_csv(handle, index=False, float_format="%.6g")
+        history.reindex(columns=_table_columns(history, HISTORY_COLUMNS)).to_csv(
+            handle, index=False, float_format="%.6g"
+        )
 
 
 def _read_metrics_table(path: Path, columns: list[str]) -> pd.DataFrame:
@@ -309,16 +331,19 @@ def _read_metrics_table(path: Path, columns: list[str]) -> pd.DataFrame:
 
 def read_history() -> pd.DataFrame:
     """metrics/history.csv: one row per epoch, at least the columns of HISTORY_COLUMNS."""
-    return _read_metrics_table(paths.HISTORY, HISTORY_COLUMNS)
+    return _read_metrics_table(
+        paths.HISTORY, [c for c in HISTORY_COLUMNS if c not in OPTIONAL_HISTORY_COLUMNS]
+    )
 
 
 def write_steps(steps: pd.DataFrame) -> None:
     """metrics/steps.csv: one row per kernel snapshot in model/kernels.npy, the columns
-    of STEPS_COLUMNS (step and epoch as integers)."""
+    of STEPS_COLUMNS (whole numbers), then the kernel errors when there is a true kernel."""
     missing = set(STEPS_COLUMNS) - set(steps.columns)
     if missing:
         raise ValueError(f"the steps table lacks {', '.join(sorted(missing))}")
-    table = steps.reindex(columns=STEPS_COLUMNS).astype({"step": int, "epoch": int})
+    columns = _table_columns(steps, STEPS_COLUMNS + STEPS_ERROR_COLUMNS)
+    table = steps.reindex(columns=columns).astype({"step": int, "epoch": int})
     with atomic_file(paths.STEPS) as handle:
         table.to_csv(handle, index=False, float_format="%.6g")
 

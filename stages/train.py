@@ -1,10 +1,12 @@
-"""Train stage: a single linear conv layer learns the kernel until converged; every epoch,
-and the kernel at log-spaced steps, goes to MLflow.
+"""Train stage: one conv layer learns the kernel (a bank of them, on gray or colour
+images, with an activation after it) until the stopping rule; every epoch, and the kernel
+at log-spaced steps, goes to MLflow. The closed-form least-squares filter of the same
+training images is computed next to it, as the reference every run is measured against.
 
 Reads data/gray and data/filtered (only the rows each batch needs, src/stack.py),
-writes model/ (the learned kernel and bias, its snapshots, the Keras model, the MLflow
-run id), metrics/train.json (with converged and steps), the per-epoch
-metrics/history.csv and the per-snapshot metrics/steps.csv.
+writes model/ (the learned kernel and biases, its snapshots, the Keras model, the closed
+form, the MLflow run id), metrics/train.json (with converged and stop_reason), the
+per-epoch metrics/history.csv and the per-snapshot metrics/steps.csv.
 """
 
 from src import console
@@ -13,12 +15,12 @@ if __name__ == "__main__":  # run as a stage, not imported by a test
     console.hide_tensorflow_logs()  # before TensorFlow is imported
 
 import logging  # noqa: E402
+from concurrent.futures import Future, ThreadPoolExecutor  # noqa: E402
 
-import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from src import config, figures, kernels, layers, paths, stage_files, tracking, training  # noqa: E402
+from src import config, normal_equations, paths, stage_files  # noqa: E402
 from src.atomic import atomic_dir  # noqa: E402
 from src.errors import run_stage  # noqa: E402
 
@@ -27,45 +29,29 @@ log = logging.getLogger("train")
 EXAMPLE_MARGIN = 16  # the input example is the kernel's size plus this many pixels a side
 
 
-class LogToMlflow(keras.callbacks.Callback):
-    """Each epoch's metrics at step = epoch (step 0: the initial kernel's error), and the
-    kernel snapshots taken since the last epoch, picture and error, at step = optimizer
-    step: the image slider and the per-step error curve move from the first step."""
-
-    def __init__(self, run_id, model_id, snapshots, true_kernel, value_range):
-        super().__init__()
-        self.run_id, self.model_id, self.snapshots = run_id, model_id, snapshots
-        self.true_kernel, self.value_range = true_kernel, value_range
-
-    def _log_snapshots(self):
-        taken = [(step, kernel) for step, _, kernel in self.snapshots.taken()]
-        tracking.log_snapshots(self.run_id, taken, self.true_kernel, self.value_range)
-
-    def on_train_begin(self, logs=None):
-        mse, rel = kernels.errors(layers.learned_kernel(self.model), self.true_kernel)
-        tracking.log_epoch(self.run_id, 0, {"kernel_mse": mse, "kernel_rel_error": rel})
-        self._log_snapshots()
-
-    def on_epoch_end(self, epoch, logs=None):
-        last = self.model.stop_training or epoch + 1 == self.params["epochs"]
-        tracking.log_epoch(self.run_id, epoch + 1, logs, self.model_id if last else None)
-        self._log_snapshots()
-
-    def on_train_end(self, logs=None):
-        self._log_snapshots()  # the final step's, when it came after the last epoch's end
+def filter_setup(info) -> tuple[list[str], str, bool]:
+    """(names, activation, linear) of the filter stage's targets (filter.json)."""
+    names = list(getattr(info, "names", None) or [info.kernel])
+    return names, getattr(info, "activation", "linear"), bool(getattr(info, "linear", True))
 
 
-def steps_table(snapshots: training.KernelSnapshots, true_kernel: np.ndarray) -> pd.DataFrame:
+def true_kernel_4d() -> np.ndarray | None:
+    """The kernel the layer must learn, (kh, kw, C, F), or None for a filter without one."""
+    kernel = stage_files.read_true_kernel()
+    if kernel is not None and kernel.ndim == 2:
+        kernel = kernel[:, :, None, None]
+    return kernel
+
+
+def steps_table(snapshots, true_kernel, names) -> pd.DataFrame:
     """metrics/steps.csv: each snapshot's step, epoch and error against the true kernel."""
-    errors = [kernels.errors(k, true_kernel) for k in snapshots.kernels]
-    return pd.DataFrame(
-        {
-            "step": snapshots.steps,
-            "epoch": snapshots.epochs,
-            "kernel_mse": [mse for mse, _ in errors],
-            "kernel_rel_error": [rel for _, rel in errors],
-        }
-    )
+    from src.training import kernel_errors
+
+    table = pd.DataFrame({"step": snapshots.steps, "epoch": snapshots.epochs})
+    if true_kernel is not None:
+        errors = pd.DataFrame([kernel_errors(k, true_kernel, names) for k in snapshots.kernels])
+        table = pd.concat([table, errors], axis=1)
+    return table
 
 
 def not_converged_hint(cfg: config.TrainConfig, newton_step: float) -> str:
@@ -83,93 +69,222 @@ def not_converged_hint(cfg: config.TrainConfig, newton_step: float) -> str:
 
 
 def example_input(images, split: np.ndarray, kernel_shape: tuple[int, int]) -> np.ndarray:
-    """A small corner of the first held-out image, (1, side, side, 1), for the MLflow model:
-    big enough for a 'valid' output, small enough to keep as JSON."""
+    """A small corner of the first held-out image, (1, side, side, C), for the MLflow model."""
     rows = np.flatnonzero(split == "val")
     row = int(rows[0]) if len(rows) else 0
     side = min(images.shape[1], max(kernel_shape) + EXAMPLE_MARGIN)
-    return images[row, :side, :side][None, :, :, None]
+    return normal_equations.four(images[row : row + 1, :side, :side])
 
 
 def main() -> None:
     params = config.load()
     stage_files.require_inputs("train")
-    true_kernel = stage_files.read_true_kernel()
+    info = stage_files.read_filter_info()
+    names, activation, linear = filter_setup(info)
+    true_kernel = true_kernel_4d() if linear else None
+    kernel_shape = tuple(info.shape)
     index = stage_files.read_index()
     split = index["split"].to_numpy()
+    train_rows = np.flatnonzero(split == "train")
+    val_rows = np.flatnonzero(split == "val")
     with (
-        tracking.training_run(params) as run_id,  # before the data: a bad store fails at once
         stage_files.open_gray_images() as images,
         stage_files.open_targets() as targets,
+        ThreadPoolExecutor(max_workers=1) as pool,
     ):
-        tracking.log_datasets(params, index, run_id)
-        model_id = tracking.start_model(run_id)
-        value_range = figures.symmetric_range(true_kernel)
-        snapshots = training.KernelSnapshots(params.train.max_steps)
-        logger = LogToMlflow(run_id, model_id, snapshots, true_kernel, value_range)
-        model, fit = training.train(
-            images,
-            targets,
-            true_kernel,
-            split,
-            stage_files.read_filter_info().padding,  # as the targets were made
-            params.train,
-            params.seed,
-            callbacks=[snapshots, logger],
-        )
-        history = pd.DataFrame(fit.history).assign(epoch=np.array(fit.epoch) + 1)
-        last = history.iloc[-1]
-        converged = bool(last.converged)
-        tracking.set_converged(run_id, converged)
-
-        with atomic_dir(paths.MODEL) as out:
-            stage_files.write_model(
-                out,
-                learned_kernel=layers.learned_kernel(model),
-                bias=float(model.get_layer("conv").get_weights()[1][0]),
-                kernel_history=snapshots.stacked,
-                model=model,
-                run={
-                    "run_id": run_id,
-                    "tracking_uri": paths.tracking_uri(),
-                    "experiment": params.mlflow.experiment,
-                },
+        closed: Future | None = None
+        if activation == "linear" and len(train_rows):
+            # NumPy only, mostly outside the GIL: it runs while TensorFlow imports
+            closed = pool.submit(
+                normal_equations.least_squares,
+                images,
+                targets,
+                train_rows,
+                kernel_shape,
+                info.padding,
             )
-        stage_files.write_history(history.drop(columns=["converged"]))
-        stage_files.write_steps(steps_table(snapshots, true_kernel))
-        metrics = {
-            "converged": converged,
-            "steps": int(last.steps),
-            "epochs": int(last.epoch),
-            "kernel_mse": last.kernel_mse,
-            "kernel_rel_error": last.kernel_rel_error,
-            "newton_step": last.newton_step,
-            "loss": last.loss,
-            "train_seconds": round(last.elapsed_s, 2),
-        }
-        if "val_loss" in history:  # absent with no held-out images: left out, not NaN
-            metrics["val_loss"] = last.val_loss
-        stage_files.write_train_metrics(metrics)
-        tracking.log_final(
-            run_id,
-            true_kernel=true_kernel,
-            learned_kernel=snapshots.kernels[-1],
-            value_range=value_range,
-        )
-        example = example_input(images, split, true_kernel.shape)
-        tracking.log_model(model, example, model_id, params, float(last.kernel_rel_error))
-        log.info(
-            "kernel_rel_error %.3e after %d steps (%d epoch%s) in %.1f s, %s",
-            last.kernel_rel_error,
-            last.steps,
-            last.epoch,
-            "" if last.epoch == 1 else "s",
-            last.elapsed_s,
-            "converged" if converged else "not converged",
-        )
-        if not converged:
-            log.warning(not_converged_hint(params.train.effective(), last.newton_step))
+        import keras  # noqa: F401  (the 3-5 s import, while the closed form is solved)
+
+        from src import figures, layers, tracking, training
+
+        with tracking.training_run(params) as run_id:
+            tracking.log_datasets(params, index, run_id)
+            model_id = tracking.start_model(run_id)
+            value_range = figures.symmetric_range(
+                true_kernel if true_kernel is not None else np.zeros(1)
+            )
+            snapshots = training.KernelSnapshots(params.train.max_steps)
+            logger = _mlflow_logger(
+                keras, tracking, run_id, model_id, snapshots, true_kernel, value_range, names
+            )
+            result = training.train(
+                images,
+                targets,
+                true_kernel,
+                split,
+                info.padding,  # as the targets were made
+                params.train,
+                params.seed,
+                kernel_shape=kernel_shape,
+                names=names,
+                activation=activation,
+                solver=params.train.solver,
+                closed_form=(lambda: closed.result()) if closed is not None else (lambda: None),
+                callbacks=[logger],
+                snapshots=snapshots,
+            )
+            model = result.model
+            final_kernel = layers.learned_kernel(model)
+            if result.final_exact_step or result.stop_reason == "closed form":
+                snapshots.add(result.steps, len(result.history), final_kernel)
+            history = pd.DataFrame(result.history)
+            solution = result.closed_form
+            lstsq = None
+            metrics = {
+                "converged": result.converged,
+                "stop_reason": result.stop_reason,
+                "identifiable": result.identifiable,
+                "final_exact_step": result.final_exact_step,
+                "steps": int(result.steps),
+                "epochs": len(result.history),
+            }
+            final = result.final
+            for key in ("kernel_mse", "kernel_rel_error"):
+                if key in final:
+                    metrics[key] = final[key]
+            metrics.update({k: v for k, v in final.items() if k.startswith("kernel_rel_error/")})
+            for key in ("newton_step", "loss", "val_loss", "explained_variance"):
+                if key in final:
+                    metrics[key] = final[key]
+            if solution is not None:
+                rows = val_rows if len(val_rows) else train_rows
+                val_loss, r2 = normal_equations.residuals(
+                    images, targets, rows[:128], solution.kernel, solution.bias, info.padding
+                )
+                lstsq = {
+                    "kernel": solution.kernel,
+                    "bias": solution.bias.tolist(),
+                    "val_loss": val_loss,
+                    "explained_variance": r2,
+                    "seconds": round(solution.seconds, 3),
+                    "method": solution.method,
+                }
+                metrics.update(lstsq_val_loss=val_loss, lstsq_explained_variance=r2)
+                if true_kernel is not None:
+                    errors = training.kernel_errors(solution.kernel, true_kernel, names)
+                    metrics.update(
+                        lstsq_kernel_mse=errors["kernel_mse"],
+                        lstsq_kernel_rel_error=errors["kernel_rel_error"],
+                    )
+                metrics["lstsq_seconds"] = round(solution.seconds, 3)
+            metrics["train_seconds"] = round(float(final.get("elapsed_s", 0.0)), 2)
+            tracking.set_converged(run_id, result.converged)
+
+            with atomic_dir(paths.MODEL) as out:
+                stage_files.write_model(
+                    out,
+                    learned_kernel=final_kernel,
+                    bias=layers.learned_bias(model),
+                    kernel_history=snapshots.stacked,
+                    model=model,
+                    run={
+                        "run_id": run_id,
+                        "tracking_uri": paths.tracking_uri(),
+                        "experiment": params.mlflow.experiment,
+                    },
+                    lstsq=lstsq,
+                )
+            stage_files.write_history(history)
+            stage_files.write_steps(steps_table(snapshots, true_kernel, names))
+            stage_files.write_train_metrics(metrics)
+            _log_final(
+                tracking,
+                run_id,
+                model,
+                model_id,
+                params,
+                images,
+                split,
+                kernel_shape,
+                metrics,
+                true_kernel,
+                final_kernel,
+                value_range,
+            )
+            for note in result.notes:
+                log.warning("warning: %s", note)
+            error = metrics.get("kernel_rel_error")
+            log.info(
+                "%s after %d steps (%d epoch%s) in %.1f s, %s (%s)%s",
+                f"kernel_rel_error {error:.3e}"
+                if error is not None
+                else f"explained_variance {metrics.get('explained_variance', float('nan')):.6f}",
+                result.steps,
+                metrics["epochs"],
+                "" if metrics["epochs"] == 1 else "s",
+                metrics["train_seconds"],
+                "converged" if result.converged else "not converged",
+                result.stop_reason,
+                f"; closed form {metrics['lstsq_kernel_rel_error']:.3e} in {solution.seconds:.1f} s"
+                if "lstsq_kernel_rel_error" in metrics
+                else "",
+            )
+            if not result.converged:
+                log.warning(
+                    not_converged_hint(
+                        params.train.effective(), float(final.get("newton_step", 1.0))
+                    )
+                )
+
+
+def _mlflow_logger(keras, tracking, run_id, model_id, snapshots, true_kernel, value_range, names):
+    """Each epoch's metrics at step = epoch, and the kernel snapshots taken since the last
+    epoch at step = optimizer step."""
+
+    class LogToMlflow(keras.callbacks.Callback):
+        def _log_snapshots(self):
+            taken = [(step, kernel) for step, _, kernel in snapshots.taken()]
+            tracking.log_snapshots(run_id, taken, true_kernel, value_range)
+
+        def on_train_begin(self, logs=None):
+            self._log_snapshots()
+
+        def on_epoch_end(self, epoch, logs=None):
+            last = self.model.stop_training or epoch + 1 == self.params["epochs"]
+            metrics = {k: v for k, v in logs.items() if isinstance(v, (int, float))}
+            tracking.log_epoch(run_id, epoch + 1, metrics, model_id if last else None)
+            self._log_snapshots()
+
+        def on_train_end(self, logs=None):
+            self._log_snapshots()
+
+    return LogToMlflow()
+
+
+def _log_final(
+    tracking,
+    run_id,
+    model,
+    model_id,
+    params,
+    images,
+    split,
+    kernel_shape,
+    metrics,
+    true_kernel,
+    final_kernel,
+    value_range,
+):
+    tracking.log_final(
+        run_id, true_kernel=true_kernel, learned_kernel=final_kernel, value_range=value_range
+    )
+    example = example_input(images, split, kernel_shape)
+    tracking.log_model(
+        model, example, model_id, params, float(metrics.get("kernel_rel_error", 0.0))
+    )
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_stage(main, exit_fast=True) if "exit_fast" in run_stage.__code__.co_varnames else run_stage(
+        main
+    )
