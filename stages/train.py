@@ -93,8 +93,10 @@ def main() -> None:
         ThreadPoolExecutor(max_workers=1) as pool,
     ):
         closed: Future | None = None
-        if activation == "linear" and len(train_rows):
-            # NumPy only, mostly outside the GIL: it runs while TensorFlow imports
+        channels = normal_equations.four(images[:1]).shape[-1]
+        small = kernel_shape[0] * kernel_shape[1] * channels <= normal_equations.EXACT_MAX_WEIGHTS
+        if activation == "linear" and len(train_rows) and small:
+            # built exactly, in NumPy, mostly outside the GIL: while TensorFlow imports
             closed = pool.submit(
                 normal_equations.least_squares,
                 images,
@@ -103,6 +105,17 @@ def main() -> None:
                 kernel_shape,
                 info.padding,
             )
+
+        def closed_form(start):
+            if activation != "linear":
+                return None
+            if closed is not None:
+                return closed.result()
+            # large kernels: conjugate gradients, warm-started from the learned kernel
+            return normal_equations.least_squares(
+                images, targets, train_rows, kernel_shape, info.padding, start=start
+            )
+
         import keras  # noqa: F401  (the 3-5 s import, while the closed form is solved)
 
         from src import figures, layers, tracking, training
@@ -129,7 +142,7 @@ def main() -> None:
                 names=names,
                 activation=activation,
                 solver=params.train.solver,
-                closed_form=(lambda: closed.result()) if closed is not None else (lambda: None),
+                closed_form=closed_form,
                 callbacks=[logger],
                 snapshots=snapshots,
             )

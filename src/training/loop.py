@@ -81,7 +81,7 @@ def train(
     names: Sequence[str] = ("kernel",),
     activation: str = "linear",
     solver: str = "sgd",
-    closed_form: Callable[[], Solution | None] = lambda: None,
+    closed_form: Callable[[np.ndarray | None], Solution | None] = lambda start: None,
     callbacks: Sequence[keras.callbacks.Callback] = (),
     snapshots=None,
 ) -> Result:
@@ -134,7 +134,7 @@ def train(
         )
 
     if solver == "lstsq":
-        solution = closed_form()
+        solution = closed_form(None)
         final.get_layer("conv").set_weights(
             [solution.kernel.astype(np.float32), solution.bias.astype(np.float32)]
         )
@@ -268,7 +268,8 @@ def train(
             raise read_errors[0] from None
         raise
     stop_reason = on_epoch.stop_reason or "max_steps"
-    solution = closed_form() if linear else None
+    # warm-started from the learned kernel: the iterative solve then takes a few passes
+    solution = closed_form(final.get_layer("conv").get_weights()[0]) if linear else None
     final_metrics = dict(on_epoch.last)
     exact_step = False
     if stop_reason == "noise floor" and solution is not None:
