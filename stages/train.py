@@ -111,9 +111,9 @@ def main() -> None:
                 return None
             if closed is not None:
                 return closed.result()
-            # large kernels: conjugate gradients, warm-started from the learned kernel
+            # large kernels: conjugate gradients, after training (FFTs on both cores)
             return normal_equations.least_squares(
-                images, targets, train_rows, kernel_shape, info.padding, start=start
+                images, targets, train_rows, kernel_shape, info.padding
             )
 
         import keras  # noqa: F401  (the 3-5 s import, while the closed form is solved)
