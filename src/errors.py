@@ -58,14 +58,27 @@ def way_back() -> str:
     return f"; `dvc checkout {stage}` brings back its outputs of the last run"
 
 
-def run_stage(main: Callable[[], None]) -> None:
+def _exit_now() -> None:
+    """End the process once its work is written: flush, then skip the interpreter's
+    teardown. TensorFlow's takes ~2.7 s of a stage that is otherwise done (its outputs
+    are closed and renamed into place by then; MLflow's run is ended)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def run_stage(main: Callable[[], None], exit_fast: bool = False) -> None:
     """Run a stage's main() with logging set up and user errors made one line. SIGTERM,
-    and the death of the dvc that runs the stage (src/lifeline.py), unwind like Ctrl-C."""
+    and the death of the dvc that runs the stage (src/lifeline.py), unwind like Ctrl-C.
+    `exit_fast`: a stage that imported TensorFlow ends without its slow teardown."""
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
     lifeline.start()
     try:
         with interrupts.sigterm_as_interrupt():
             main()
+        if exit_fast:
+            _exit_now()
     except UserError as exc:
         print(f"error: {exc}{way_back()}", file=sys.stderr)
         sys.exit(2)
