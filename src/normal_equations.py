@@ -77,27 +77,77 @@ def _patches(x: np.ndarray, kernel_shape: tuple[int, int]) -> np.ndarray:
     return windows.transpose(0, 1, 2, 4, 5, 3).reshape(-1, kh * kw * x.shape[-1])
 
 
+def _rect(integral: np.ndarray, top: int, left: int, height: int, width: int) -> float:
+    """The sum of a height×width rectangle from (top, left), from an integral image."""
+    return (
+        integral[top + height, left + width]
+        - integral[top, left + width]
+        - integral[top + height, left]
+        + integral[top, left]
+    )
+
+
+def _integral(a: np.ndarray) -> np.ndarray:
+    out = np.zeros((a.shape[0] + 1, a.shape[1] + 1))
+    out[1:, 1:] = a.cumsum(axis=0).cumsum(axis=1)
+    return out
+
+
 def normal_equations(images, targets, rows, kernel_shape, padding):
-    """(PᵀP, Pᵀt, Σp, Σt, Σt², M) over the rows, exactly, in float64."""
-    gram = right = patch_sum = target_sum = target_sq = None
+    """(PᵀP, Pᵀt, Σp, Σt, Σt², M) over the rows, exactly, in float64, without building the
+    patches: entry ((a, c), (b, c')) of PᵀP is the sum of x_c[p]·x_c'[p + b − a] over the
+    rectangle of positions p = q + a (q a valid output), so one product image a lag and
+    channel pair, summed over the images, gives every entry of that lag from its integral
+    image. That is ~2·kh·kw·C² passes over the pixels, against (kh·kw·C)² multiply-adds a
+    pixel for PᵀP built from the patches."""
+    kh, kw = kernel_shape
+    lags = [(dy, dx) for dy in range(kh) for dx in range(1 - kw, kw) if dy > 0 or dx >= 0]
+    products = right = patch_sum = target_sum = target_sq = None
     pixels = 0
     for x, t in _batches(images, targets, rows, kernel_shape, padding):
-        flat_t = t.reshape(-1, t.shape[-1])
-        patches = _patches(x, kernel_shape)
-        if gram is None:
-            n, f = patches.shape[1], flat_t.shape[1]
-            gram, right = np.zeros((n, n)), np.zeros((n, f))
-            patch_sum, target_sum, target_sq = np.zeros(n), np.zeros(f), np.zeros(f)
-        for start in range(0, len(patches), CHUNK_PIXELS):
-            p = np.ascontiguousarray(patches[start : start + CHUNK_PIXELS])
-            q = flat_t[start : start + CHUNK_PIXELS]
-            gram += p.T @ p
-            right += p.T @ q
-            patch_sum += p.sum(axis=0)
-        target_sum += flat_t.sum(axis=0)
-        target_sq += np.einsum("pf,pf->f", flat_t, flat_t)
-        pixels += len(patches)
-    return gram, right, patch_sum, target_sum, target_sq, pixels
+        n, h, w, channels = x.shape
+        vh, vw, filters = t.shape[1], t.shape[2], t.shape[3]
+        if products is None:
+            products = {}
+            right = np.zeros((kh, kw, channels, filters))
+            patch_sum = np.zeros((h, w, channels))
+            target_sum, target_sq = np.zeros(filters), np.zeros(filters)
+        for dy, dx in lags:
+            top, left = max(0, -dy), max(0, -dx)
+            rows_, cols_ = h - abs(dy), w - abs(dx)
+            for c in range(channels):
+                first = x[:, top : top + rows_, left : left + cols_, c]
+                for c2 in range(channels):
+                    second = x[:, top + dy : top + dy + rows_, left + dx : left + dx + cols_, c2]
+                    key = (dy, dx, c, c2)
+                    value = np.einsum("nhw,nhw->hw", first, second)
+                    products[key] = value if key not in products else products[key] + value
+        for i in range(kh):
+            for j in range(kw):
+                window = x[:, i : i + vh, j : j + vw]  # (n, vh, vw, C)
+                right[i, j] += np.einsum("nhwc,nhwf->cf", window, t)
+        patch_sum += x.sum(axis=0)
+        target_sum += t.sum(axis=(0, 1, 2))
+        target_sq += np.einsum("nhwf,nhwf->f", t, t)
+        pixels += n * vh * vw
+    taps = [(i, j, c) for i in range(kh) for j in range(kw) for c in range(channels)]
+    integrals = {key: _integral(value) for key, value in products.items()}
+    gram = np.zeros((len(taps), len(taps)))
+    for u, (i, j, c) in enumerate(taps):
+        for v in range(u, len(taps)):
+            i2, j2, c2 = taps[v]
+            dy, dx = i2 - i, j2 - j
+            a, b, cc, cc2 = (i, j), (dy, dx), c, c2
+            if not (dy > 0 or (dy == 0 and dx >= 0)):  # the mirrored lag: swap the taps
+                a, b, cc, cc2 = (i2, j2), (-dy, -dx), c2, c
+            top, left = max(0, -b[0]), max(0, -b[1])
+            # positions p = q + a of the first tap, in the product image's coordinates
+            gram[u, v] = gram[v, u] = _rect(
+                integrals[(*b, cc, cc2)], a[0] - top, a[1] - left, vh, vw
+            )
+    integral = np.stack([_integral(patch_sum[..., c]) for c in range(channels)], axis=-1)
+    sums = np.array([_rect(integral[..., c], i, j, vh, vw) for i, j, c in taps])
+    return gram, right.reshape(-1, right.shape[-1]), sums, target_sum, target_sq, pixels
 
 
 def _exact(images, targets, rows, kernel_shape, padding):
@@ -209,7 +259,9 @@ def _toeplitz_inverse(images, rows, kernel_shape, padding, mean_patch):
     x = padded(four(images[np.sort(rows[:64])]).astype(np.float64), kernel_shape, padding)
     # unbiased: each lag's mean over its own overlap, closer to the exact matrix at long
     # lags than the biased estimate (CG then needs a few passes, not dozens)
-    covariance = toeplitz_covariance(x, kernel_shape, biased=False) - np.outer(mean_patch, mean_patch)
+    covariance = toeplitz_covariance(x, kernel_shape, biased=False) - np.outer(
+        mean_patch, mean_patch
+    )
     values, vectors = np.linalg.eigh(covariance)
     values = np.maximum(values, values[-1] * 1e-10)
     return (vectors / values) @ vectors.T
