@@ -93,10 +93,9 @@ def main() -> None:
         ThreadPoolExecutor(max_workers=1) as pool,
     ):
         closed: Future | None = None
-        channels = normal_equations.four(images[:1]).shape[-1]
-        small = kernel_shape[0] * kernel_shape[1] * channels <= normal_equations.EXACT_MAX_WEIGHTS
-        if activation == "linear" and len(train_rows) and small:
-            # built exactly, in NumPy, mostly outside the GIL: while TensorFlow imports
+        if activation == "linear" and len(train_rows):
+            # NumPy, mostly outside the GIL (BLAS, FFTs): solved while TensorFlow imports,
+            # which holds one core at most
             closed = pool.submit(
                 normal_equations.least_squares,
                 images,
@@ -107,14 +106,7 @@ def main() -> None:
             )
 
         def closed_form(start):
-            if activation != "linear":
-                return None
-            if closed is not None:
-                return closed.result()
-            # large kernels: conjugate gradients, after training (FFTs on both cores)
-            return normal_equations.least_squares(
-                images, targets, train_rows, kernel_shape, info.padding
-            )
+            return closed.result() if closed is not None else None
 
         import keras  # noqa: F401  (the 3-5 s import, while the closed form is solved)
 
