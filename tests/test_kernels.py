@@ -64,10 +64,12 @@ def test_without_settings_the_defaults_are_used():
     np.testing.assert_array_equal(kernels.make("gaussian"), kernels.make("gaussian", default))
 
 
-def test_every_builtin_is_a_finite_2d_float64():
+def test_every_builtin_is_a_finite_float64_gray_or_colour_kernel():
     for name in kernels.NAMES:
         k = kernels.make(name)
-        assert k.ndim == 2 and k.dtype == np.float64 and np.all(np.isfinite(k)), name
+        colour = name in kernels.COLOUR
+        assert k.ndim == (3 if colour else 2) and k.dtype == np.float64, name
+        assert np.all(np.isfinite(k)), name
 
 
 # --- gaussian ------------------------------------------------------------------
@@ -212,7 +214,7 @@ def _write_bad(tmp_path, case):
     if case == "empty":
         np.save(path, np.zeros((0, 3)))
     elif case == "3-D":
-        np.save(path, np.ones((2, 3, 3)))
+        np.save(path, np.ones((2, 3, 2)))  # 3-D, but not 3 colour channels
     elif case == "1-D":
         np.save(path, np.ones(3))
     elif case == "nan":
