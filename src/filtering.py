@@ -46,8 +46,8 @@ def _relu(x: np.ndarray) -> np.ndarray:
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
-    # 1 / (1 + e^-x), without overflow warnings for large |x|: e^-x is inf, the result 0
-    with np.errstate(over="ignore"):
+    # 1 / (1 + e^-x), without warnings for large |x|: e^-x is inf (the result 0) or 0 (1)
+    with np.errstate(over="ignore", under="ignore"):
         np.negative(x, out=x)
         np.exp(x, out=x)
     x += 1.0
