@@ -128,8 +128,14 @@ def _direct(x: np.ndarray, k: np.ndarray, out: np.ndarray) -> None:
             band, scratch = total[: bottom - top], term[: bottom - top]
             band.fill(0.0)
             for a, b, c in taps:
-                np.multiply(x[c, n, top + a : bottom + a, b : b + out_w], k[a, b, c], out=scratch)
-                band += scratch
+                window, weight = x[c, n, top + a : bottom + a, b : b + out_w], k[a, b, c]
+                if weight == 1.0:  # x·1 is x exactly: one pass instead of two, same bits
+                    band += window
+                elif weight == -1.0:
+                    band -= window
+                else:
+                    np.multiply(window, weight, out=scratch)
+                    band += scratch
             out[n, top:bottom] = band
 
 
