@@ -54,6 +54,18 @@ COUNT_MAX = 1_000_000  # synthetic images: about 200 GB of PNGs at 256², far pa
 # A Gaussian narrower than a tenth of a pixel samples as one pixel (an even-sized one as 0/0);
 # one wider than any image is flat over it. Covariances are held to the same range.
 SIGMA_MIN, SIGMA_MAX = 0.1, DATA_SIZE_MAX
+# The filter stage holds one block of images in float64 with their targets and the FFT's
+# buffers: about (C + 3F + 4) planes of 8 bytes per fine pixel (measured: 0.9 GB for sobel_x
+# at 4096², 1.6 GB for [red, green, blue] at 2048² with rescale 2). A bank too large for
+# this many bytes at the size asked for is refused, so that the stage stays under 4 GB.
+FILTER_IMAGE_BYTES_MAX = 3 * 2**30
+
+
+def filter_image_bytes(side: int, channels: int, filters: int) -> int:
+    """What the filter stage holds for one side×side image (the fine side, with rescale)."""
+    return 8 * side * side * (channels + 3 * filters + 4)
+
+
 SEED_MAX = 2**32 - 1  # keras.utils.set_random_seed refuses larger seeds
 
 
@@ -475,6 +487,18 @@ class Params(Section):
                     f"more than the {DATA_SIZE_MAX}² the data stages hold; lower data.size to "
                     f"{DATA_SIZE_MAX // rescale} or less, or filter.rescale"
                 )
+        fine, filters = size * rescale, len(names)
+        if filter_image_bytes(fine, self.data.channels, filters) > FILTER_IMAGE_BYTES_MAX:
+            most = next(
+                f
+                for f in range(filters, 0, -1)
+                if filter_image_bytes(fine, self.data.channels, f) <= FILTER_IMAGE_BYTES_MAX
+            )
+            raise ValueError(
+                f"kernel: a bank of {filters} filters on {fine}×{fine} images needs "
+                f"{filter_image_bytes(fine, self.data.channels, filters) / 2**30:.1f} GB per "
+                f"image in the filter stage; list at most {most} at this size, or lower data.size"
+            )
         return self
 
     def true_kernel(self) -> np.ndarray | None:

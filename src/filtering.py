@@ -25,7 +25,7 @@ import numpy as np
 from scipy import fft
 
 from src import kernels
-from src.config import ACTIVATIONS, OPERATIONS, PADDINGS
+from src.config import ACTIVATIONS, OPERATIONS, PADDINGS, filter_image_bytes
 from src.images import area_downsample
 from src.padding import same_padding
 
@@ -109,7 +109,7 @@ def output_shape(
 
 def chunk_size(height: int, width: int, channels: int, filters: int) -> int:
     """How many images one block holds within BLOCK_BYTES (at least 1, at most CHUNK_MAX)."""
-    per_image = 8 * height * width * (channels + 3 * filters + 4)  # images, targets, FFT
+    per_image = filter_image_bytes(max(height, width), channels, filters)
     return int(np.clip(BLOCK_BYTES // per_image, 1, CHUNK_MAX))
 
 

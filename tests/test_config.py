@@ -521,6 +521,24 @@ def _with(**changes) -> dict:
             "kernel: median filters gray images; set data.channels 1",
         ),
         ({"kernel": "edge", "filter__rescale": 2}, "filter.rescale 2 needs an odd-sized kernel"),
+        # issue 22, item 8: the filter stage stays under 4 GB at any allowed size
+        (
+            {
+                "data__size": 4096,
+                "kernel": [
+                    "sobel_x",
+                    "sobel_y",
+                    "laplacian",
+                    "prewitt_x",
+                    "prewitt_y",
+                    "gaussian",
+                    "edge",
+                    "smiley",
+                ],
+            },
+            "kernel: a bank of 8 filters on 4096×4096 images needs 3.6 GB per image in the "
+            "filter stage; list at most 6 at this size, or lower data.size",
+        ),
         (
             {"data__size": 2048, "filter__rescale": 4},
             "filter.rescale 4 makes the targets at 8192² pixels, more than the 4096²",
