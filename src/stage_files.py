@@ -61,7 +61,8 @@ WRITERS = {
 # What each stage reads, in the order it is checked: the first one missing is named.
 INPUTS = {
     "filter": (paths.GRAY_IMAGES, paths.GRAY_INDEX),
-    "train": (paths.GRAY_IMAGES, paths.GRAY_INDEX, paths.TARGETS, paths.KERNEL, paths.FILTER_INFO),
+    # not kernel.npy: a non-linear filter has none (read_true_kernel says when it is missing)
+    "train": (paths.GRAY_IMAGES, paths.GRAY_INDEX, paths.TARGETS, paths.FILTER_INFO),
     "visualize": (
         paths.KERNEL_HISTORY,
         paths.LEARNED_KERNEL,
@@ -69,7 +70,6 @@ INPUTS = {
         paths.RUN_INFO,
         paths.HISTORY,
         paths.STEPS,
-        paths.KERNEL,
         paths.FILTER_INFO,
         paths.TARGETS,
         paths.GRAY_IMAGES,
