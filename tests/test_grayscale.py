@@ -154,3 +154,14 @@ def test_three_channels_keep_the_rgb_and_a_gray_file_gives_three_equal_planes(tm
     assert stack.shape == (2, 32, 32, 3) and stack.dtype == np.float32
     np.testing.assert_array_equal(stack[0], images.fit(colour.astype(np.float32) / 255, 32))
     np.testing.assert_array_equal(stack[1, ..., 0], stack[1, ..., 2])
+
+
+def test_stage_writes_the_fine_colour_images_with_rescale(workdir):
+    make_raw(workdir, good=3, bad=0)
+    doc = yaml.safe_load((REPO / "params.yaml").read_text())
+    doc["data"].update(size=16, channels=3)
+    doc["filter"]["rescale"], doc["kernel"] = 2, "red"
+    (workdir / "params.yaml").write_text(yaml.safe_dump(doc))
+    stage.main()
+    stack = np.load(workdir / "data/gray/images.npy")
+    assert stack.shape == (3, 32, 32, 3)  # data.size × filter.rescale, RGB
