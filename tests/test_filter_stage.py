@@ -276,3 +276,19 @@ def test_rescale_writes_the_reduced_inputs_and_aligns_the_targets_as_a_conv2d(wo
     np.testing.assert_allclose(targets, inputs[:, 1:-1, 1:-1, 0], atol=1e-6)
     with stage_files.open_inputs() as layer_inputs:
         np.testing.assert_array_equal(layer_inputs[:], inputs)
+
+
+@pytest.mark.parametrize("stage", ["filter", "fingerprint"])
+def test_the_stage_imports_neither_tensorflow_nor_mlflow(stage):
+    # issue 20: each second of import is a second of every `dvc exp run -S kernel=…`
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", f"import stages.{stage}"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        cwd=REPO,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    modules = {line.split("|")[-1].strip().split(".")[0] for line in result.stderr.splitlines()}
+    assert not modules & {"tensorflow", "keras", "mlflow", "matplotlib", "torch", "jax"}
