@@ -39,6 +39,7 @@ DIRECT_MAX_TAPS = 49
 # and the FFT's buffers. At 256² that is 64 images a block; at 4096², one.
 BLOCK_BYTES = 256 * 2**20
 CHUNK_MAX = 64
+CHUNK = CHUNK_MAX  # the most images a block holds (benchmarks/ block their images by it)
 BAND_VALUES = 32768  # float64 values of a tap-by-tap sum's rows: 256 KB, within L2 cache
 
 
