@@ -12,6 +12,7 @@ kernel at all: they are the controls a linear layer can only approximate.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -69,7 +70,13 @@ def smiley(size: int = SMILEY_SIZE) -> np.ndarray:
     )
     small = canvas.resize((size, size), Image.Resampling.BOX)
     k = np.asarray(small, dtype=np.float64) / 255.0
-    return k / np.linalg.norm(k)
+    return k / l2_norm(k)
+
+
+def l2_norm(k: np.ndarray) -> float:
+    """‖k‖ summed in numpy's own fixed order: np.linalg.norm is a BLAS dot, whose order
+    (and so the kernel's last bits, and every target's) depends on the CPU."""
+    return float(np.sqrt(np.sum(k * k)))
 
 
 def box(size: int) -> np.ndarray:
@@ -80,19 +87,22 @@ def gaussian(size: int, sigma: float | None = None, covariance: Any = None) -> n
     """A sampled 2-D Gaussian on a size×size grid centred on the middle, summing to 1.
 
     With `covariance` ([[sxx, sxy], [sxy, syy]] in pixels²) it is the correlated
-    Gaussian of the course notes, built as they build it, with
-    scipy.stats.multivariate_normal.
+    Gaussian of the course notes. The density is written out for 2×2 (what
+    scipy.stats.multivariate_normal computes, up to the constant that the sum divides
+    away), with exp from the C library rather than numpy's CPU-dispatched one and no
+    BLAS: the same values on every machine.
     """
-    from scipy.stats import multivariate_normal
-
     if covariance is None:
-        cov = np.eye(2) * float(sigma) ** 2
+        sxx = syy = float(sigma) ** 2
+        sxy = 0.0
     else:
-        cov = np.asarray(covariance, dtype=np.float64)
+        (sxx, sxy), (_, syy) = np.asarray(covariance, dtype=np.float64).tolist()
+    det = sxx * syy - sxy * sxy
     offsets = np.arange(size) - (size - 1) / 2.0
     yy, xx = np.meshgrid(offsets, offsets, indexing="ij")
-    k = multivariate_normal(mean=[0.0, 0.0], cov=cov).pdf(np.dstack((yy, xx)))
-    k = np.reshape(k, (size, size))  # pdf returns a scalar for a single point: size 1
+    # (y, x) · inverse covariance · (y, x), the inverse of [[sxx, sxy], [sxy, syy]] written out
+    quadratic = (syy * yy * yy - 2.0 * sxy * yy * xx + sxx * xx * xx) / det
+    k = np.array([math.exp(-0.5 * q) for q in quadratic.ravel().tolist()]).reshape(size, size)
     return k / k.sum()
 
 
@@ -113,7 +123,7 @@ def from_file(path: str | Path) -> np.ndarray:
             with Image.open(path) as img:
                 gray = np.asarray(img.convert("L"), dtype=np.float64) / 255.0
             k = 1.0 - gray
-            norm = np.linalg.norm(k)
+            norm = l2_norm(k)
             if norm > 0:
                 k = k / norm
     except (ValueError, OSError) as exc:

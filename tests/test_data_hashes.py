@@ -126,9 +126,10 @@ def digests(root: Path) -> dict[str, str]:
     return found
 
 
-def run_data_stages(root: Path, params: dict) -> None:
+def run_data_stages(root: Path, params: dict, **env_changes: str) -> None:
+    root.mkdir(parents=True, exist_ok=True)
     (root / "params.yaml").write_text(yaml.safe_dump(params))
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), **env_changes}
     for stage in ("download", "grayscale", "filter"):
         result = subprocess.run(
             [sys.executable, "-m", f"stages.{stage}"],
@@ -148,3 +149,25 @@ def test_the_data_stages_give_the_same_bytes_on_every_machine(tmp_path, case):
     if not EXPECTED[case]:
         pytest.fail(f"no constants for {case!r}: {found!r}")
     assert found == EXPECTED[case]
+
+
+# numpy picks SIMD code for exp, log, power and tanh by the CPU it runs on, and OpenBLAS
+# its kernels, and their last bits differ. This runs numpy without its AVX2 and AVX-512
+# code and OpenBLAS with its kernels for an older CPU, as on another machine. The
+# `image @ LUMA_WEIGHTS` of earlier versions gave another data/gray here (issue 21, item 7).
+OLDER_CPU = {
+    "NPY_DISABLE_CPU_FEATURES": "X86_V3 X86_V4 AVX512_ICL AVX512_SPR",
+    "OPENBLAS_CORETYPE": "Sandybridge",
+}
+
+
+def test_the_data_stages_do_not_depend_on_the_cpus_instruction_set(tmp_path):
+    params = {
+        "kernel": ["gaussian", "sobel_x"],
+        "kernels": {"gaussian": {"size": 9, "covariance": [[4.0, 1.5], [1.5, 2.0]]}},
+        "data": {"count": 12, "size": 96, "val_fraction": 0.25},
+        "filter": {"noise_std": 0.001, "activation": "tanh"},
+    }
+    run_data_stages(tmp_path / "here", params)
+    run_data_stages(tmp_path / "older", params, **OLDER_CPU)
+    assert digests(tmp_path / "here") == digests(tmp_path / "older")
