@@ -13,7 +13,7 @@ import pytest
 import yaml
 from scipy import signal
 
-from src import filtering, kernels, paths, stage_files
+from src import filtering, kernels, paths, stack, stage_files
 from src.errors import UserError
 from stages import filter as filter_stage
 
@@ -292,3 +292,40 @@ def test_the_stage_imports_neither_tensorflow_nor_mlflow(stage):
     assert result.returncode == 0, result.stderr
     modules = {line.split("|")[-1].strip().split(".")[0] for line in result.stderr.splitlines()}
     assert not modules & {"tensorflow", "keras", "mlflow", "matplotlib", "torch", "jax"}
+
+
+def test_memory_stays_at_one_block_however_many_large_images(tmp_path):
+    # issue 22, item 8: the stage peaked at 10.5 GB for 13 smiley images at 4096² (all
+    # of them in float64 at once); blocks now hold at most filtering.BLOCK_BYTES.
+    side, count = 1024, 24
+    (tmp_path / "data/gray").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    stack.write_stack(
+        tmp_path / paths.GRAY_IMAGES,
+        (rng.random((side, side, 1), dtype=np.float32) for _ in range(count)),
+        count,
+        (side, side, 1),
+    )
+    (tmp_path / paths.GRAY_INDEX).write_text(
+        "name,split\n" + "".join(f"i{i}.png,train\n" for i in range(count))
+    )
+    doc = {"kernel": "sobel_x", "data": {"size": side}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(doc))
+    script = (
+        "import resource\n"
+        "from stages import filter as f\n"
+        "f.main()\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    peak_mb = int(result.stdout.split()[-1]) / 1024
+    # about 150 MB of imports and one block of 4 images; all 24 at once would be ~1.1 GB
+    assert peak_mb < 600, f"peak RSS {peak_mb:.0f} MB"
