@@ -41,8 +41,11 @@ MIT_CATEGORIES = (
 )
 Operation = Literal["correlate", "convolve"]
 Padding = Literal["valid", "same"]
+Activation = Literal["linear", "relu", "sigmoid", "tanh"]
 OPERATIONS = get_args(Operation)
 PADDINGS = get_args(Padding)
+ACTIVATIONS = get_args(Activation)
+RESCALES = (1, 2, 4)
 
 # Each image is a size² float32 array (64 MB at 4096) and the filter and train stages hold
 # several at once; no kernel or Gaussian can be wider than the images.
@@ -51,6 +54,18 @@ COUNT_MAX = 1_000_000  # synthetic images: about 200 GB of PNGs at 256², far pa
 # A Gaussian narrower than a tenth of a pixel samples as one pixel (an even-sized one as 0/0);
 # one wider than any image is flat over it. Covariances are held to the same range.
 SIGMA_MIN, SIGMA_MAX = 0.1, DATA_SIZE_MAX
+# The filter stage holds one block of images in float64 with their targets and the FFT's
+# buffers: about (C + 3F + 4) planes of 8 bytes per fine pixel (measured: 0.9 GB for sobel_x
+# at 4096², 1.6 GB for [red, green, blue] at 2048² with rescale 2). A bank too large for
+# this many bytes at the size asked for is refused, so that the stage stays under 4 GB.
+FILTER_IMAGE_BYTES_MAX = 3 * 2**30
+
+
+def filter_image_bytes(side: int, channels: int, filters: int) -> int:
+    """What the filter stage holds for one side×side image (the fine side, with rescale)."""
+    return 8 * side * side * (channels + 3 * filters + 4)
+
+
 SEED_MAX = 2**32 - 1  # keras.utils.set_random_seed refuses larger seeds
 
 
@@ -120,9 +135,41 @@ class GaussianSettings(Section):
         return cov.tolist()
 
 
+def _rank_size(default: int):
+    """A median, max or min filter's size: odd, so that its window has a centre pixel."""
+
+    class RankSettings(Section):
+        size: Whole = Field(default, ge=3, le=DATA_SIZE_MAX)  # odd: KernelSettings checks
+
+    return RankSettings
+
+
+MedianSettings, MaxSettings, MinSettings = _rank_size(5), _rank_size(3), _rank_size(3)
+
+
 class KernelSettings(Section):
     box: BoxSettings = BoxSettings()
     gaussian: GaussianSettings = GaussianSettings()
+    median: MedianSettings = MedianSettings()
+    max: MaxSettings = MaxSettings()
+    min: MinSettings = MinSettings()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_the_rank_filter(cls, value: Any) -> Any:
+        # the odd-size message names its filter: kernels.median.size, not kernels.<filter>
+        if isinstance(value, dict):
+            for name in kernels.RANK_FILTERS:
+                size = (
+                    value.get(name, {}).get("size") if isinstance(value.get(name), dict) else None
+                )
+                size = _integral_float_to_int(size)
+                if type(size) is int and size >= 3 and size % 2 == 0:
+                    raise ValueError(
+                        f"kernels.{name}.size must be odd (3, 5, 7, …) so that the window has "
+                        f"a centre pixel; got {size}: use {size - 1} or {size + 1}"
+                    )
+        return value
 
 
 class DataConfig(Section):
@@ -134,6 +181,15 @@ class DataConfig(Section):
     categories: tuple[str, ...] = ()
     sha256: str = ""
     max_bad_fraction: Number = Field(0.05, ge=0, le=1)
+    channels: Literal[1, 3] = 1  # 3: RGB images and colour kernels
+
+    @field_validator("channels", mode="before")
+    @classmethod
+    def _one_or_three(cls, value: Any) -> Any:
+        value = _integral_float_to_int(value)
+        if type(value) is not int or value not in (1, 3):
+            raise ValueError(f"data.channels must be 1 (grayscale) or 3 (RGB); got {value!r}")
+        return value
 
     @field_validator("source")
     @classmethod
@@ -189,6 +245,30 @@ class FilterConfig(Section):
     operation: Operation = "correlate"
     padding: Padding = "valid"
     noise_std: Number = Field(0.0, ge=0)
+    activation: Activation = "linear"  # after the conv, before the noise
+    rescale: Literal[1, 2, 4] = 1  # the target is made at rescale× resolution, then reduced
+
+    @field_validator("rescale", mode="before")
+    @classmethod
+    def _a_power_of_two(cls, value: Any) -> Any:
+        value = _integral_float_to_int(value)
+        if type(value) is not int or value not in RESCALES:
+            raise ValueError(
+                f"filter.rescale must be 1, 2 or 4 (the target's resolution over the "
+                f"input's, a whole block of pixels per input pixel); got {value!r}"
+            )
+        return value
+
+    @field_validator("activation", mode="before")
+    @classmethod
+    def _known_activation(cls, value: Any) -> Any:
+        if value not in ACTIVATIONS:
+            close = difflib.get_close_matches(str(value), ACTIVATIONS, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise ValueError(
+                f"filter.activation: unknown {value!r}; {hint}choose from {', '.join(ACTIVATIONS)}"
+            )
+        return value
 
 
 # train.recipe: original is the seed's own training; these are the keys it sets
@@ -265,8 +345,29 @@ class MlflowConfig(Section):
         return name
 
 
+def _kernel_names(value: Any) -> tuple[str, ...]:
+    """`kernel: sobel_x` or a list, `kernel: [sobel_x, sobel_y]`, as a tuple of names."""
+    names = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not names:
+        raise ValueError(
+            "kernel: the list is empty; name at least one kernel, e.g. kernel: sobel_x"
+        )
+    for name in names:
+        if not (
+            isinstance(name, str)
+            and (name in kernels.NAMES or name in kernels.NONLINEAR or name.startswith("file:"))
+        ):
+            raise ValueError(
+                f"kernel: unknown kernel {name!r}; choose from "
+                f"{', '.join(kernels.NAMES + kernels.NONLINEAR)}, or file:<path to .npy, "
+                ".csv or image>, or a list of them"
+            )
+    return tuple(names)
+
+
 class Params(Section):
-    kernel: str = "sobel_x"
+    # a name, or a list of names (a bank of filters that one Conv2D learns at once)
+    kernel: str | tuple[str, ...] = "sobel_x"
     seed: Whole = Field(0, ge=0, le=SEED_MAX)
     kernels: KernelSettings = KernelSettings()
     data: DataConfig = DataConfig()
@@ -276,24 +377,95 @@ class Params(Section):
 
     @field_validator("kernel", mode="before")
     @classmethod
-    def _known_kernel(cls, name: Any) -> str:
-        if isinstance(name, str) and (name in kernels.NAMES or name.startswith("file:")):
-            return name
-        raise ValueError(
-            f"kernel: unknown kernel {name!r}; choose from "
-            f"{', '.join(kernels.NAMES)}, or file:<path to .npy, .csv or image>"
-        )
+    def _known_kernel(cls, value: Any) -> str | tuple[str, ...]:
+        names = _kernel_names(value)
+        if len(names) > kernels.BANK_MAX:
+            raise ValueError(
+                f"kernel: a bank of {len(names)} filters, more than the {kernels.BANK_MAX} "
+                f"allowed; list at most {kernels.BANK_MAX}"
+            )
+        seen = {kernels.label(name): name for name in names}
+        if len(seen) < len(names):
+            twice = next(
+                kernels.label(n)
+                for i, n in enumerate(names)
+                if kernels.label(n) in map(kernels.label, names[:i])
+            )
+            raise ValueError(
+                f"kernel: {twice} is listed twice; each filter of a bank needs its own name "
+                "(a file: kernel is named by its file stem)"
+            )
+        return value if isinstance(value, str) else names
+
+    @property
+    def kernel_names(self) -> tuple[str, ...]:
+        """The kernels of `kernel`, one per filter, as written in params.yaml."""
+        return (self.kernel,) if isinstance(self.kernel, str) else self.kernel
+
+    @property
+    def filter_names(self) -> list[str]:
+        """One name per filter, as metrics and pictures show them (a file: by its stem)."""
+        return [kernels.label(name) for name in self.kernel_names]
+
+    @property
+    def kernel_label(self) -> str:
+        """`kernel` as one string: the names joined by ","."""
+        return ",".join(self.kernel_names)
+
+    @property
+    def linear(self) -> bool:
+        """Whether a true kernel exists: every filter of the bank is linear."""
+        return all(kernels.is_linear(name) for name in self.kernel_names)
 
     @model_validator(mode="after")
     def _kernel_fits(self) -> Params:
+        names = self.kernel_names
+        nonlinear = [name for name in names if not kernels.is_linear(name)]
+        if nonlinear and len(names) > 1:
+            raise ValueError(
+                f"kernel: {nonlinear[0]} is a non-linear filter and cannot be in a bank: "
+                "it has no true kernel to learn beside the others; give it alone"
+            )
+        if nonlinear:
+            if self.data.channels != 1:
+                raise ValueError(f"kernel: {nonlinear[0]} filters gray images; set data.channels 1")
+            if self.filter.activation != "linear":
+                raise ValueError(
+                    f"filter.activation {self.filter.activation} after {nonlinear[0]}, which "
+                    "is already non-linear, is refused; set filter.activation linear"
+                )
+        else:
+            # A file: kernel's UserError is no ValueError, so it passes through pydantic as is.
+            channels = {name: kernels.channels(name, self.kernels) for name in names}
+            if len(set(channels.values())) > 1:
+                gray = next(n for n, c in channels.items() if c == 1)
+                colour = next(n for n, c in channels.items() if c == 3)
+                raise ValueError(
+                    f"kernel: the bank mixes gray and colour kernels ({gray} takes 1 channel, "
+                    f"{colour} takes 3); list kernels of one channel count"
+                )
+            (taken,) = set(channels.values())
+            if taken != self.data.channels:
+                name = names[0]
+                fix = (
+                    "set data.channels 3, or choose a gray kernel"
+                    if taken == 3
+                    else "set data.channels 1, or use a (k, k, 3) kernel such as red"
+                )
+                raise ValueError(
+                    f"kernel: {name} is a {'colour' if taken == 3 else '2-D gray'} kernel "
+                    f"(it takes {taken} channel{'s' if taken > 1 else ''}), but "
+                    f"data.channels is {self.data.channels}; {fix}"
+                )
         # The shape only, so a large box or Gaussian is not built just to be refused.
-        # A file: kernel's UserError is no ValueError, so it passes through pydantic as is.
-        kh, kw = kernels.shape(self.kernel, self.kernels)
+        shapes = [kernels.shape(name, self.kernels) for name in names]
+        kh, kw = max(h for h, _ in shapes), max(w for _, w in shapes)
+        what = names[0] if len(names) == 1 else f"the bank [{self.kernel_label}]"
         need = max(kh, kw) + 2  # the Laplacian whitening trims 2 pixels off a crop's target
         size = self.data.size
         if size < need:
             raise ValueError(
-                f"kernel: {self.kernel} is {kh}×{kw}, too large for the {size}×{size} images: "
+                f"kernel: {what} is {kh}×{kw}, too large for the {size}×{size} images: "
                 f"training needs images of at least the kernel size + 2 ({need}); "
                 "raise data.size or choose a smaller kernel"
             )
@@ -302,11 +474,38 @@ class Params(Section):
                 f"train.crop must be 0 or at least the kernel size + 2 ({need}), "
                 f"got {self.train.crop}"
             )
+        rescale = self.filter.rescale
+        if rescale > 1:
+            if kh % 2 == 0 or kw % 2 == 0:
+                raise ValueError(
+                    f"filter.rescale {rescale} needs an odd-sized kernel: {what} is {kh}×{kw}, "
+                    "and an even kernel's centre falls between the fine pixels; use "
+                    "filter.rescale 1 or an odd-sized kernel"
+                )
+            if size * rescale > DATA_SIZE_MAX:
+                raise ValueError(
+                    f"filter.rescale {rescale} makes the targets at {size * rescale}² pixels, "
+                    f"more than the {DATA_SIZE_MAX}² the data stages hold; lower data.size to "
+                    f"{DATA_SIZE_MAX // rescale} or less, or filter.rescale"
+                )
+        fine, filters = size * rescale, len(names)
+        if filter_image_bytes(fine, self.data.channels, filters) > FILTER_IMAGE_BYTES_MAX:
+            most = next(
+                f
+                for f in range(filters, 0, -1)
+                if filter_image_bytes(fine, self.data.channels, f) <= FILTER_IMAGE_BYTES_MAX
+            )
+            raise ValueError(
+                f"kernel: a bank of {filters} filters on {fine}×{fine} images needs "
+                f"{filter_image_bytes(fine, self.data.channels, filters) / 2**30:.1f} GB per "
+                f"image in the filter stage; list at most {most} at this size, or lower data.size"
+            )
         return self
 
-    def true_kernel(self) -> np.ndarray:
-        """The kernel named by `kernel`, as float64, before any flip for convolve."""
-        return kernels.make(self.kernel, self.kernels)
+    def true_kernel(self) -> np.ndarray | None:
+        """The (kh, kw, C, F) bank named by `kernel`, float64, before any flip for convolve;
+        None for a non-linear filter, which has none."""
+        return kernels.bank(self.kernel_names, self.kernels) if self.linear else None
 
 
 # --- a ValidationError as one line ------------------------------------------------
@@ -349,7 +548,7 @@ def _describe(error: dict) -> str:
         return _unknown_key(loc)
     if kind == "literal_error":
         choices = get_args(_model_at(loc[:-1]).model_fields[loc[-1]].annotation)
-        return f"{key} must be one of {', '.join(choices)}; got {value!r}"
+        return f"{key} must be one of {', '.join(map(str, choices))}; got {value!r}"
     allowed = {
         "int_type": "a whole number",
         "float_type": "a number",

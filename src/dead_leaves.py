@@ -18,6 +18,8 @@ comes out identical.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from PIL import Image, ImageDraw
 
@@ -54,12 +56,14 @@ _REACH_MAX = max(np.sqrt(ASPECT_MAX), np.sqrt(np.pi / 4 * (ASPECT_MAX + 1 / ASPE
 def leaf_radii(rng: np.random.Generator, n: int, r_min: float, r_max: float) -> np.ndarray:
     """n radii drawn from p(r) ∝ r^-3 on [r_min, r_max], by inverting its CDF."""
     lo, hi = r_min**-2, r_max**-2
-    return (lo - rng.random(n) * (lo - hi)) ** -0.5
+    # 1/sqrt, not ** -0.5: numpy's power is CPU-dispatched (its last bits differ between
+    # AVX2 and AVX-512 machines); sqrt and division are exact IEEE operations everywhere
+    return 1.0 / np.sqrt(lo - rng.random(n) * (lo - hi))
 
 
 def mean_leaf_area(r_min: float, r_max: float) -> float:
     """E[π r²] under p(r) ∝ r^-3 on [r_min, r_max]."""
-    return np.pi * 2 * np.log(r_max / r_min) / (r_min**-2 - r_max**-2)
+    return np.pi * 2 * math.log(r_max / r_min) / (r_min**-2 - r_max**-2)
 
 
 def leaf_colours(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -93,7 +97,8 @@ def sample_leaves(
     r, centre, m = r[near], centre[near], len(near)
     kind = np.searchsorted(np.cumsum(KIND_P)[:-1], rng.random(m), side="right")
     kind[r < SHAPED_R_MIN] = DISC
-    stretch = np.exp(rng.uniform(0, np.log(ASPECT_MAX) / 2, m))  # long/short axis up to ASPECT_MAX
+    # long/short axis up to ASPECT_MAX; the C library's exp, not numpy's CPU-dispatched one
+    stretch = np.array([math.exp(u) for u in rng.uniform(0, math.log(ASPECT_MAX) / 2, m).tolist()])
     stretch[kind == DISC] = 1.0
     angle = rng.uniform(0, np.pi, m)
     colour = leaf_colours(rng, m)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from src import paths, sources
+from src import kernels, paths, sources
 from src.config import Params
 from src.errors import UserError
 
@@ -63,11 +63,16 @@ def source(data_source: str) -> dict:
 
 
 def kernel(params: Params) -> dict:
-    """The kernel's values as the filter stage reads them, so a `file:` kernel whose
-    contents change is seen, and a built-in one never changes."""
-    values = np.ascontiguousarray(params.true_kernel(), dtype=np.float64)
+    """The kernel bank's values as the filter stage reads them, so a `file:` kernel whose
+    contents change is seen, and a built-in one never changes. A non-linear filter has
+    no values: its name and size (in params, which DVC tracks) say what it is."""
+    bank = params.true_kernel()
+    if bank is None:
+        (name,) = params.kernel_names
+        return {"kernel": name, "shape": list(kernels.shape(name, params.kernels))}
+    values = np.ascontiguousarray(bank, dtype=np.float64)
     return {
-        "kernel": params.kernel,
+        "kernel": params.kernel_label,
         "shape": list(values.shape),
         "sha256": hashlib.sha256(values.tobytes()).hexdigest(),
     }

@@ -1,6 +1,6 @@
-"""Turn the downloaded images into one (N, S, S) float32 grayscale stack.
+"""Turn the downloaded images into one (N, S, S, C) float32 stack: luma (C = 1) or RGB (3).
 
-Each image is decoded, converted to luma and fitted to S×S (src/images.py),
+Each image is decoded, converted to luma (or kept in RGB) and fitted to S×S (src/images.py),
 then appended straight to the .npy on disk (src/stack.py): memory stays at one
 image however many there are. Unreadable images are skipped and named, up to
 data.max_bad_fraction of them.
@@ -38,15 +38,16 @@ def convert(
     size: int,
     out_path: Path,
     max_bad_fraction: float,
+    channels: int = 1,
 ) -> Conversion:
-    """Grayscale every manifest row into `out_path` (N_kept, size, size), skipping the
-    unreadable; UserError as soon as more than max_bad_fraction of all rows are."""
+    """Convert every manifest row into `out_path` (N_kept, size, size, channels), skipping
+    the unreadable; UserError as soon as more than max_bad_fraction of all rows are."""
     result = Conversion()
 
     def grays() -> Iterator[np.ndarray]:
         for number, (name, split) in enumerate(rows, 1):
             try:
-                gray = images.read_gray_fitted(images_dir / name, size)
+                gray = images.read_fitted(images_dir / name, size, channels)
             except images.BadImage as exc:
                 result.skipped.append((name, str(exc)))
                 if len(result.skipped) <= WARN_MAX:
@@ -58,7 +59,7 @@ def convert(
             result.kept.append((name, split))
             yield gray
 
-    write_stack(out_path, grays(), len(rows), (size, size))
+    write_stack(out_path, grays(), len(rows), (size, size, channels))
     if not result.kept:
         raise UserError(f"none of the {len(rows)} images could be read; check data.source")
     return result

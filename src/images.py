@@ -21,7 +21,7 @@ from src.errors import UserError
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif")
 
 # ITU-R BT.601 luma, the weights of Pillow's convert("L") and of OpenCV.
-LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+LUMA_WEIGHTS = (np.float32(0.299), np.float32(0.587), np.float32(0.114))
 
 # Pillow has no one error type for a broken file: each decoder raises its own.
 _DECODE_ERRORS = (
@@ -122,7 +122,33 @@ def luma(image: np.ndarray) -> np.ndarray:
         return image
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected HxW or HxWx3, got shape {image.shape}")
-    return np.clip(image @ LUMA_WEIGHTS, 0.0, 1.0)
+    # Elementwise, in a fixed order: a matmul (`image @ weights`) goes through BLAS, whose
+    # summation order, and so its last bits, differ by CPU; the stage's bytes must not.
+    r, g, b = LUMA_WEIGHTS
+    gray = image[..., 0] * r
+    gray += image[..., 1] * g
+    gray += image[..., 2] * b
+    return np.clip(gray, 0.0, 1.0)
+
+
+def area_downsample(image: np.ndarray, factor: int) -> np.ndarray:
+    """Each factor×factor block of an (…, H, W, C) array replaced by its mean, in float64.
+
+    The block's pixels are added in one fixed order, elementwise (no reduction whose
+    order numpy or the CPU chooses), and factor² is a power of two, so the mean is exact
+    division: the same bytes on every machine.
+    """
+    if factor == 1:
+        return np.asarray(image, dtype=np.float64)
+    height, width = image.shape[-3], image.shape[-2]
+    if height % factor or width % factor:
+        raise ValueError(f"{height}×{width} is not a whole number of {factor}×{factor} blocks")
+    total = np.zeros((*image.shape[:-3], height // factor, width // factor, image.shape[-1]))
+    for dy in range(factor):
+        for dx in range(factor):
+            total += image[..., dy::factor, dx::factor, :]
+    total *= 1.0 / factor**2
+    return total
 
 
 def centre_crop(image: np.ndarray) -> np.ndarray:
@@ -149,8 +175,9 @@ def fit(image: np.ndarray, size: int) -> np.ndarray:
     return np.stack([fit(square[..., c], size) for c in range(square.shape[2])], axis=2)
 
 
-def read_gray_fitted(path: str | Path, size: int) -> np.ndarray:
-    """The size×size float32 grayscale of an image file, as the grayscale stage stores it.
+def read_fitted(path: str | Path, size: int, channels: int = 1) -> np.ndarray:
+    """The (size, size, channels) float32 image of a file, as the grayscale stage stores
+    it: its luma for 1 channel, its RGB for 3 (a grayscale file gives three equal planes).
 
     Images under MIN_SIDE pixels on a side are BadImage: smaller than the largest
     built-in kernel, resizing them up would invent the detail a kernel learns from.
@@ -162,7 +189,16 @@ def read_gray_fitted(path: str | Path, size: int) -> np.ndarray:
             f"{Path(path).name} is {width}×{height} px, smaller than {MIN_SIDE} px "
             "(the 32×32 smiley kernel) on a side; use larger photos"
         )
-    return fit(luma(image), size)
+    if channels == 1:
+        return fit(luma(image), size)[..., None]
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=2)
+    return fit(image, size)
+
+
+def read_gray_fitted(path: str | Path, size: int) -> np.ndarray:
+    """The size×size float32 grayscale of an image file (read_fitted's one channel)."""
+    return read_fitted(path, size, 1)[..., 0]
 
 
 def read_rgb_fitted(path: str | Path, size: int) -> np.ndarray:

@@ -17,11 +17,12 @@ from pathlib import Path
 RAW = Path("data/raw")  # download: images/ + manifest.csv
 RAW_IMAGES = RAW / "images"
 MANIFEST = RAW / "manifest.csv"  # name,split — the seeded train/val split
-GRAY = Path("data/gray")  # grayscale: images.npy (N, S, S) float32 + index.csv
+GRAY = Path("data/gray")  # grayscale: images.npy (N, S, S, C) float32 + index.csv
 GRAY_IMAGES = GRAY / "images.npy"
 GRAY_INDEX = GRAY / "index.csv"
 FILTERED = Path("data/filtered")  # filter: targets.npy + kernel.npy
 TARGETS = FILTERED / "targets.npy"
+INPUTS = FILTERED / "inputs.npy"  # with filter.rescale > 1: data/gray reduced to data.size
 KERNEL = FILTERED / "kernel.npy"  # the exact kernel a Conv2D must learn (flipped for convolve)
 FILTER_INFO = FILTERED / "filter.json"
 MODEL = Path("model")  # train:

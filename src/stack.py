@@ -1,4 +1,5 @@
-"""A stack: equally-sized finite float32 images, one after another in one (N, H, W) .npy file.
+"""A stack: equally-sized finite float32 images, one after another in one (N, H, W, C) .npy
+file (or (N, H, W), as earlier versions wrote).
 
 The grayscale images and the targets are stacks of up to a few GB. They are read
 and written with plain file I/O at computed offsets, never memory-mapped: the
@@ -21,37 +22,61 @@ from src.errors import UserError
 DTYPE = np.dtype("<f4")  # little-endian float32, C order: what write_stack writes
 
 
+class StackWriter:
+    """Appends float32 arrays of `shape`, one row at a time, to an .npy of up to `capacity`
+    rows; on closing, fewer than `capacity` shrinks the file to fit. Use it in a `with`."""
+
+    def __init__(self, path: Path, capacity: int, shape: tuple[int, ...]):
+        self.capacity, self.shape, self.count = capacity, tuple(shape), 0
+        self._header = {"descr": DTYPE.str, "fortran_order": False, "shape": (capacity, *shape)}
+        self._row_bytes = int(np.prod(shape)) * DTYPE.itemsize
+        self._out = open(path, "wb")  # noqa: SIM115 -- closed by close()
+        np.lib.format.write_array_header_1_0(self._out, self._header)
+        self._data_start = self._out.tell()
+
+    def append(self, array: np.ndarray) -> None:
+        if self.count == self.capacity or array.shape != self.shape:
+            raise ValueError(
+                f"row {self.count} has shape {array.shape}, not {self.shape}, or "
+                f"exceeds the capacity {self.capacity}"
+            )
+        self._out.write(np.ascontiguousarray(array, dtype=DTYPE).data)
+        self.count += 1
+
+    def close(self) -> None:
+        out = self._out
+        if out.closed:
+            return
+        with out:
+            if self.count < self.capacity:
+                # numpy pads the header so the row count can change without moving the data.
+                out.seek(0)
+                header = {**self._header, "shape": (self.count, *self.shape)}
+                np.lib.format.write_array_header_1_0(out, header)
+                if out.tell() != self._data_start:
+                    raise RuntimeError("the .npy header changed length; cannot shrink in place")
+                out.truncate(self._data_start + self.count * self._row_bytes)
+
+    def __enter__(self) -> StackWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def write_stack(
     path: Path, arrays: Iterable[np.ndarray], capacity: int, shape: tuple[int, ...]
 ) -> int:
     """Write float32 arrays of `shape` one after another as an .npy of up to `capacity`
     rows; return how many were written. Fewer than `capacity` shrinks the file to fit."""
-    header = {"descr": DTYPE.str, "fortran_order": False, "shape": (capacity, *shape)}
-    row_bytes = int(np.prod(shape)) * DTYPE.itemsize
-    count = 0
-    with open(path, "wb") as out:
-        np.lib.format.write_array_header_1_0(out, header)
-        data_start = out.tell()
+    with StackWriter(path, capacity, shape) as writer:
         for array in arrays:
-            if count == capacity or array.shape != shape:
-                raise ValueError(
-                    f"row {count} has shape {array.shape}, not {shape}, or "
-                    f"exceeds the capacity {capacity}"
-                )
-            out.write(np.ascontiguousarray(array, dtype=DTYPE).data)
-            count += 1
-        if count < capacity:
-            # numpy pads the header so the row count can change without moving the data.
-            out.seek(0)
-            np.lib.format.write_array_header_1_0(out, {**header, "shape": (count, *shape)})
-            if out.tell() != data_start:
-                raise RuntimeError("the .npy header changed length; cannot shrink in place")
-            out.truncate(data_start + count * row_bytes)
-    return count
+            writer.append(array)
+    return writer.count
 
 
 class Stack:
-    """An (N, H, W) stack on disk, read only where it is indexed.
+    """An (N, H, W, C) (or (N, H, W)) stack on disk, read only where it is indexed.
 
     Indexing reads the rows asked for into a new array: `stack[i]`, `stack[i, a:b, c:d]`
     (only lines a:b of row i are read), `stack[start:stop]`, `stack[row_array]`. Only
@@ -72,10 +97,10 @@ class Stack:
             self._file.close()
             raise
         self.dtype = DTYPE
-        self._line_bytes = self.shape[2] * DTYPE.itemsize
+        self._line_bytes = int(np.prod(self.shape[2:])) * DTYPE.itemsize
         self._row_bytes = self.shape[1] * self._line_bytes
 
-    def _read_header(self) -> tuple[tuple[int, int, int], int]:
+    def _read_header(self) -> tuple[tuple[int, ...], int]:
         """(shape, where the data starts), parsed by numpy's own .npy header readers."""
 
         def wrong(what: str) -> UserError:
@@ -95,8 +120,8 @@ class Stack:
             raise wrong(f"dtype {dtype.str}, not {DTYPE.str}")
         if fortran_order:
             raise wrong("Fortran order")
-        if len(shape) != 3:
-            raise wrong(f"shape {shape}, not (N, H, W)")
+        if len(shape) not in (3, 4):
+            raise wrong(f"shape {shape}, not (N, H, W, C)")
         start = self._file.tell()
         needed = start + int(np.prod(shape)) * DTYPE.itemsize
         size = os.fstat(self._file.fileno()).st_size
@@ -132,7 +157,7 @@ class Stack:
         if rest and isinstance(rest[0], slice) and rest[0].step in (None, 1):
             first, stop, _ = rest[0].indices(self.shape[1])
             rest = (slice(None), *rest[1:])
-        out = np.empty((max(stop - first, 0), self.shape[2]), DTYPE)
+        out = np.empty((max(stop - first, 0), *self.shape[2:]), DTYPE)
         self._read(out, i, first)
         return out[rest]
 
@@ -150,7 +175,8 @@ class Stack:
         # A stage's images are finite: a NaN would surface far from here, as a LinAlgError
         # or a "diverged" loss in training. Checking what is read costs ~1/4 of the read.
         if not np.isfinite(out).all():
-            bad = row + (int(np.argwhere(~np.isfinite(out))[0, 0]) if out.ndim == 3 else 0)
+            many = out.ndim == len(self.shape)  # rows, not lines of one row
+            bad = row + (int(np.argwhere(~np.isfinite(out))[0, 0]) if many else 0)
             raise UserError(
                 f"{self.path} holds NaN or infinity (row {bad}): it is corrupted; {self.fix}"
             )

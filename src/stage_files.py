@@ -2,7 +2,8 @@
 
     download   data/raw/images/, data/raw/manifest.csv        name,split of every image
     grayscale  data/gray/images.npy (a stack), index.csv      name,split of each stack row
-    filter     data/filtered/targets.npy (a stack), kernel.npy, filter.json
+    filter     data/filtered/targets.npy (a stack), kernel.npy (linear filters only),
+               filter.json, inputs.npy (a stack, with filter.rescale > 1 only)
     train      model/ (kernel.npy, bias.json, kernels.npy, model.keras, run.json),
                metrics/history.csv (one row per epoch), metrics/steps.csv (one row
                per kernel snapshot), metrics/train.json
@@ -65,7 +66,8 @@ WRITERS = {
 # What each stage reads, in the order it is checked: the first one missing is named.
 INPUTS = {
     "filter": (paths.GRAY_IMAGES, paths.GRAY_INDEX),
-    "train": (paths.GRAY_IMAGES, paths.GRAY_INDEX, paths.TARGETS, paths.KERNEL, paths.FILTER_INFO),
+    # not kernel.npy: a non-linear filter has none (read_true_kernel says when it is missing)
+    "train": (paths.GRAY_IMAGES, paths.GRAY_INDEX, paths.TARGETS, paths.FILTER_INFO),
     "visualize": (
         paths.KERNEL_HISTORY,
         paths.LEARNED_KERNEL,
@@ -73,7 +75,6 @@ INPUTS = {
         paths.RUN_INFO,
         paths.HISTORY,
         paths.STEPS,
-        paths.KERNEL,
         paths.FILTER_INFO,
         paths.TARGETS,
         paths.GRAY_IMAGES,
@@ -152,7 +153,7 @@ def read_index() -> pd.DataFrame:
 
 
 def open_gray_images() -> Stack:
-    """The grayscale stage's (N, S, S) images."""
+    """The grayscale stage's (N, S, S, C) images (S = data.size × filter.rescale)."""
     return Stack(paths.GRAY_IMAGES, fix=_rerun("grayscale"))
 
 
@@ -181,8 +182,14 @@ def open_gray_images_with_index() -> tuple[Stack, pd.DataFrame]:
 class FilterInfo:
     """filter.json: how the targets were made."""
 
-    kernel: str
+    kernel: str  # the names of params.yaml's `kernel`, joined by ","
+    names: tuple[str, ...]  # one per filter (a file: kernel by its file stem)
     shape: tuple[int, int]  # the Conv2D kernel's (kh, kw)
+    channels: int  # C, the input channels
+    filters: int  # F, the target channels
+    activation: str  # linear | relu | sigmoid | tanh, after the conv
+    linear: bool  # a true kernel exists (kernel.npy); false for median, max, min, …
+    rescale: int  # the targets were made at rescale× resolution, then reduced
     operation: str  # correlate | convolve
     padding: str  # valid | same
     noise_std: float
@@ -190,10 +197,14 @@ class FilterInfo:
     target_shape: tuple[int, int]
 
 
-def write_filter_outputs(folder: Path, kernel: np.ndarray, info: FilterInfo) -> None:
-    """kernel.npy, the exact kernel a Conv2D must learn, and filter.json, into `folder`."""
+def write_filter_outputs(folder: Path, kernel: np.ndarray | None, info: FilterInfo) -> None:
+    """Into `folder`: kernel.npy, the exact (kh, kw, C, F) kernel a Conv2D must learn (none
+    for a non-linear filter), and filter.json."""
     folder = Path(folder)
-    np.save(folder / paths.KERNEL.name, kernel)
+    if (kernel is not None) != info.linear:
+        raise ValueError("a linear filter has a kernel, a non-linear one none")
+    if kernel is not None:
+        np.save(folder / paths.KERNEL.name, kernel)
     (folder / paths.FILTER_INFO.name).write_text(json.dumps(asdict(info), indent=2) + "\n")
 
 
@@ -210,23 +221,49 @@ def _load_kernels(path: Path, ndim: int, stage: str) -> np.ndarray:
     return kernel.astype(np.float64)
 
 
-def read_true_kernel() -> np.ndarray:
-    """The kernel the layer must learn, as float64: every metric compares against it."""
-    return _load_kernels(paths.KERNEL, 2, "filter")
+def read_true_kernel() -> np.ndarray | None:
+    """The (kh, kw, C, F) kernel the layer must learn, as float64: every kernel metric
+    compares against it. None for a non-linear filter (filter.json's linear is false),
+    which has no true kernel."""
+    info = read_filter_info()
+    if not info.linear:
+        return None
+    kernel = _load_kernels(paths.KERNEL, 4, "filter")
+    if kernel.shape != (*info.shape, info.channels, info.filters):
+        raise UserError(
+            f"{paths.KERNEL} has shape {kernel.shape}, but {paths.FILTER_INFO} says "
+            f"{(*info.shape, info.channels, info.filters)}; {_rerun('filter')}"
+        )
+    return kernel
 
 
 def read_filter_info() -> FilterInfo:
+    """filter.json, as FilterInfo: `names` are the bank's filter names, in target order."""
     if not paths.FILTER_INFO.is_file():
         raise _missing(paths.FILTER_INFO)
     try:
         doc = json.loads(paths.FILTER_INFO.read_text())
         return FilterInfo(
-            **{**doc, "shape": tuple(doc["shape"]), "target_shape": tuple(doc["target_shape"])}
+            **{
+                **doc,
+                "names": tuple(doc["names"]),
+                "shape": tuple(doc["shape"]),
+                "target_shape": tuple(doc["target_shape"]),
+            }
         )
     except (ValueError, TypeError, KeyError):
         raise UserError(
             f"{paths.FILTER_INFO} is not what the filter stage writes; {_rerun('filter')}"
         ) from None
+
+
+def open_inputs() -> Stack:
+    """The (N, S, S, C) images the layer sees, S = data.size: data/gray's images, or with
+    filter.rescale > 1 (data/gray then holds the fine ones) the filter stage's reduced
+    copy, data/filtered/inputs.npy. Row i goes with target i."""
+    if read_filter_info().rescale > 1:
+        return Stack(paths.INPUTS, fix=_rerun("filter"))
+    return open_gray_images()
 
 
 # --- what the train stage made ------------------------------------------------------

@@ -31,7 +31,7 @@ def main() -> None:
         "data.source %s%s, kernel %s %s, in %.1f s",
         params.data.source,
         f" ({source['files']} files)" if "files" in source else "",
-        params.kernel,
+        params.kernel_label,
         "×".join(map(str, kernel["shape"])),
         time.perf_counter() - start,
     )

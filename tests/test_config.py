@@ -4,6 +4,7 @@ import sys
 import tracemalloc
 from pathlib import Path
 
+import numpy as np
 import pydantic
 import pytest
 import yaml
@@ -34,7 +35,7 @@ def test_the_committed_params_are_valid_and_typed():
     assert params.data.source == "synthetic" and params.data.size == 256
     assert params.filter.operation == "correlate" and params.filter.padding == "valid"
     assert params.train.conv == "auto" and params.train.whiten == "gradient"
-    assert params.true_kernel().shape == (3, 3)
+    assert params.true_kernel().shape == (3, 3, 1, 1)
 
 
 @pytest.mark.parametrize(
@@ -101,23 +102,25 @@ def test_a_bad_value_names_the_key_and_what_is_allowed(path, value, message):
 
 
 def test_every_builtin_kernel_is_accepted_and_listed_on_error():
-    for name in kernels.NAMES:
-        assert config.parse(with_change("kernel", name)).kernel == name
+    for name in kernels.NAMES + kernels.NONLINEAR:
+        doc = with_change("kernel", name)
+        doc["data"]["channels"] = 3 if name in kernels.COLOUR else 1
+        assert config.parse(doc).kernel == name
     with pytest.raises(UserError) as error:
         config.parse(with_change("kernel", "nope"))
-    for name in kernels.NAMES:
+    for name in kernels.NAMES + kernels.NONLINEAR:
         assert name in str(error.value)
 
 
 def test_kernel_settings_are_settable_like_dvc_exp_run_S():
     doc = with_change("kernel", "gaussian")
     doc["kernels"]["gaussian"].update(size=9, sigma=2.0)
-    assert config.parse(doc).true_kernel().shape == (9, 9)
+    assert config.parse(doc).true_kernel().shape == (9, 9, 1, 1)
     doc["kernels"]["gaussian"]["covariance"] = [[25, 12.5], [12.5, 25]]
-    assert config.parse(doc).true_kernel().shape == (9, 9)
+    assert config.parse(doc).true_kernel().shape == (9, 9, 1, 1)
     doc = with_change("kernel", "box")
     doc["kernels"]["box"]["size"] = 4
-    assert config.parse(doc).true_kernel().shape == (4, 4)
+    assert config.parse(doc).true_kernel().shape == (4, 4, 1, 1)
 
 
 @pytest.mark.parametrize("size", [16, 32, 33])
@@ -138,7 +141,7 @@ def test_images_too_small_for_the_kernel_are_refused(size, crop):
 def test_images_of_the_kernel_size_plus_2_are_enough(crop):
     doc = with_change("kernel", "smiley")
     doc["data"]["size"], doc["train"]["crop"] = 34, crop
-    assert config.parse(doc).true_kernel().shape == (32, 32)
+    assert config.parse(doc).true_kernel().shape == (32, 32, 1, 1)
 
 
 def test_a_kernel_too_large_for_the_images_is_refused_before_it_is_built():
@@ -186,7 +189,7 @@ def test_file_kernels_are_loaded_and_checked(tmp_path):
 
     good = tmp_path / "k.npy"
     np.save(good, np.arange(6.0).reshape(2, 3))
-    assert config.parse(with_change("kernel", f"file:{good}")).true_kernel().shape == (2, 3)
+    assert config.parse(with_change("kernel", f"file:{good}")).true_kernel().shape == (2, 3, 1, 1)
     with pytest.raises(UserError, match="does not exist"):
         config.parse(with_change("kernel", f"file:{tmp_path / 'missing.npy'}"))
 
@@ -407,3 +410,140 @@ def test_the_original_recipe_refuses_a_key_it_sets():
         "train.recipe original sets train.batch_size to 1 itself; leave "
         "train.batch_size at 16, or use train.recipe fast"
     )
+
+
+# --- issue 18: channels, colour kernels, activations, banks ---------------------------
+
+
+def test_the_defaults_are_one_gray_linear_kernel_at_full_resolution():
+    params = config.parse(defaults())
+    assert params.data.channels == 1 and params.filter.activation == "linear"
+    assert params.filter.rescale == 1 and params.linear
+    assert params.kernel_names == ("sobel_x",) and params.filter_names == ["sobel_x"]
+
+
+def test_a_bank_is_a_list_of_kernels_centred_in_the_largest_size():
+    params = config.parse(with_change("kernel", ["smiley", "sobel_x", "edge"]))
+    assert params.kernel_names == ("smiley", "sobel_x", "edge")
+    assert params.kernel_label == "smiley,sobel_x,edge"
+    bank = params.true_kernel()
+    assert bank.shape == (32, 32, 1, 3)
+    np.testing.assert_array_equal(bank[14:17, 14:17, 0, 1], kernels.SOBEL_X)
+    np.testing.assert_array_equal(bank[15:17, 15:17, 0, 2], kernels.EDGE)  # offset (32-2)//2
+    assert np.count_nonzero(bank[..., 1]) == 6 and np.count_nonzero(bank[..., 2]) == 4
+
+
+def test_colour_kernels_take_three_channels():
+    doc = with_change("kernel", ["red", "green", "blue"])
+    doc["data"]["channels"] = 3
+    bank = config.parse(doc).true_kernel()
+    assert bank.shape == (3, 3, 3, 3)
+    np.testing.assert_array_equal(bank[..., 0, 0], np.full((3, 3), 1.5))
+    np.testing.assert_array_equal(bank[..., 1, 0], np.full((3, 3), -1.5))
+
+
+def test_a_colour_file_kernel_is_named_by_its_stem(tmp_path):
+    path = tmp_path / "warm.npy"
+    np.save(path, np.arange(27.0).reshape(3, 3, 3) + 1)
+    doc = with_change("kernel", [f"file:{path}", "red"])
+    doc["data"]["channels"] = 3
+    params = config.parse(doc)
+    assert params.filter_names == ["warm", "red"] and params.true_kernel().shape == (3, 3, 3, 2)
+
+
+def _error(doc) -> str:
+    with pytest.raises(UserError) as error:
+        config.parse(doc)
+    message = str(error.value)
+    assert message and "\n" not in message
+    return message
+
+
+def _with(**changes) -> dict:
+    doc = defaults()
+    for path, value in changes.items():
+        *parents, key = path.split("__")
+        node = doc
+        for name in parents:
+            node = node[name]
+        node[key] = value
+    return doc
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (
+            {"filter__activation": "sigmod"},
+            "filter.activation: unknown 'sigmod'; did you mean sigmoid? choose from linear, "
+            "relu, sigmoid, tanh",
+        ),
+        (
+            {"data__channels": 3},
+            "kernel: sobel_x is a 2-D gray kernel (it takes 1 channel), but data.channels is 3; "
+            "set data.channels 1, or use a (k, k, 3) kernel such as red",
+        ),
+        (
+            {"kernel": "red"},
+            "kernel: red is a colour kernel (it takes 3 channels), but data.channels is 1; "
+            "set data.channels 3, or choose a gray kernel",
+        ),
+        (
+            {"kernel": ["sobel_x", "red"]},
+            "kernel: the bank mixes gray and colour kernels (sobel_x takes 1 channel, red "
+            "takes 3); list kernels of one channel count",
+        ),
+        (
+            {"kernel": []},
+            "kernel: the list is empty; name at least one kernel, e.g. kernel: sobel_x",
+        ),
+        (
+            {"kernel": [f"file:k{i}.npy" for i in range(65)]},  # refused before any file is read
+            "kernel: a bank of 65 filters, more than the 64 allowed; list at most 64",
+        ),
+        ({"kernel": ["sobel_x", "sobel_x"]}, "kernel: sobel_x is listed twice"),
+        ({"data__channels": 2}, "data.channels must be 1 (grayscale) or 3 (RGB); got 2"),
+        # issue 19
+        ({"filter__rescale": 3}, "filter.rescale must be 1, 2 or 4"),
+        (
+            {"kernel": "median", "kernels__median__size": 4},
+            "kernels.median.size must be odd (3, 5, 7, …) so that the window has a centre "
+            "pixel; got 4: use 3 or 5",
+        ),
+        ({"kernels__max__size": 1}, "kernels.max.size must be at least 3, got 1"),
+        ({"kernel": ["median", "sobel_x"]}, "kernel: median is a non-linear filter and cannot"),
+        (
+            {"kernel": "median", "filter__activation": "relu"},
+            "filter.activation relu after median, which is already non-linear, is refused",
+        ),
+        (
+            {"kernel": "median", "data__channels": 3},
+            "kernel: median filters gray images; set data.channels 1",
+        ),
+        ({"kernel": "edge", "filter__rescale": 2}, "filter.rescale 2 needs an odd-sized kernel"),
+        # issue 22, item 8: the filter stage stays under 4 GB at any allowed size
+        (
+            {
+                "data__size": 4096,
+                "kernel": [
+                    "sobel_x",
+                    "sobel_y",
+                    "laplacian",
+                    "prewitt_x",
+                    "prewitt_y",
+                    "gaussian",
+                    "edge",
+                    "smiley",
+                ],
+            },
+            "kernel: a bank of 8 filters on 4096×4096 images needs 3.6 GB per image in the "
+            "filter stage; list at most 6 at this size, or lower data.size",
+        ),
+        (
+            {"data__size": 2048, "filter__rescale": 4},
+            "filter.rescale 4 makes the targets at 8192² pixels, more than the 4096²",
+        ),
+    ],
+)
+def test_each_wrong_new_value_is_one_line_naming_the_key_and_the_fix(changes, message):
+    assert _error(_with(**changes)).startswith(message)

@@ -188,10 +188,8 @@ def test_fft_equals_direct(shape, padding):
 )
 def test_auto_picks_fft_only_for_large_kernels(monkeypatch, shape, uses_fft):
     calls = []
-    real = filtering.signal.fftconvolve
-    monkeypatch.setattr(
-        filtering.signal, "fftconvolve", lambda *a, **kw: calls.append(1) or real(*a, **kw)
-    )
+    real = filtering.fft.irfft2
+    monkeypatch.setattr(filtering.fft, "irfft2", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     filtering.correlate(IMAGES, RNG.standard_normal(shape), "valid")
     assert bool(calls) == uses_fft
 
@@ -247,7 +245,7 @@ def test_accepts_float64_and_integer_images():
     "images,k,padding,method,match",
     [
         (IMAGES[0], SOBEL_X, "valid", "auto", "N, H, W"),
-        (IMAGES, SOBEL_X[None], "valid", "auto", "2-D"),
+        (IMAGES, SOBEL_X[None], "valid", "auto", "bank"),
         (IMAGES, SOBEL_X, "full", "auto", "padding"),
         (IMAGES, SOBEL_X, "valid", "winograd", "method"),
         (IMAGES[:, :20, :20], np.ones((21, 3)), "valid", "auto", "does not fit"),
@@ -324,6 +322,10 @@ class Recorded:
     def __len__(self):
         return len(self.stack)
 
+    @property
+    def shape(self):
+        return self.stack.shape
+
     def __getitem__(self, key):
         self.keys.append(key)
         return self.stack[key]
@@ -346,3 +348,112 @@ def test_make_targets_streams_from_stack_to_stack(tmp_path):
 def test_make_targets_needs_an_rng_for_noise():
     with pytest.raises(ValueError, match="rng"):
         next(filtering.make_targets(IMAGES, SOBEL_X, "valid", noise_std=0.1))
+
+
+# --- banks, colour, activations, non-linear filters, rescale (issues 18, 19) ----------
+
+COLOUR = RNG.random((2, 30, 28, 3)).astype(np.float32)
+
+
+def test_a_bank_sums_over_channels_one_target_channel_per_filter():
+    bank = RNG.standard_normal((3, 3, 3, 2))
+    targets = filtering.correlate(COLOUR, bank, "valid")
+    assert targets.shape == (2, 28, 26, 2) and targets.dtype == np.float32
+    for f in range(2):
+        expected = sum(
+            signal.correlate2d(COLOUR[1, :, :, c].astype(np.float64), bank[:, :, c, f], "valid")
+            for c in range(3)
+        )
+        np.testing.assert_allclose(targets[1, ..., f], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("padding", ["valid", "same"])
+def test_fft_equals_direct_for_a_colour_bank(padding):
+    bank = RNG.standard_normal((9, 9, 3, 2))
+    direct = filtering.correlate_bank(COLOUR, bank, padding, method="direct")
+    fft = filtering.correlate_bank(COLOUR, bank, padding, method="fft")
+    np.testing.assert_allclose(fft, direct, atol=1e-11)
+
+
+@pytest.mark.parametrize("activation", filtering.ACTIVATIONS)
+def test_predict_applies_bias_then_activation(activation):
+    bank = RNG.standard_normal((3, 3, 3, 2))
+    out = filtering.predict(COLOUR, bank, [0.5, -0.25], "same", activation)
+    pre = filtering.correlate_bank(COLOUR, bank, "same") + np.array([0.5, -0.25])
+    expected = {
+        "linear": pre,
+        "relu": np.maximum(pre, 0),
+        "sigmoid": 1 / (1 + np.exp(-pre)),
+        "tanh": np.tanh(pre),
+    }[activation]
+    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_sigmoid_saturates_without_warnings():
+    x = np.array([-1000.0, 0.0, 1000.0])
+    with np.errstate(all="raise"):
+        np.testing.assert_array_equal(filtering.activate(x, "sigmoid"), [0.0, 0.5, 1.0])
+
+
+def test_the_non_linear_filters_are_what_they_say():
+    from src.config import KernelSettings
+
+    images = RNG.random((2, 20, 20, 1))
+    settings = KernelSettings()
+    median = filtering.nonlinear("median", settings)(images)
+    np.testing.assert_array_equal(
+        median[0, ..., 0], ndimage.median_filter(images[0, ..., 0], size=5, mode="constant")
+    )
+    dilated = filtering.nonlinear("max", settings)(images)
+    assert dilated[0, 5, 5, 0] == images[0, 4:7, 4:7, 0].max()
+    eroded = filtering.nonlinear("min", settings)(images)
+    assert eroded[0, 5, 5, 0] == images[0, 4:7, 4:7, 0].min()
+    sx = signal.correlate2d(images[0, ..., 0], SOBEL_X, "same")
+    sy = signal.correlate2d(images[0, ..., 0], SOBEL_X.T, "same")
+    absolute = filtering.nonlinear("abs_sobel_x", settings)(images)
+    np.testing.assert_allclose(absolute[0, ..., 0], np.abs(sx), atol=1e-12)
+    magnitude = filtering.nonlinear("gradient_magnitude", settings)(images)
+    np.testing.assert_allclose(magnitude[0, ..., 0], np.hypot(sx, sy), atol=1e-12)
+
+
+@pytest.mark.parametrize("padding", ["valid", "same"])
+@pytest.mark.parametrize("rescale", [2, 4])
+def test_rescaled_targets_are_centred_where_the_coarse_conv2d_window_is(padding, rescale):
+    # A delta off the centre, one fine pixel right: the target is the fine image moved one
+    # fine pixel, then reduced; its centre is where the coarse 3×3 layer's window is.
+    fine = RNG.random((2, 12 * rescale, 12 * rescale, 1))
+    k = np.zeros((3, 3, 1, 1))
+    k[1, 2] = 1.0
+    made = filtering.Filter(padding, conv_kernel=k, rescale=rescale)
+    inputs, targets = made(fine)
+    assert inputs.shape == (2, 12, 12, 1)
+    shifted = np.zeros_like(fine)
+    shifted[:, :, :-1] = fine[:, :, 1:]
+    expected = shifted.reshape(2, 12, rescale, 12, rescale, 1).mean(axis=(2, 4))
+    if padding == "valid":
+        expected = expected[:, 1:-1, 1:-1]
+    assert targets.shape == (2, *made.target_shape(12, 12), 1)
+    np.testing.assert_allclose(targets, expected, atol=1e-12)
+
+
+def test_make_pairs_does_not_depend_on_the_block_size():
+    bank = RNG.standard_normal((5, 5, 3, 2))
+    made = filtering.Filter("valid", conv_kernel=bank, activation="tanh")
+    runs = [
+        list(
+            filtering.make_pairs(
+                COLOUR.repeat(3, axis=0), made, noise_std=0.1, rng=np.random.default_rng(7), chunk=c
+            )
+        )
+        for c in (1, 4, None)
+    ]
+    for pairs in runs[1:]:
+        for (x0, y0), (x1, y1) in zip(runs[0], pairs):
+            np.testing.assert_array_equal(x0, x1)
+            np.testing.assert_array_equal(y0, y1)
+
+
+def test_blocks_stay_within_their_memory_budget():
+    assert filtering.chunk_size(256, 256, 1, 1) == filtering.CHUNK_MAX
+    assert filtering.chunk_size(4096, 4096, 1, 1) == 1
+    assert filtering.chunk_size(1024, 1024, 3, 4) * 8 * 1024**2 * 19 <= filtering.BLOCK_BYTES

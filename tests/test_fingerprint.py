@@ -107,7 +107,7 @@ def test_a_file_kernel_is_hashed_by_its_values(tmp_path):
     path = tmp_path / "k.npy"
     np.save(path, np.eye(3))
     first = fingerprint.kernel(params(kernel=f"file:{path}"))
-    assert first["shape"] == [3, 3]
+    assert first["shape"] == [3, 3, 1, 1]
     np.save(path, np.eye(3, dtype=np.float32))  # other bytes, the same kernel
     assert fingerprint.kernel(params(kernel=f"file:{path}")) == first
     np.save(path, 2 * np.eye(3))

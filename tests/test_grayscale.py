@@ -72,13 +72,13 @@ def test_convert_streams_the_readable_images(workdir):
     out = workdir / "images.npy"
     result = grayscale.convert(rows, workdir / "data/raw/images", 32, out, max_bad_fraction=0.25)
     stack = np.load(out)
-    assert stack.shape == (6, 32, 32) and stack.dtype == np.float32
+    assert stack.shape == (6, 32, 32, 1) and stack.dtype == np.float32
     assert 0.0 <= stack.min() and stack.max() <= 1.0
     assert [name for name, _ in result.skipped] == ["bad000.jpg", "bad001.jpg"]
     assert result.kept == [row for row in rows if row[0].startswith(("good", "sub/"))]
     for i, (name, _) in enumerate(result.kept):
         decoded = images.read_image(workdir / "data/raw/images" / name)
-        assert np.array_equal(stack[i], images.fit(images.luma(decoded), 32))
+        assert np.array_equal(stack[i][..., 0], images.fit(images.luma(decoded), 32))
 
 
 def peak_bytes(rows, root: Path) -> int:
@@ -114,7 +114,7 @@ def test_stage_writes_stack_index_and_metrics(workdir):
     stage.main()
     stack = np.load(workdir / "data/gray/images.npy", mmap_mode="r")
     index = read_index(workdir)
-    assert stack.shape == (9, 24, 24) and stack.dtype == np.float32
+    assert stack.shape == (9, 24, 24, 1) and stack.dtype == np.float32
     assert index == [row for row in rows if row[0] != "bad000.jpg"]
     metrics = json.loads((workdir / "metrics/grayscale.json").read_text())
     assert metrics == {
@@ -140,3 +140,28 @@ def test_stage_without_a_manifest(workdir):
     write_params(workdir)
     with pytest.raises(UserError, match="manifest.csv not found"):
         stage.main()
+
+
+def test_three_channels_keep_the_rgb_and_a_gray_file_gives_three_equal_planes(tmp_path):
+    rng = np.random.default_rng(5)
+    colour = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    Image.fromarray(colour).save(tmp_path / "c.png")
+    Image.fromarray(colour[..., 0]).save(tmp_path / "g.png")
+    out = tmp_path / "images.npy"
+    rows = [("c.png", "train"), ("g.png", "val")]
+    grayscale.convert(rows, tmp_path, 32, out, 0.0, channels=3)
+    stack = np.load(out)
+    assert stack.shape == (2, 32, 32, 3) and stack.dtype == np.float32
+    np.testing.assert_array_equal(stack[0], images.fit(colour.astype(np.float32) / 255, 32))
+    np.testing.assert_array_equal(stack[1, ..., 0], stack[1, ..., 2])
+
+
+def test_stage_writes_the_fine_colour_images_with_rescale(workdir):
+    make_raw(workdir, good=3, bad=0)
+    doc = yaml.safe_load((REPO / "params.yaml").read_text())
+    doc["data"].update(size=16, channels=3)
+    doc["filter"]["rescale"], doc["kernel"] = 2, "red"
+    (workdir / "params.yaml").write_text(yaml.safe_dump(doc))
+    stage.main()
+    stack = np.load(workdir / "data/gray/images.npy")
+    assert stack.shape == (3, 32, 32, 3)  # data.size × filter.rescale, RGB

@@ -267,3 +267,28 @@ def test_an_image_smaller_than_the_largest_kernel_is_bad(tmp_path):
         images.read_gray_fitted(path, 64)
     Image.fromarray(np.zeros((32, 64, 3), dtype=np.uint8)).save(path)
     assert images.read_gray_fitted(path, 64).shape == (64, 64)
+
+
+def test_luma_is_the_bt601_sum_in_a_fixed_order_not_a_matmul():
+    rgb = np.random.default_rng(3).random((17, 19, 3)).astype(np.float32)
+    r, g, b = (np.float32(w) for w in (0.299, 0.587, 0.114))
+    expected = np.clip((rgb[..., 0] * r + rgb[..., 1] * g) + rgb[..., 2] * b, 0, 1)
+    np.testing.assert_array_equal(images.luma(rgb), expected)
+
+
+def test_area_downsample_is_the_block_mean():
+    x = np.random.default_rng(4).random((2, 8, 12, 3)).astype(np.float32)
+    for factor in (1, 2, 4):
+        blocks = x.astype(np.float64).reshape(2, 8 // factor, factor, 12 // factor, factor, 3)
+        expected = blocks.mean(axis=(2, 4))
+        np.testing.assert_allclose(images.area_downsample(x, factor), expected, atol=1e-12)
+    with pytest.raises(ValueError, match="blocks"):
+        images.area_downsample(x[:, :7], 2)
+
+
+def test_read_fitted_gives_channels_last(tmp_path):
+    Image.fromarray(np.random.default_rng(5).integers(0, 256, (40, 50, 3), np.uint8)).save(
+        tmp_path / "c.png"
+    )
+    assert images.read_fitted(tmp_path / "c.png", 32, 1).shape == (32, 32, 1)
+    assert images.read_fitted(tmp_path / "c.png", 32, 3).shape == (32, 32, 3)

@@ -64,10 +64,12 @@ def test_without_settings_the_defaults_are_used():
     np.testing.assert_array_equal(kernels.make("gaussian"), kernels.make("gaussian", default))
 
 
-def test_every_builtin_is_a_finite_2d_float64():
+def test_every_builtin_is_a_finite_float64_gray_or_colour_kernel():
     for name in kernels.NAMES:
         k = kernels.make(name)
-        assert k.ndim == 2 and k.dtype == np.float64 and np.all(np.isfinite(k)), name
+        colour = name in kernels.COLOUR
+        assert k.ndim == (3 if colour else 2) and k.dtype == np.float64, name
+        assert np.all(np.isfinite(k)), name
 
 
 # --- gaussian ------------------------------------------------------------------
@@ -212,7 +214,7 @@ def _write_bad(tmp_path, case):
     if case == "empty":
         np.save(path, np.zeros((0, 3)))
     elif case == "3-D":
-        np.save(path, np.ones((2, 3, 3)))
+        np.save(path, np.ones((2, 3, 2)))  # 3-D, but not 3 colour channels
     elif case == "1-D":
         np.save(path, np.ones(3))
     elif case == "nan":
@@ -315,3 +317,40 @@ def test_unknown_name_lists_the_valid_ones():
     for name in kernels.NAMES:
         assert name in message
     assert "file:" in message
+
+
+# --- colour, non-linear and banks (issues 18, 19) -------------------------------------
+
+
+@pytest.mark.parametrize("name, channel", [("red", 0), ("green", 1), ("blue", 2)])
+def test_colour_detectors_are_the_course_notes(name, channel):
+    k = kernels.make(name)
+    expected = -np.ones((3, 3, 3)) * 1.5  # as the notes build them
+    expected[:, :, channel] = 1.5
+    np.testing.assert_array_equal(k, expected)
+    assert kernels.channels(name, KernelSettings()) == 3
+
+
+def test_a_colour_file_kernel_is_read(tmp_path):
+    np.save(tmp_path / "c.npy", np.arange(1.0, 28.0).reshape(3, 3, 3))
+    assert kernels.make(f"file:{tmp_path / 'c.npy'}").shape == (3, 3, 3)
+    assert kernels.channels(f"file:{tmp_path / 'c.npy'}", KernelSettings()) == 3
+    assert kernels.label(f"file:{tmp_path / 'c.npy'}") == "c"
+
+
+def test_non_linear_filters_have_a_layer_shape_and_no_kernel():
+    s = settings(median={"size": 7})
+    assert kernels.shape("median", s) == (7, 7) and kernels.shape("max", s) == (3, 3)
+    assert kernels.shape("abs_sobel_x", s) == (3, 3)
+    assert not kernels.is_linear("gradient_magnitude") and kernels.is_linear("sobel_x")
+    with pytest.raises(ValueError, match="no kernel"):
+        kernels.make("median")
+
+
+def test_a_bank_centres_each_kernel_the_odd_row_at_the_bottom_right():
+    bank = kernels.bank(("prewitt_x", "edge", "box"), settings(box={"size": 4}))
+    assert bank.shape == (4, 4, 1, 3)
+    np.testing.assert_array_equal(bank[0:3, 0:3, 0, 0], kernels.PREWITT_X)  # (4-3)//2 = 0
+    assert not bank[3, :, 0, 0].any() and not bank[:, 3, 0, 0].any()
+    np.testing.assert_array_equal(bank[1:3, 1:3, 0, 1], kernels.EDGE)
+    np.testing.assert_array_equal(bank[..., 0, 2], np.full((4, 4), 1 / 16))

@@ -141,7 +141,7 @@ def save(path: Path, array: np.ndarray) -> Path:
         (lambda p: save(p, ROWS.astype(np.float64)), "dtype <f8"),
         (lambda p: save(p, ROWS.astype(">f4")), "dtype >f4"),
         (lambda p: save(p, np.asfortranarray(ROWS)), "Fortran order"),
-        (lambda p: save(p, ROWS[0]), "not (N, H, W)"),
+        (lambda p: save(p, ROWS[0]), "not (N, H, W, C)"),
         (lambda p: p.write_text("name,split\n"), "magic string"),
         (lambda p: p.write_bytes(b""), "magic string"),
         (lambda p: p.write_bytes(save(p, ROWS).read_bytes()[:-4]), "its header needs"),

@@ -59,22 +59,34 @@ def test_an_index_that_disagrees_with_the_images_names_the_stage():
         stage_files.open_gray_images_with_index()
 
 
-def test_filter_outputs_round_trip():
-    paths.FILTERED.mkdir(parents=True)
-    info = stage_files.FilterInfo(
-        kernel="smiley",
-        shape=(32, 32),
+def filter_info(**changes) -> stage_files.FilterInfo:
+    doc = dict(
+        kernel="sobel_x,sobel_y",
+        names=("sobel_x", "sobel_y"),
+        shape=(3, 3),
+        channels=1,
+        filters=2,
+        activation="linear",
+        linear=True,
+        rescale=1,
         operation="convolve",
         padding="same",
         noise_std=0.01,
         images=9,
         target_shape=(12, 10),
     )
-    stage_files.write_filter_outputs(paths.FILTERED, np.eye(3, dtype=np.float32), info)
+    return stage_files.FilterInfo(**{**doc, **changes})
+
+
+def test_filter_outputs_round_trip():
+    paths.FILTERED.mkdir(parents=True)
+    info = filter_info()
+    bank = np.stack([np.eye(3), np.ones((3, 3))], axis=-1)[:, :, None].astype(np.float32)
+    stage_files.write_filter_outputs(paths.FILTERED, bank, info)
     assert stage_files.read_filter_info() == info
     kernel = stage_files.read_true_kernel()
-    assert kernel.dtype == np.float64
-    np.testing.assert_array_equal(kernel, np.eye(3))
+    assert kernel.dtype == np.float64 and kernel.shape == (3, 3, 1, 2)
+    np.testing.assert_array_equal(kernel, bank)
     paths.FILTER_INFO.write_text("{}")
     with pytest.raises(UserError, match="rerun `dvc repro -f filter`"):
         stage_files.read_filter_info()
@@ -240,13 +252,25 @@ def test_a_stage_output_names_the_stage_that_rewrites_it(open_stage_output, path
 @pytest.mark.parametrize("damage", [b"", b"\x93NUMPY junk", "truncated"])
 def test_a_damaged_kernel_file_names_the_stage_to_rerun(damage):
     paths.FILTERED.mkdir(parents=True)
-    np.save(paths.KERNEL, np.eye(3))
+    info = filter_info(names=("sobel_x",), filters=1)
+    stage_files.write_filter_outputs(paths.FILTERED, np.eye(3)[:, :, None, None], info)
     data = paths.KERNEL.read_bytes()
     paths.KERNEL.write_bytes(data[:-8] if damage == "truncated" else damage)
     with pytest.raises(
-        UserError, match=r"not a finite 2-D kernel array; rerun `dvc repro -f filter`"
+        UserError, match=r"not a finite 4-D kernel array; rerun `dvc repro -f filter`"
     ):
         stage_files.read_true_kernel()
+
+
+def test_a_non_linear_filter_has_no_true_kernel_and_a_rescaled_one_its_own_inputs():
+    paths.FILTERED.mkdir(parents=True)
+    info = filter_info(names=("median",), kernel="median", filters=1, linear=False, rescale=2)
+    stage_files.write_filter_outputs(paths.FILTERED, None, info)
+    assert not paths.KERNEL.exists() and stage_files.read_true_kernel() is None
+    with pytest.raises(UserError, match=r"inputs.npy not found; rerun `dvc repro -f filter`"):
+        stage_files.open_inputs()
+    with pytest.raises(ValueError, match="a non-linear one none"):
+        stage_files.write_filter_outputs(paths.FILTERED, np.eye(3)[:, :, None, None], info)
 
 
 def test_a_run_json_that_is_not_a_mapping_names_train():
