@@ -418,6 +418,16 @@ class Params(Section):
         return all(kernels.is_linear(name) for name in self.kernel_names)
 
     @model_validator(mode="after")
+    def _solver_fits(self) -> Params:
+        if self.train.solver == "lstsq" and self.filter.activation != "linear":
+            raise ValueError(
+                f"train.solver lstsq is the closed-form filter of a linear layer, and "
+                f"filter.activation is {self.filter.activation}; set train.solver sgd, or "
+                "filter.activation linear"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _kernel_fits(self) -> Params:
         names = self.kernel_names
         nonlinear = [name for name in names if not kernels.is_linear(name)]

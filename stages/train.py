@@ -29,20 +29,6 @@ log = logging.getLogger("train")
 EXAMPLE_MARGIN = 16  # the input example is the kernel's size plus this many pixels a side
 
 
-def filter_setup(info) -> tuple[list[str], str, bool]:
-    """(names, activation, linear) of the filter stage's targets (filter.json)."""
-    names = list(getattr(info, "names", None) or [info.kernel])
-    return names, getattr(info, "activation", "linear"), bool(getattr(info, "linear", True))
-
-
-def true_kernel_4d() -> np.ndarray | None:
-    """The kernel the layer must learn, (kh, kw, C, F), or None for a filter without one."""
-    kernel = stage_files.read_true_kernel()
-    if kernel is not None and kernel.ndim == 2:
-        kernel = kernel[:, :, None, None]
-    return kernel
-
-
 def steps_table(snapshots, true_kernel, names) -> pd.DataFrame:
     """metrics/steps.csv: each snapshot's step, epoch and error against the true kernel."""
     from src.training import kernel_errors
@@ -80,15 +66,15 @@ def main() -> None:
     params = config.load()
     stage_files.require_inputs("train")
     info = stage_files.read_filter_info()
-    names, activation, linear = filter_setup(info)
-    true_kernel = true_kernel_4d() if linear else None
+    names, activation = list(info.names), info.activation
+    true_kernel = stage_files.read_true_kernel()  # (kh, kw, C, F), None without one
     kernel_shape = tuple(info.shape)
     index = stage_files.read_index()
     split = index["split"].to_numpy()
     train_rows = np.flatnonzero(split == "train")
     val_rows = np.flatnonzero(split == "val")
     with (
-        stage_files.open_gray_images() as images,
+        stage_files.open_inputs() as images,
         stage_files.open_targets() as targets,
         ThreadPoolExecutor(max_workers=1) as pool,
     ):
