@@ -8,8 +8,8 @@ tap and channel) and targets t:
     (PᵀP − M·μμᵀ) k = Pᵀt − M·μ·t̄,    b = t̄ − μᵀk,
 
 μ the mean patch, M the pixel count. Up to EXACT_MAX_WEIGHTS weights the matrix is built
-from the patches themselves, in float64 and in chunks of CHUNK_PIXELS rows; above, it is
-solved by conjugate gradients with exact products from FFTs (a product is two FFTs an
+exactly in float64 (one product image a lag and channel pair, see normal_equations), and
+so is a larger kernel on small images; above, it is solved by conjugate gradients with exact products from FFTs (a product is two FFTs an
 image), preconditioned by the Toeplitz estimate K-FAC uses. No TensorFlow: the train
 stage solves it on a thread while TensorFlow imports.
 
@@ -29,7 +29,9 @@ from src.padding import same_padding
 from src.toeplitz import toeplitz_covariance
 
 EXACT_MAX_WEIGHTS = 150  # taps × channels built exactly up to this (~1 s for 3×3 on 410 × 256²)
-CHUNK_PIXELS = 2**18  # patch rows per matrix product: 2 MB a tap, memory flat in the data
+EXACT_MAX_WORK = 2e9  # ... or above, while lag pairs × pixels stays under this (small images)
+EXACT_MAX_BYTES = 512 * 2**20  # ... and their integral images under this
+CONDITION_SOLVE = 1e12  # worse conditioned: the least-norm solution (and not identifiable)
 CG_TOLERANCE = 1e-10  # relative residual of the normal equations where CG stops (~1e-15 error)
 CG_MAX_ITERATIONS = 60
 BATCH_IMAGES = 32  # images read at once
@@ -131,20 +133,35 @@ def normal_equations(images, targets, rows, kernel_shape, padding):
         target_sq += np.einsum("nhwf,nhwf->f", t, t)
         pixels += n * vh * vw
     taps = [(i, j, c) for i in range(kh) for j in range(kw) for c in range(channels)]
-    integrals = {key: _integral(value) for key, value in products.items()}
-    gram = np.zeros((len(taps), len(taps)))
-    for u, (i, j, c) in enumerate(taps):
-        for v in range(u, len(taps)):
-            i2, j2, c2 = taps[v]
-            dy, dx = i2 - i, j2 - j
-            a, b, cc, cc2 = (i, j), (dy, dx), c, c2
-            if not (dy > 0 or (dy == 0 and dx >= 0)):  # the mirrored lag: swap the taps
-                a, b, cc, cc2 = (i2, j2), (-dy, -dx), c2, c
-            top, left = max(0, -b[0]), max(0, -b[1])
-            # positions p = q + a of the first tap, in the product image's coordinates
-            gram[u, v] = gram[v, u] = _rect(
-                integrals[(*b, cc, cc2)], a[0] - top, a[1] - left, vh, vw
-            )
+    keys = {key: index for index, key in enumerate(products)}
+    # one integral image a lag and channel pair, padded to one shape with its own edge
+    # (a rectangle inside the product image sums the same)
+    integrals = np.stack(
+        [
+            np.pad(_integral(v), [(0, h - v.shape[0]), (0, w - v.shape[1])], mode="edge")
+            for v in products.values()
+        ]
+    )
+    i, j, c = (np.array(column)[:, None] for column in zip(*taps))
+    i2, j2, c2 = i.T, j.T, c.T
+    dy, dx = i2 - i, j2 - j  # every pair's lag
+    mirrored = ~((dy > 0) | ((dy == 0) & (dx >= 0)))  # a lag of the other half plane: swap
+    ai, aj = np.where(mirrored, i2, i), np.where(mirrored, j2, j)
+    by, bx = np.where(mirrored, -dy, dy), np.where(mirrored, -dx, dx)
+    first, second = np.where(mirrored, c2, c), np.where(mirrored, c, c2)
+    lag_index = np.full((kh, 2 * kw - 1), -1)
+    for (ly, lx, lc, lc2), n in keys.items():
+        if lc == 0 and lc2 == 0:
+            lag_index[ly, lx + kw - 1] = n // (channels * channels)
+    index = lag_index[by, bx + kw - 1] * channels * channels + first * channels + second
+    top, left = ai - np.maximum(0, -by), aj - np.maximum(0, -bx)
+    # positions p = q + a of the first tap, in the product image's coordinates
+    gram = (
+        integrals[index, top + vh, left + vw]
+        - integrals[index, top, left + vw]
+        - integrals[index, top + vh, left]
+        + integrals[index, top, left]
+    )
     integral = np.stack([_integral(patch_sum[..., c]) for c in range(channels)], axis=-1)
     sums = np.array([_rect(integral[..., c], i, j, vh, vw) for i, j, c in taps])
     return gram, right.reshape(-1, right.shape[-1]), sums, target_sum, target_sq, pixels
@@ -159,10 +176,10 @@ def _exact(images, targets, rows, kernel_shape, padding):
     cross = right / pixels - np.outer(mean_patch, mean_target)
     values = np.linalg.eigvalsh(covariance)
     condition = float(values[-1] / values[0]) if values[0] > 0 else float("inf")
-    try:
+    if condition < CONDITION_SOLVE:
         kernel = np.linalg.solve(covariance, cross)
-    except np.linalg.LinAlgError:
-        kernel = np.linalg.lstsq(covariance, cross, rcond=None)[0]
+    else:  # the images do not determine every weight: the least-norm kernel that fits
+        kernel = np.linalg.lstsq(covariance, cross, rcond=1.0 / CONDITION_SOLVE)[0]
     return kernel, mean_target - mean_patch @ kernel, pixels, condition
 
 
@@ -291,6 +308,16 @@ def _conjugate_gradients(products: _Products, inverse: np.ndarray, start: np.nda
     return k, iterations
 
 
+def _exact_is_cheap(images, rows, kernel_shape, channels) -> bool:
+    """Whether the exact equations of a large kernel cost little: small images (a lag's
+    product image is a pass over the pixels, its integral image kept for the gather)."""
+    kh, kw = kernel_shape
+    pairs = 2 * kh * kw * channels * channels
+    pixels = len(rows) * images.shape[1] * images.shape[2]
+    kept = pairs * images.shape[1] * images.shape[2] * 8
+    return pairs * pixels <= EXACT_MAX_WORK and kept <= EXACT_MAX_BYTES
+
+
 def least_squares(
     images,
     targets,
@@ -307,7 +334,7 @@ def least_squares(
     channels = four(images[rows[:1]]).shape[-1]
     filters = four(targets[rows[:1]]).shape[-1]
     taps = kh * kw * channels
-    if taps <= EXACT_MAX_WEIGHTS:
+    if taps <= EXACT_MAX_WEIGHTS or _exact_is_cheap(images, rows, kernel_shape, channels):
         kernel, bias, pixels, condition = _exact(images, targets, rows, kernel_shape, padding)
         method, iterations = "exact", 0
     else:
