@@ -9,8 +9,9 @@ tap and channel) and targets t:
 
 μ the mean patch, M the pixel count. Up to EXACT_MAX_WEIGHTS weights the matrix is built
 exactly in float64 (one product image a lag and channel pair, see normal_equations), and
-so is a larger kernel on small images; above, it is solved by conjugate gradients with exact products from FFTs (a product is two FFTs an
-image), preconditioned by the Toeplitz estimate K-FAC uses. No TensorFlow: the train
+so is a larger kernel on small images; above, it is solved by conjugate gradients with
+exact products from FFTs (a product is two FFTs an image), preconditioned by the Toeplitz
+estimate K-FAC uses. No TensorFlow: the train
 stage solves it on a thread while TensorFlow imports.
 
 Images are (N, H, W, C) and targets (N, H', W', F), as the stages write them; 'same'
