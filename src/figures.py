@@ -22,7 +22,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 KERNEL_CMAP = "RdBu_r"  # diverging: negative weights blue, zero white, positive red
 IMAGE_CMAP = "gray"
@@ -36,6 +36,10 @@ GIF_CMAP_COLOURS = 48  # GIF palette: this many colours of the kernel colormap .
 GIF_GRAYS = 16  # ... and this many grays, black to white, for text and axes
 GIF_SECONDS = 6.0  # the whole animation, before the last frame's hold
 LAST_FRAME_MS = 2000
+CHANNELS = ("R", "G", "B")  # the slices of a colour kernel, in data/gray's RGB order
+LABEL_PIXELS = 14  # kernel_image: the label row above each tile
+BAR_PIXELS = 12  # ... the width of each tile's colour bar
+GAP = 6  # ... pixels between slices and tiles
 
 
 # --- shared pieces ----------------------------------------------------------------
@@ -57,7 +61,7 @@ def symmetric_range(*arrays: np.ndarray) -> tuple[float, float]:
 def kernel_picture(
     kernel: np.ndarray, value_range: tuple[float, float], min_pixels: int = 128
 ) -> np.ndarray:
-    """The kernel as a uint8 H×W×3 picture, each weight a square block of pixels, for MLflow.
+    """One 2-D kernel slice as a uint8 H×W×3 picture, each weight a square block of pixels.
 
     Colours come from a fixed value_range, the same every epoch, so the pictures
     of successive epochs are comparable; weights outside it are clipped.
@@ -74,6 +78,120 @@ def kernel_picture(
     rgb = np.round(colormaps[KERNEL_CMAP](scaled)[..., :3] * 255).astype(np.uint8)
     block = -(-min_pixels // max(k.shape))  # ceil: the longer side gets at least min_pixels
     return rgb.repeat(block, axis=0).repeat(block, axis=1)
+
+
+def as_bank(kernel: np.ndarray) -> np.ndarray:
+    """A kernel as the spec's (kh, kw, C, F) float64; a 2-D one is (kh, kw, 1, 1)."""
+    k = np.asarray(kernel, dtype=np.float64)
+    if k.ndim == 2:
+        return k[:, :, None, None]
+    if k.ndim != 4:
+        raise ValueError(f"a kernel must be (kh, kw, C, F) or 2-D, got shape {k.shape}")
+    return k
+
+
+def filter_names(names: Sequence[str] | None, filters: int) -> list[str]:
+    """FilterInfo.names, or "filter 0", "filter 1", ... when they are missing or miscounted."""
+    names = list(names or ())
+    return names if len(names) == filters else [f"filter {f}" for f in range(filters)]
+
+
+def slice_label(names: Sequence[str], f: int, c: int, channels: int) -> str:
+    """What one (kh, kw) slice of a bank is: its filter's name (in a bank) and its
+    channel (R, G or B in colour); "" for the one slice of a gray single kernel."""
+    parts = [names[f]] if len(names) > 1 else []
+    if channels == len(CHANNELS):
+        parts.append(CHANNELS[c])
+    elif channels > 1:
+        parts.append(f"channel {c}")
+    return " ".join(parts)
+
+
+def filter_limits(*kernels: np.ndarray | None) -> np.ndarray:
+    """(F,) colour limits: each filter's max |weight| over the given (kh, kw, C, F)
+    kernels (None skipped), all of its channels together; 1 where that is 0."""
+    banks = [as_bank(k) for k in kernels if k is not None]
+    if not banks:
+        raise ValueError("no kernel to take colour limits from")
+    return np.array(
+        [symmetric_limit(*(b[..., f] for b in banks)) for f in range(banks[0].shape[3])]
+    )
+
+
+def _filter_ranges(kernel: np.ndarray, value_range) -> list[tuple[float, float]]:
+    """One (low, high) per filter from kernel_image's value_range argument."""
+    filters = kernel.shape[3]
+    if value_range is None:
+        return [(-m, m) for m in filter_limits(kernel)]
+    ranges = np.asarray(value_range, dtype=np.float64)
+    if ranges.shape == (2,):
+        return [tuple(ranges)] * filters
+    if ranges.shape == (filters, 2):
+        return [tuple(r) for r in ranges]
+    raise ValueError(f"value_range must be (low, high) or one per filter, got {ranges.shape}")
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    return ImageFont.load_default(size=size)
+
+
+def _colour_bar(height: int, value_range: tuple[float, float], font) -> Image.Image:
+    """A vertical colour bar, high at the top, with its ends and middle written beside it."""
+    low, high = value_range
+    ramp = np.linspace(1.0, 0.0, height)[:, None].repeat(BAR_PIXELS, axis=1)
+    bar = np.round(colormaps[KERNEL_CMAP](ramp)[..., :3] * 255).astype(np.uint8)
+    fmt = value_format(max(abs(low), abs(high)))
+    labels = [_label(v, fmt) for v in (high, (low + high) / 2, low)]
+    width = BAR_PIXELS + 4 + max(int(font.getlength(t)) for t in labels) + 2
+    out = Image.new("RGB", (width, height), "white")
+    out.paste(Image.fromarray(bar), (0, 0))
+    draw = ImageDraw.Draw(out)
+    for text, y, anchor in zip(labels, (0, height // 2, height), ("lt", "lm", "lb")):
+        draw.text((BAR_PIXELS + 4, y), text, fill="black", font=font, anchor=anchor)
+    return out
+
+
+def kernel_image(
+    kernel: np.ndarray,
+    names: Sequence[str] | None = None,
+    value_range=None,
+    min_pixels: int = 96,
+) -> Image.Image:
+    """A (kh, kw, C, F) kernel as one Pillow picture, for MLflow's per-epoch images.
+
+    Each filter is a tile: its C channel slices side by side (labelled R, G, B in
+    colour) on one colour range, with a colour bar; the tiles of a bank, each
+    labelled with its name from `names`, are laid out in a near-square grid.
+    value_range is one (low, high) for every filter, one per filter, or None for
+    each filter's own ±max|weight|; keep it fixed across epochs so that the
+    pictures compare. Pillow only: cheap enough to call every epoch.
+    """
+    k = as_bank(kernel)
+    kh, kw, channels, filters = k.shape
+    names = filter_names(names, filters)
+    ranges = _filter_ranges(k, value_range)
+    font = _font(LABEL_PIXELS - 3)
+    tiles = []
+    for f in range(filters):
+        slices = [kernel_picture(k[:, :, c, f], ranges[f], min_pixels) for c in range(channels)]
+        h, w = slices[0].shape[:2]
+        bar = _colour_bar(h, ranges[f], font)
+        tile = Image.new("RGB", (channels * (w + GAP) + bar.width, h + LABEL_PIXELS), "white")
+        draw = ImageDraw.Draw(tile)
+        for c, picture in enumerate(slices):
+            tile.paste(Image.fromarray(picture), (c * (w + GAP), LABEL_PIXELS))
+            label = slice_label(names, f, c, channels) if channels > 1 else names[f]
+            if filters > 1 or channels > 1:
+                draw.text((c * (w + GAP), LABEL_PIXELS - 2), label, "black", font, anchor="lb")
+        tile.paste(bar, (channels * (w + GAP), LABEL_PIXELS))
+        tiles.append(tile)
+    columns = max(1, round(math.sqrt(filters / channels)))
+    rows = math.ceil(filters / columns)
+    tw, th = tiles[0].size
+    out = Image.new("RGB", (columns * (tw + GAP) - GAP, rows * (th + GAP) - GAP), "white")
+    for f, tile in enumerate(tiles):
+        out.paste(tile, ((f % columns) * (tw + GAP), (f // columns) * (th + GAP)))
+    return out
 
 
 def value_format(limit: float) -> str:

@@ -28,6 +28,7 @@ MODEL = Path("model")  # train:
 LEARNED_KERNEL = MODEL / "kernel.npy"  #   the final learned kernel
 BIAS = MODEL / "bias.json"  #   the final model's fitted bias
 KERNEL_HISTORY = MODEL / "kernels.npy"  #   (n, kh, kw): snapshots at log-spaced steps
+LSTSQ_KERNEL = MODEL / "lstsq_kernel.npy"  #   the closed-form least-squares kernel
 MODEL_FILE = MODEL / "model.keras"  #   the Keras model, in the filter's padding
 RUN_INFO = MODEL / "run.json"  #   the MLflow run id, for visualize to add to
 METRICS = Path("metrics")  # DVC metrics and plots, kept in git
