@@ -495,7 +495,7 @@ def comparison(
     kh, kw, channels, filters = learned.shape
     names = filter_names(names, filters)
     shown = [("true kernel", true), ("learned kernel", learned)]
-    shown.append(("closed-form least squares", lstsq))
+    shown.append(("closed-form\nleast squares", lstsq))
     shown = [(title, k) for title, k in shown if k is not None]
     if true is not None:
         diffs = [("learned − true", learned - true)]
@@ -508,7 +508,7 @@ def comparison(
     limits = filter_limits(*(k for _, k in shown))
     diff_limits = filter_limits(*(d for _, d in diffs)) if diffs else None
     rows, columns = channels * filters, len(shown) + len(diffs)
-    panel = 3.0 if rows == 1 else float(np.clip(9.0 / rows, 1.2, 2.4))
+    panel = 3.0 if rows == 1 else float(np.clip(9.0 / rows, 1.7, 2.4))
     fig = Figure(figsize=(columns * panel + 2.6, rows * panel + 1.0), layout="constrained")
     axes = fig.subplots(rows, columns, squeeze=False)
     write = max(kh, kw) <= MAX_LABELLED
@@ -523,8 +523,8 @@ def comparison(
             images.append(ax.imshow(kernel, cmap=KERNEL_CMAP, norm=norm, interpolation="nearest"))
             if col >= len(shown):
                 largest = float(np.max(np.abs(kernel)))
-                head = f"{title} (own scale)\n" if row == 0 else ""
-                ax.set_title(f"{head}max |difference| {largest:.1e}", fontsize=9)
+                head = f"{title}\n(own scale)\n" if row == 0 else ""
+                ax.set_title(f"{head}max |Δ| {largest:.1e}", fontsize=9)
             elif row == 0:
                 ax.set_title(title)
             if write:
@@ -549,7 +549,7 @@ def comparison(
     if filters > 1:
         heading += f", a bank of {filters}"
     if rel_error is not None:
-        heading += f": kernel_rel_error ‖w − k‖² / ‖k‖² = {rel_error:.2e}"
+        heading += f"\nkernel_rel_error ‖w − k‖² / ‖k‖² = {rel_error:.2e}"
     if lstsq_rel_error is not None:
         heading += f", closed form {lstsq_rel_error:.2e}"
     if biases is not None and len(biases) <= 4:
