@@ -509,7 +509,7 @@ def comparison(
     diff_limits = filter_limits(*(d for _, d in diffs)) if diffs else None
     rows, columns = channels * filters, len(shown) + len(diffs)
     panel = 3.0 if rows == 1 else float(np.clip(9.0 / rows, 1.7, 2.4))
-    fig = Figure(figsize=(columns * panel + 2.6, rows * panel + 1.0), layout="constrained")
+    fig = Figure(figsize=(columns * panel + 2.6, rows * panel + 1.5), layout="constrained")
     axes = fig.subplots(rows, columns, squeeze=False)
     write = max(kh, kw) <= MAX_LABELLED
     for row in range(rows):
@@ -681,7 +681,7 @@ def sample_strip(
         ax.set_facecolor("#f0f0f0")  # what a 'valid' target does not cover
     for ax in grid[-1]:
         ax.set_xlabel("column (input pixels)")
-    for ax in grid[:, first]:
+    for ax in [grid[0, 0], *grid[1:, first + 1]]:  # the first panel of each row
         ax.set_ylabel("row (input pixels)")
     grid[0, 0].set_xlim(input_extent[:2])  # shared by all panels
     grid[0, 0].set_ylim(input_extent[2:])
