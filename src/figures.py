@@ -882,10 +882,9 @@ def kernel_gallery(kernels: Mapping[str, np.ndarray | str], columns: int = 6) ->
     for r, row in enumerate(placed):
         for ax, (title, k, limit) in zip(axes[r], row):
             if isinstance(k, str):
-                ax.text(0.5, 0.5, k, ha="center", va="center", wrap=True, color="0.3")
+                ax.text(0.5, 0.5, k, ha="center", va="center", fontsize=9, color="0.3")
                 ax.set_title(title, fontsize=10)
-                ax.set_xticks([])
-                ax.set_yticks([])
+                ax.set_axis_off()
                 continue
             norm = Normalize(-limit, limit)
             image = ax.imshow(k, cmap=KERNEL_CMAP, norm=norm, interpolation="nearest")
