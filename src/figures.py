@@ -122,6 +122,15 @@ def filter_limits(*kernels: np.ndarray | None) -> np.ndarray:
     )
 
 
+def kernel_ranges(*kernels: np.ndarray | None) -> list[tuple[float, float]] | None:
+    """One fixed (−m, m) per filter for kernel_image, m = max |weight| of that filter over
+    the given kernels (the true one, else the closed-form one); None if every kernel is
+    None, and then each picture takes its own range."""
+    if all(k is None for k in kernels):
+        return None
+    return [(-m, m) for m in filter_limits(*kernels)]
+
+
 def _filter_ranges(kernel: np.ndarray, value_range) -> list[tuple[float, float]]:
     """One (low, high) per filter from kernel_image's value_range argument."""
     filters = kernel.shape[3]

@@ -595,3 +595,12 @@ def test_gallery_shows_colour_kernels_per_channel_and_marks_the_non_linear():
     red_panels = [ax for ax in panels(fig) if ax.get_title().startswith("red")]
     assert len({image(ax).get_clim() for ax in red_panels}) == 1  # one range
     assert_fits(fig)
+
+
+def test_kernel_ranges_per_filter_from_the_reference():
+    bank = np.stack([SOBEL, 0.5 * SOBEL], -1)[:, :, None, :]
+    assert figures.kernel_ranges(bank) == [(-2.0, 2.0), (-1.0, 1.0)]
+    assert figures.kernel_ranges(None, 2 * bank) == [(-4.0, 4.0), (-2.0, 2.0)]
+    assert figures.kernel_ranges(None) is None  # no reference: each picture its own
+    picture = figures.kernel_image(bank, ["a", "b"], figures.kernel_ranges(bank))
+    assert picture.width > figures.kernel_image(bank[..., :1], ["a"]).width
