@@ -603,4 +603,4 @@ def test_kernel_ranges_per_filter_from_the_reference():
     assert figures.kernel_ranges(None, 2 * bank) == [(-4.0, 4.0), (-2.0, 2.0)]
     assert figures.kernel_ranges(None) is None  # no reference: each picture its own
     picture = figures.kernel_image(bank, ["a", "b"], figures.kernel_ranges(bank))
-    assert picture.width > figures.kernel_image(bank[..., :1], ["a"]).width
+    assert picture.height > 2 * figures.kernel_image(bank[..., :1], ["a"]).height - 1
