@@ -287,9 +287,7 @@ def read_learned_layer() -> tuple[np.ndarray, list[float]]:
         if not np.all(np.isfinite(bias)):
             raise ValueError("not finite")
     except (ValueError, TypeError, KeyError):
-        raise UserError(
-            f"{paths.BIAS} holds no finite bias per filter; {_rerun('train')}"
-        ) from None
+        raise UserError(f"{paths.BIAS} holds no finite bias; {_rerun('train')}") from None
     return kernel, [float(b) for b in bias]
 
 
