@@ -484,6 +484,7 @@ def comparison(
     rel_error: float | None = None,
     lstsq_rel_error: float | None = None,
     biases: Sequence[float] | None = None,
+    filter_errors: Mapping[str, float] | None = None,
 ) -> Figure:
     """True | learned | closed-form least squares, then their differences from the truth.
 
@@ -493,7 +494,8 @@ def comparison(
     on that range would be blank: they get their own symmetric range and colour bar.
     With no true kernel (a non-linear filter) the learned kernel is set beside the
     closed-form one, and the difference is learned − closed form. Kernels up to 5×5
-    have their values written in.
+    have their values written in. filter_errors (a bank's kernel_rel_error/<name>, by
+    name) label each filter's first row.
     """
     learned = as_bank(learned_kernel)
     true = None if true_kernel is None else as_bank(true_kernel)
@@ -546,7 +548,11 @@ def comparison(
                 ax.set_xticks([])
                 ax.set_yticks([])
         if rows > 1:
-            axes[row, 0].set_ylabel(slice_label(names, f, c, channels))
+            label = slice_label(names, f, c, channels)
+            error = (filter_errors or {}).get(names[f]) if filters > 1 and c == 0 else None
+            if error is not None:
+                label += f"\nkernel_rel_error {error:.1e}"
+            axes[row, 0].set_ylabel(label)
         fig.colorbar(images[0], ax=list(axes[row, : len(shown)]), shrink=0.8, label="weight")
         if diffs:
             fig.colorbar(

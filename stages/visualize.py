@@ -215,6 +215,7 @@ def main() -> None:
                     rel_error if true_kernel is not None else None,
                     final.get("lstsq_kernel_rel_error") if true_kernel is not None else None,
                     t["biases"],
+                    {name: final.get(f"kernel_rel_error/{name}") for name in t["names"]},
                 ),
                 "sample.png": figures.sample_strip(
                     image,

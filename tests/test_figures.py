@@ -233,14 +233,15 @@ def test_no_true_kernel_shows_learned_and_closed_form_on_their_own_range():
 def test_a_colour_bank_has_a_row_per_filter_and_channel():
     red = np.stack([np.full((3, 3), 1.5), np.full((3, 3), -1.5), np.full((3, 3), -1.5)], -1)
     bank = np.stack([red, red[..., ::-1]], -1)  # (3, 3, 3, 2)
-    fig = figures.comparison(bank * 1.01, bank, names=["red", "blue"])
+    errors = {"red": 1e-4, "blue": 2e-4}
+    fig = figures.comparison(bank * 1.01, bank, names=["red", "blue"], filter_errors=errors)
     axes = panels(fig)
     assert len(axes) == 6 * 3  # (2 filters × 3 channels) rows of true | learned | difference
     assert [axes[3 * r].get_ylabel() for r in range(6)] == [
-        "red R",
+        "red R\nkernel_rel_error 1.0e-04",
         "red G",
         "red B",
-        "blue R",
+        "blue R\nkernel_rel_error 2.0e-04",
         "blue G",
         "blue B",
     ]

@@ -221,6 +221,10 @@ def write_training_outputs(
             kernel_rel_error=float(steps.kernel_rel_error.iloc[-1]),
             lstsq_kernel_rel_error=1e-9,
         )
+        if filters > 1:
+            final.update(
+                {f"kernel_rel_error/{n}": float(per_filter[-1, f]) for f, n in enumerate(names)}
+            )
 
     client = MlflowClient(paths.tracking_uri())
     experiment = client.get_experiment_by_name(EXPERIMENT)
