@@ -27,14 +27,27 @@ from docs import mlflow_ui, plots_page  # noqa: E402
 from src import config, figures, kernels  # noqa: E402
 
 FIGURES = ("convergence.gif", "comparison.png", "sample.png", "curves.png")
+# filters a linear layer cannot be: they have no true kernel to draw
+NON_LINEAR = ("median", "max", "min", "abs_sobel_x", "gradient_magnitude")
 ORIGINAL = ["-S", "train.recipe=original", "-S", "train.max_steps=2000"]  # the seed's training
 
 
 def gallery() -> None:
+    """docs/kernels.png: every built-in kernel; a colour one per channel (R, G, B), and
+    the non-linear filters, which have no kernel, marked as such."""
     settings = config.KernelSettings()  # the defaults of params.yaml
-    shown = {name: kernels.make(name, settings) for name in kernels.NAMES}
+    shown = {}
+    for name in kernels.NAMES:
+        kernel = None if name in NON_LINEAR else kernels.make(name, settings)
+        shown[name] = kernel if kernel is not None else no_kernel(name, settings)
     shown["gaussian cov"] = kernels.gaussian(30, covariance=[[25, 12.5], [12.5, 25]])
     figures.kernel_gallery(shown).savefig(DOCS / "kernels.png", dpi=90)
+
+
+def no_kernel(name: str, settings) -> str:
+    """The gallery's note for a filter with no kernel, with the size the layer learns."""
+    size = getattr(getattr(settings, name, None), "size", 5 if name == "median" else 3)
+    return f"non-linear:\nno kernel\n\nthe layer learns\nits best linear\n{size}×{size} kernel"
 
 
 def pipeline_figures() -> None:

@@ -75,7 +75,7 @@ INPUTS = {
         paths.RUN_INFO,
         paths.HISTORY,
         paths.STEPS,
-        paths.FILTER_INFO,
+        paths.FILTER_INFO,  # not paths.KERNEL: a non-linear filter has no true kernel
         paths.TARGETS,
         paths.GRAY_IMAGES,
         paths.GRAY_INDEX,
@@ -195,6 +195,12 @@ class FilterInfo:
     noise_std: float
     images: int
     target_shape: tuple[int, int]
+    names: tuple[str, ...] = ()  # one per filter; () in a filter.json from before banks
+    channels: int = 1
+    filters: int = 1
+    activation: str = "linear"
+    linear: bool = True  # a true kernel exists
+    rescale: int = 1
 
 
 def write_filter_outputs(folder: Path, kernel: np.ndarray | None, info: FilterInfo) -> None:
@@ -208,7 +214,7 @@ def write_filter_outputs(folder: Path, kernel: np.ndarray | None, info: FilterIn
     (folder / paths.FILTER_INFO.name).write_text(json.dumps(asdict(info), indent=2) + "\n")
 
 
-def _load_kernels(path: Path, ndim: int, stage: str) -> np.ndarray:
+def _load_kernels(path: Path, ndim: int | tuple[int, ...], stage: str) -> np.ndarray:
     """A kernel .npy a stage wrote, as float64; a damaged one names the stage to rerun."""
     if not path.is_file():
         raise _missing(path)
@@ -216,9 +222,15 @@ def _load_kernels(path: Path, ndim: int, stage: str) -> np.ndarray:
         kernel = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError):
         kernel = None
-    if kernel is None or kernel.ndim != ndim or not np.all(np.isfinite(kernel)):
-        raise UserError(f"{path} is not a finite {ndim}-D kernel array; {_rerun(stage)}")
+    allowed = (ndim,) if isinstance(ndim, int) else ndim
+    if kernel is None or kernel.ndim not in allowed or not np.all(np.isfinite(kernel)):
+        raise UserError(f"{path} is not a finite {allowed[-1]}-D kernel array; {_rerun(stage)}")
     return kernel.astype(np.float64)
+
+
+def _as_bank(kernel: np.ndarray) -> np.ndarray:
+    """A kernel file from before colour and banks, (kh, kw), as (kh, kw, 1, 1)."""
+    return kernel[:, :, None, None] if kernel.ndim == 2 else kernel
 
 
 def read_true_kernel() -> np.ndarray | None:
@@ -310,24 +322,35 @@ def read_run() -> dict:
     return run
 
 
-def read_learned_layer() -> tuple[np.ndarray, float]:
-    """The final model's (kernel, bias): its kernel as float64, in Conv2D orientation
-    like the true kernel, so filtering.predict reproduces the model without Keras."""
-    kernel = _load_kernels(paths.LEARNED_KERNEL, 2, "train")
+def read_learned_layer() -> tuple[np.ndarray, list[float]]:
+    """The final model's (kernel, biases): its (kh, kw, C, F) kernel as float64, in Conv2D
+    orientation like the true kernel, and one bias per filter, so that the layer's output
+    can be reproduced without Keras."""
+    kernel = _as_bank(_load_kernels(paths.LEARNED_KERNEL, (2, 4), "train"))
     if not paths.BIAS.is_file():
         raise _missing(paths.BIAS)
     try:
-        bias = json.loads(paths.BIAS.read_text())["bias"]
-        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not np.isfinite(bias):
-            raise ValueError("not a finite number")
+        bias = np.atleast_1d(json.loads(paths.BIAS.read_text())["bias"])
+        if bias.dtype.kind not in "iuf" or bias.shape != kernel.shape[3:]:
+            raise ValueError("not one number per filter")
+        if not np.all(np.isfinite(bias)):
+            raise ValueError("not finite")
     except (ValueError, TypeError, KeyError):
         raise UserError(f"{paths.BIAS} holds no finite bias; {_rerun('train')}") from None
-    return kernel, float(bias)
+    return kernel, [float(b) for b in bias]
+
+
+def read_lstsq_kernel() -> np.ndarray | None:
+    """The closed-form least-squares (kh, kw, C, F) kernel, or None if training wrote none."""
+    if not paths.LSTSQ_KERNEL.is_file():
+        return None
+    return _load_kernels(paths.LSTSQ_KERNEL, 4, "train")
 
 
 def read_kernel_snapshots() -> np.ndarray:
-    """The (n, kh, kw) kernel snapshots, one per row of metrics/steps.csv, as float64."""
-    return _load_kernels(paths.KERNEL_HISTORY, 3, "train")
+    """The (n, kh, kw, C, F) kernel snapshots, one per row of metrics/steps.csv, as float64."""
+    snapshots = _load_kernels(paths.KERNEL_HISTORY, (3, 5), "train")
+    return snapshots[..., None, None] if snapshots.ndim == 3 else snapshots
 
 
 def _table_columns(table: pd.DataFrame, base: list[str]) -> list[str]:
@@ -367,10 +390,9 @@ def _read_metrics_table(path: Path, columns: list[str]) -> pd.DataFrame:
 
 
 def read_history() -> pd.DataFrame:
-    """metrics/history.csv: one row per epoch, at least the columns of HISTORY_COLUMNS."""
-    return _read_metrics_table(
-        paths.HISTORY, [c for c in HISTORY_COLUMNS if c not in OPTIONAL_HISTORY_COLUMNS]
-    )
+    """metrics/history.csv: one row per epoch, at least epoch and loss; the kernel columns
+    are absent for a filter with no true kernel."""
+    return _read_metrics_table(paths.HISTORY, ["epoch", "loss"])
 
 
 def write_steps(steps: pd.DataFrame) -> None:
@@ -388,7 +410,7 @@ def write_steps(steps: pd.DataFrame) -> None:
 def read_steps() -> pd.DataFrame:
     """metrics/steps.csv: step, epoch, kernel_mse, kernel_rel_error per kernel snapshot,
     the steps whole numbers rising from 0 or more."""
-    steps = _read_metrics_table(paths.STEPS, STEPS_COLUMNS)
+    steps = _read_metrics_table(paths.STEPS, ["step", "epoch"])  # kernel columns may be absent
     counts = steps[["step", "epoch"]].apply(pd.to_numeric, errors="coerce").to_numpy(float)
     whole = np.all(counts >= 0) and np.all(counts == np.round(counts))
     if not (whole and np.all(np.diff(counts[:, 0]) > 0)):
@@ -401,6 +423,16 @@ def read_steps() -> pd.DataFrame:
 
 def write_train_metrics(metrics: dict) -> None:
     write_json(paths.TRAIN_METRICS, metrics)
+
+
+def read_train_metrics() -> dict:
+    """metrics/train.json, the run's once-per-run numbers; {} if it is missing or damaged
+    (it only adds reference lines to the figures)."""
+    try:
+        doc = json.loads(paths.TRAIN_METRICS.read_text())
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
 
 
 def write_grayscale_metrics(metrics: dict) -> None:
