@@ -101,9 +101,11 @@ def main() -> None:
         with tracking.training_run(params) as run_id:
             tracking.log_datasets(params, index, run_id)
             model_id = tracking.start_model(run_id)
-            value_range = figures.symmetric_range(
-                true_kernel if true_kernel is not None else np.zeros(1)
-            )
+            # one fixed colour range per filter, from the true kernel, else the closed form
+            reference = true_kernel
+            if reference is None and closed is not None:
+                reference = closed.result().kernel
+            value_range = figures.kernel_ranges(reference)
             snapshots = training.KernelSnapshots(params.train.max_steps)
             logger = _mlflow_logger(
                 keras, tracking, run_id, model_id, snapshots, true_kernel, value_range, names
