@@ -24,26 +24,27 @@ from src.errors import run_stage  # noqa: E402
 
 log = logging.getLogger("train")
 
-EXAMPLE_MARGIN = 16  # the input example is the kernel's size plus this many pixels a side
-
 
 class LogToMlflow(keras.callbacks.Callback):
     """Each epoch's metrics at step = epoch (step 0: the initial kernel's error), and the
     kernel snapshots taken since the last epoch, picture and error, at step = optimizer
     step: the image slider and the per-step error curve move from the first step."""
 
-    def __init__(self, run_id, model_id, snapshots, true_kernel, value_range):
+    def __init__(self, run_id, model_id, snapshots, true_kernel, value_range, names):
         super().__init__()
         self.run_id, self.model_id, self.snapshots = run_id, model_id, snapshots
-        self.true_kernel, self.value_range = true_kernel, value_range
+        self.true_kernel, self.value_range, self.names = true_kernel, value_range, names
 
     def _log_snapshots(self):
         taken = [(step, kernel) for step, _, kernel in self.snapshots.taken()]
-        tracking.log_snapshots(self.run_id, taken, self.true_kernel, self.value_range)
+        tracking.log_snapshots(self.run_id, taken, self.true_kernel, self.value_range, self.names)
 
     def on_train_begin(self, logs=None):
-        mse, rel = kernels.errors(layers.learned_kernel(self.model), self.true_kernel)
-        tracking.log_epoch(self.run_id, 0, {"kernel_mse": mse, "kernel_rel_error": rel})
+        start = {"steps": 0, "elapsed_s": 0.0}  # step 0: before training
+        if self.true_kernel is not None:
+            learned = layers.learned_kernel(self.model)
+            start |= tracking.kernel_errors(learned, self.true_kernel, self.names)
+        tracking.log_epoch(self.run_id, 0, start)
         self._log_snapshots()
 
     def on_epoch_end(self, epoch, logs=None):
@@ -82,20 +83,12 @@ def not_converged_hint(cfg: config.TrainConfig, newton_step: float) -> str:
     )
 
 
-def example_input(images, split: np.ndarray, kernel_shape: tuple[int, int]) -> np.ndarray:
-    """A small corner of the first held-out image, (1, side, side, 1), for the MLflow model:
-    big enough for a 'valid' output, small enough to keep as JSON."""
-    rows = np.flatnonzero(split == "val")
-    row = int(rows[0]) if len(rows) else 0
-    side = min(images.shape[1], max(kernel_shape) + EXAMPLE_MARGIN)
-    return images[row, :side, :side][None, :, :, None]
-
-
 def main() -> None:
     params = config.load()
     stage_files.require_inputs("train")
     true_kernel = stage_files.read_true_kernel()
     index = stage_files.read_index()
+    info = stage_files.read_filter_info()
     split = index["split"].to_numpy()
     with (
         tracking.training_run(params) as run_id,  # before the data: a bad store fails at once
@@ -103,16 +96,17 @@ def main() -> None:
         stage_files.open_targets() as targets,
     ):
         tracking.log_datasets(params, index, run_id)
-        model_id = tracking.start_model(run_id)
+        names = getattr(info, "names", None) or [params.kernel]  # one per filter
+        model_id = tracking.start_model(run_id, params, names)
         value_range = figures.symmetric_range(true_kernel)
         snapshots = training.KernelSnapshots(params.train.max_steps)
-        logger = LogToMlflow(run_id, model_id, snapshots, true_kernel, value_range)
+        logger = LogToMlflow(run_id, model_id, snapshots, true_kernel, value_range, names)
         model, fit = training.train(
             images,
             targets,
             true_kernel,
             split,
-            stage_files.read_filter_info().padding,  # as the targets were made
+            info.padding,  # as the targets were made
             params.train,
             params.seed,
             callbacks=[snapshots, logger],
@@ -120,7 +114,6 @@ def main() -> None:
         history = pd.DataFrame(fit.history).assign(epoch=np.array(fit.epoch) + 1)
         last = history.iloc[-1]
         converged = bool(last.converged)
-        tracking.set_converged(run_id, converged)
 
         with atomic_dir(paths.MODEL) as out:
             stage_files.write_model(
@@ -133,6 +126,7 @@ def main() -> None:
                     "run_id": run_id,
                     "tracking_uri": paths.tracking_uri(),
                     "experiment": params.mlflow.experiment,
+                    "model_uri": f"models:/{model_id}",  # mlflow.pyfunc.load_model(...)
                 },
             )
         stage_files.write_history(history.drop(columns=["converged"]))
@@ -150,14 +144,16 @@ def main() -> None:
         if "val_loss" in history:  # absent with no held-out images: left out, not NaN
             metrics["val_loss"] = last.val_loss
         stage_files.write_train_metrics(metrics)
+        tracking.log_outcome(run_id, metrics, model_id)
         tracking.log_final(
             run_id,
             true_kernel=true_kernel,
             learned_kernel=snapshots.kernels[-1],
             value_range=value_range,
+            names=names,
         )
-        example = example_input(images, split, true_kernel.shape)
-        tracking.log_model(model, example, model_id, params, float(last.kernel_rel_error))
+        description = tracking.model_description(model, names, metrics)
+        tracking.log_model(model, model_id, step=int(last.epoch), description=description)
         log.info(
             "kernel_rel_error %.3e after %d steps (%d epoch%s) in %.1f s, %s",
             last.kernel_rel_error,
@@ -169,6 +165,7 @@ def main() -> None:
         )
         if not converged:
             log.warning(not_converged_hint(params.train.effective(), last.newton_step))
+    tracking.register_model(model_id, params, metrics)  # after the run has ended FINISHED
 
 
 if __name__ == "__main__":
