@@ -9,8 +9,9 @@ whole input array, over many lines. The signature is saved as MLflow saves a typ
 model's (is_signature_from_type_hint), so MLflow leaves that check to
 LearnedFilter.predict; the model page shows the same signature. Keras's own predict
 prints a progress bar on stdout, which `mlflow models predict -t json` shares with the
-JSON: LearnedFilter predicts with verbose=0. This module and the few it imports travel
-with the model (CODE), so it loads where only MLflow and our requirements are installed.
+JSON: LearnedFilter predicts with verbose=0. src/ travels with the model (whole: loading
+the model puts its copy first on sys.path, and a process that imports src afterwards gets
+that copy), so it loads where only MLflow and our requirements are installed.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import numpy as np
 from mlflow.exceptions import INVALID_PARAMETER_VALUE, MlflowException
 
 LOADER = "src.serving"  # the pyfunc loader_module: _load_pyfunc below
-CODE = ("__init__.py", "layers.py", "padding.py", "serving.py")  # src/ files the model needs
 BATCH = 8  # images per Keras predict batch
 
 
@@ -100,9 +100,7 @@ def save_model(keras_model, path: Path, mlflow_model, signature, pip_requirement
 
     signature._is_signature_from_type_hint = True  # LearnedFilter checks the input
     code = Path(path).parent / "code" / "src"
-    code.mkdir(parents=True)
-    for name in CODE:
-        shutil.copy(Path(__file__).with_name(name), code / name)
+    shutil.copytree(Path(__file__).parent, code, ignore=shutil.ignore_patterns("__pycache__"))
     mlflow.tensorflow.save_model(
         keras_model,
         path,

@@ -476,11 +476,16 @@ def _error_like(key: str) -> bool:
     return base in LOG10_METRICS
 
 
+def _key(key: str) -> str:
+    """A metric or image key as MLflow allows it (a file: kernel's name may hold more)."""
+    return re.sub(r"[^\w.\- /]", "_", key)
+
+
 def _with_log10(values: dict[str, float]) -> dict[str, float]:
     """The numbers among `values`, and log10_<key> of each error-like one (left out where
     the value is 0 or less: log10 is -inf there). Outcome tags and text are not metrics."""
     numbers = {
-        k: float(v)
+        _key(k): float(v)
         for k, v in values.items()
         if k not in OUTCOME_TAGS
         and isinstance(v, (int, float, np.number))
@@ -531,6 +536,15 @@ def log_epoch(
         client.log_batch(run_id, metrics=batch)
 
 
+def _outcome_tags(summary: dict) -> dict[str, str]:
+    """converged, stop_reason, identifiable as tag text: true/false for the flags."""
+    return {
+        k: str(bool(v)).lower() if isinstance(v, (bool, np.bool_)) else str(v)
+        for k, v in summary.items()
+        if k in OUTCOME_TAGS
+    }
+
+
 def log_outcome(run_id: str, summary: dict, model_id: str | None = None) -> None:
     """What the run ended as (metrics/train.json's dict): converged, stop_reason and
     identifiable as tags; the once-per-run numbers (epochs, train_seconds, lstsq_*, ...:
@@ -542,8 +556,7 @@ def log_outcome(run_id: str, summary: dict, model_id: str | None = None) -> None
     also the model's.
     """
     client = MlflowClient()
-    tags = {k: str(summary[k]).lower() if isinstance(summary[k], bool) else str(summary[k])
-            for k in OUTCOME_TAGS if k in summary}  # fmt: skip
+    tags = _outcome_tags(summary)
     with interrupts.uninterrupted():
         logged = set(client.get_run(run_id).data.metrics)
         once = {k: v for k, v in summary.items() if k not in logged}
@@ -581,7 +594,7 @@ def filter_picture(kernel: np.ndarray, value_range: tuple[float, float]) -> np.n
 def _per_filter(key: str, names: Sequence[str]) -> list[str]:
     """The key of each filter: `key` for one filter, `key/<name>` in a bank (MLflow's
     chart view groups keys by what comes before the '/')."""
-    return [key] if len(names) == 1 else [f"{key}/{name}" for name in names]
+    return [key] if len(names) == 1 else [_key(f"{key}/{name}") for name in names]
 
 
 def _names(bank: np.ndarray, names: Sequence[str] | None) -> list[str]:
@@ -786,7 +799,7 @@ def log_model(model, model_id: str, *, step: int, description: str = ""):
     """Save the Keras `model` as the MLflow Model `model_id` and return its ModelInfo.
 
     TensorFlow/Keras flavour, served by src.serving (silent, one-line input errors),
-    with src/serving.CODE as its code, so it loads where only MLflow and our
+    with src/ as its code, so it loads where only MLflow and our
     requirements are installed (FFTConv2D is registered by src.layers). The signature is
     given, not inferred from an input example that MLflow would run the model on: float32
     (-1, -1, -1, C) in, (-1, -1, -1, F) out. `step` is the last epoch, where the model is
@@ -849,7 +862,7 @@ def _register_error(uri: str, name: str, model_id: str, exc: MlflowException) ->
     )
 
 
-def register_model(model_id: str, params: config.Params, summary: dict) -> str | None:
+def register_model(model_id: str, params: config.Params, summary: dict) -> int | None:
     """With mlflow.registered_model set, make the model a new version of that registered
     model, tagged with its kernel, error and outcome, and return the version.
 
@@ -871,7 +884,7 @@ def register_model(model_id: str, params: config.Params, summary: dict) -> str |
             summary.get("stop_reason", "max_steps"),
         )
         return None
-    tags = {k: str(summary[k]).lower() for k in OUTCOME_TAGS if k in summary}
+    tags = _outcome_tags(summary)
     tags["kernel"] = str(params.kernel)
     if summary.get("kernel_rel_error") is not None:
         tags["kernel_rel_error"] = f"{summary['kernel_rel_error']:.3e}"
@@ -889,4 +902,4 @@ def register_model(model_id: str, params: config.Params, summary: dict) -> str |
     except MlflowException as exc:
         raise _register_error(uri, name, model_id, exc) from None
     log.info("registered as version %s of MLflow model %r", registered.version, name)
-    return registered.version
+    return int(registered.version)
