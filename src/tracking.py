@@ -2,12 +2,14 @@
 
     with tracking.training_run(params) as run_id:     # fails fast if the store is unusable
         tracking.log_datasets(params, index, run_id)
-        model_id = tracking.start_model(run_id)
+        model_id = tracking.start_model(run_id, params, names)   # named <kernel>-filter
         for epoch in ...:                              # a Keras callback in stages/train.py
-            tracking.log_epoch(run_id, epoch, {"loss": ...})
-            tracking.log_snapshots(run_id, [(step, kernel), ...], true_kernel, value_range)
-        tracking.log_final(run_id, true_kernel=..., learned_kernel=...)
-        tracking.log_model(model, example, model_id, params, kernel_rel_error)
+            tracking.log_epoch(run_id, epoch, logs)    # the last epoch: with model_id
+            tracking.log_snapshots(run_id, [(step, kernel), ...], true_kernel, value_range, names)
+        tracking.log_outcome(run_id, summary, model_id)   # tags; once-per-run numbers
+        tracking.log_final(run_id, true_kernel=..., learned_kernel=..., names=names)
+        tracking.log_model(model, model_id, step=epochs, description=...)
+    tracking.register_model(model_id, params, summary)   # after the run has ended
 
     with tracking.resume_run(run_id):                  # visualize: same run, no second one
         mlflow.log_artifacts("figures", artifact_path="figures")
