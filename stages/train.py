@@ -40,7 +40,8 @@ class LogToMlflow(keras.callbacks.Callback):
         tracking.log_snapshots(self.run_id, taken, self.true_kernel, self.value_range, self.names)
 
     def on_train_begin(self, logs=None):
-        start = {"steps": 0, "elapsed_s": 0.0}  # step 0: before training
+        rate = float(np.asarray(self.model.optimizer.learning_rate))
+        start = {"steps": 0, "elapsed_s": 0.0, "learning_rate": rate}  # step 0: before training
         if self.true_kernel is not None:
             learned = layers.learned_kernel(self.model)
             start |= tracking.kernel_errors(learned, self.true_kernel, self.names)

@@ -322,3 +322,20 @@ def test_an_input_the_model_cant_take_is_one_clear_line(colour_bank, shape, says
     assert "\n" not in message and error.value.error_code == "INVALID_PARAMETER_VALUE"
     assert message.startswith("this model takes a batch of float32 images shaped (N, H, W, 3)")
     assert "H >= 5, W >= 5" in message and "(N, H', W', 2)" in message and says in message
+
+
+def test_no_chart_is_a_single_dot_and_the_outcome_is_tags(trained):
+    """Issue 21, item 3: converged, elapsed_s and kernel_change were one dot at step 1.
+    MLflow draws a metric whose points are all at step 0 as a bar per run; any other
+    has a line of at least two points."""
+    ws, client, run = trained
+    dots = {}
+    for key in run.data.metrics:
+        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
+        if steps != [0] and len(steps) < 2:
+            dots[key] = steps
+    assert dots == {}
+    for key in ("epochs", "train_seconds"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [0]
+    assert run.data.tags["converged"] == "true" and "converged" not in run.data.metrics
+    assert "log10_newton_step" in run.data.metrics
