@@ -9,6 +9,7 @@ traceback.
 from __future__ import annotations
 
 import difflib
+import posixpath
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
@@ -329,20 +330,33 @@ class TrainConfig(Section):
         return self.crop if 0 < self.crop < image_size else image_size
 
 
+# MLflow keeps registered model names in a 256-character column (PostgreSQL enforces it)
+REGISTERED_NAME_MAX = 256
+
+
 class MlflowConfig(Section):
     experiment: str = Field("learn-linear-filter", min_length=1)
-    registered_model: str = ""  # empty: off; else each run registers a new version of it
+    registered_model: str = ""  # empty: off; else each converged run registers a new version
+    register_unconverged: bool = False  # true: runs that did not converge register too
 
     @field_validator("registered_model")
     @classmethod
     def _a_model_name(cls, name: str) -> str:
+        # MLflow's own rules (mlflow.utils.validation._validate_model_name), checked here:
         # MLflow refuses these only after training, when the run is already spent
+        if not name:
+            return name
+        shown = repr(name) if len(name) <= 40 else f"{name[:37]!r}..."
+        norm = posixpath.normpath(name)
         if name != name.strip() or "/" in name or ":" in name:
-            raise ValueError(
-                "mlflow.registered_model must be a name without '/', ':' or surrounding "
-                f"spaces, or empty; got {name!r}"
-            )
-        return name
+            problem = "a name without '/', ':' or surrounding spaces, or empty"
+        elif norm != name or norm == "." or norm.startswith(("..", "/")):
+            problem = "a name that MLflow does not read as a path, or empty"
+        elif len(name) > REGISTERED_NAME_MAX:
+            problem = f"at most {REGISTERED_NAME_MAX} characters (MLflow's limit), not {len(name)}"
+        else:
+            return name
+        raise ValueError(f"mlflow.registered_model must be {problem}; got {shown}")
 
 
 def _kernel_names(value: Any) -> tuple[str, ...]:

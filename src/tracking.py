@@ -2,12 +2,14 @@
 
     with tracking.training_run(params) as run_id:     # fails fast if the store is unusable
         tracking.log_datasets(params, index, run_id)
-        model_id = tracking.start_model(run_id)
+        model_id = tracking.start_model(run_id, params, names)   # named <kernel>-filter
         for epoch in ...:                              # a Keras callback in stages/train.py
-            tracking.log_epoch(run_id, epoch, {"loss": ...})
-            tracking.log_snapshots(run_id, [(step, kernel), ...], true_kernel, value_range)
-        tracking.log_final(run_id, true_kernel=..., learned_kernel=...)
-        tracking.log_model(model, example, model_id, params, kernel_rel_error)
+            tracking.log_epoch(run_id, epoch, logs)    # the last epoch: with model_id
+            tracking.log_snapshots(run_id, [(step, kernel), ...], true_kernel, value_range, names)
+        tracking.log_outcome(run_id, summary, model_id)   # tags; once-per-run numbers
+        tracking.log_final(run_id, true_kernel=..., learned_kernel=..., names=names)
+        tracking.log_model(model, model_id, step=epochs, description=...)
+    tracking.register_model(model_id, params, summary)   # after the run has ended
 
     with tracking.resume_run(run_id):                  # visualize: same run, no second one
         mlflow.log_artifacts("figures", artifact_path="figures")
@@ -26,7 +28,6 @@ that MLflow does not do by itself:
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import math
 import os
@@ -44,7 +45,15 @@ import pandas as pd
 import sqlalchemy
 from filelock import FileLock, Timeout
 from mlflow import MlflowClient
-from mlflow.entities import DatasetInput, InputTag, LoggedModelStatus, Metric, Param
+from mlflow.entities import (
+    DatasetInput,
+    InputTag,
+    LoggedModelOutput,
+    LoggedModelStatus,
+    Metric,
+    Param,
+    RunTag,
+)
 from mlflow.exceptions import MlflowException, RestException
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT as DATASET_CONTEXT
 
@@ -61,9 +70,26 @@ EXPS_COPY = f"{os.sep}.dvc{os.sep}tmp{os.sep}exps{os.sep}"
 # (traces, judges). MLflow 3.17's UI still starts a fresh browser on its GenAI view: its
 # switch is kept per browser (the README says so).
 KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
-# Errors span 1e-1 to 1e-17, and MLflow's charts are linear by default: these metrics
-# are also logged as log10_<name>, which the default charts separate.
-LOG10_METRICS = ("kernel_rel_error", "kernel_mse", "loss", "val_loss")
+# Errors span 1e-1 to 1e-17, and MLflow's charts are linear by default: every error-like
+# metric (these, their per-filter `<name>/<filter>`, `_by_step` and `lstsq_` forms) is also
+# logged as log10_<key>, which the default charts separate.
+LOG10_METRICS = (
+    "kernel_rel_error",
+    "kernel_mse",
+    "loss",
+    "val_loss",
+    "crop_loss",
+    "newton_step",
+    "standard_error",
+    "kernel_change",
+)
+# What a run ended as: tags (filters in the runs table: tags.converged = 'false'), not
+# metrics, which would be single dots in the chart view.
+OUTCOME_TAGS = ("converged", "stop_reason", "identifiable")
+# The final metrics linked to the model carry the dataset they were measured on (the
+# model page's "Datasets used" is read from them).
+DATASET_OF = {"loss": "training", "crop_loss": "training", "val_loss": "validation"}
+DATASET_OF |= {"explained_variance": "validation", "standard_error": "validation"}
 
 
 # --- what a run records about itself --------------------------------------------
@@ -96,11 +122,17 @@ def run_tags(params: config.Params) -> dict[str, str]:
 def run_params(params: config.Params) -> dict[str, str]:
     """The params that apply to this run, flattened to dotted keys, as MLflow's strings.
 
-    Settings the run never reads are left out (the Gaussian's on a smiley run, the
-    MIT archive's pin on synthetic data, where MLflow logs to); the whole
+    train.* are the settings training used (TrainConfig.effective), with train.recipe.
+    Settings the run never reads are left out (the Gaussian's on a smiley run, the MIT
+    archive's pin on synthetic data, where MLflow logs to, K-FAC with Adam); the whole
     params.yaml is logged as an artifact beside them, so nothing is lost.
     """
     doc = params.model_dump(mode="json")
+    # what training used: the recipe's settings, not the keys it overrides (the recipe
+    # itself stays, as train.recipe); K-FAC preconditions SGD only
+    doc["train"] = params.train.effective().model_dump(mode="json")
+    if doc["train"].get("optimizer") == "adam":
+        doc["train"].pop("precondition", None)
     data = doc["data"]
     if params.data.source != "synthetic":
         data.pop("count")
@@ -137,16 +169,12 @@ def _is_server(uri: str) -> bool:
 
 
 @contextlib.contextmanager
-def _one_quick_try(uri: str) -> Iterator[None]:
-    """For a server, one HTTP try with a short timeout: MLflow's default retries take
-    minutes to give up. MLflow's own auth and TLS settings still apply."""
+def _http_settings(uri: str, knobs: dict[str, str]) -> Iterator[None]:
+    """MLflow's HTTP client settings (MLFLOW_HTTP_REQUEST_*) for the requests inside, for
+    a server; MLflow's own auth and TLS settings still apply."""
     if not _is_server(uri):
         yield
         return
-    knobs = {
-        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
-        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(PROBE_TIMEOUT),
-    }
     saved = {name: os.environ.get(name) for name in knobs}
     os.environ.update(knobs)
     try:
@@ -157,6 +185,16 @@ def _one_quick_try(uri: str) -> Iterator[None]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+def _one_quick_try(uri: str) -> contextlib.AbstractContextManager:
+    """For a server, one HTTP try with a short timeout: MLflow's default retries take
+    minutes to give up."""
+    knobs = {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(PROBE_TIMEOUT),
+    }
+    return _http_settings(uri, knobs)
 
 
 def _server_error(uri: str, exc: MlflowException) -> UserError:
@@ -301,13 +339,36 @@ def _open_store(experiment: str | None = None) -> tuple[MlflowClient, str | None
 # --- run lifetime ---------------------------------------------------------------
 
 
+def _first_line(text: str, limit: int = 200) -> str:
+    """The first line of a message, shortened at a word, never inside one."""
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    if len(line) <= limit:
+        return line
+    return line[:limit].rsplit(" ", 1)[0].rstrip(" ,;:(") + " …"
+
+
+def _no_answer(exc: Exception) -> str:
+    """Why a server gave no answer, in a few words: the OS's reason, or a timeout."""
+    errno = re.search(r"\[Errno -?\d+\] ([^'\")]+)", str(exc))
+    if errno:
+        return errno.group(1).strip()
+    if "timeout" in str(exc).lower() or "timed out" in str(exc).lower():
+        return "no answer in time"
+    return _first_line(str(getattr(exc, "message", exc)), 120) or type(exc).__name__
+
+
 def _lost_server(uri: str, exc: MlflowException) -> UserError:
-    """A server that answered at the start and stopped answering during training, for
-    longer than MLflow's client retries (MLFLOW_HTTP_REQUEST_MAX_RETRIES)."""
-    first = str(exc.message).strip().splitlines()[0][:300] if str(exc.message).strip() else ""
+    """A server that failed a request during training. One that answered with an error
+    (HTTP 4xx) is up: that is its error, not a lost server. One that stopped answering,
+    for longer than MLflow's client retries (MLFLOW_HTTP_REQUEST_MAX_RETRIES), is lost."""
+    if isinstance(exc, RestException):
+        return UserError(
+            f"MLflow server {uri} refused a request during training ({exc.error_code}: "
+            f"{_first_line(exc.message)}); fix that, then rerun `dvc repro`"
+        )
     return UserError(
-        f"lost the MLflow server {uri} during training ({first}); start it again, then "
-        "rerun `dvc repro` (this training's run could not be finished there)"
+        f"lost the MLflow server {uri} during training ({_no_answer(exc)}); start it again, "
+        "then rerun `dvc repro` (this training's run could not be finished there)"
     )
 
 
@@ -412,83 +473,224 @@ def resume_run(run_id: str) -> Iterator[str]:
 # --- what gets logged -------------------------------------------------------------
 
 
+def _error_like(key: str) -> bool:
+    base = key.split("/")[0].removeprefix("lstsq_").removesuffix("_by_step")
+    return base in LOG10_METRICS
+
+
+def _key(key: str) -> str:
+    """A metric or image key as MLflow allows it (a file: kernel's name may hold more)."""
+    return re.sub(r"[^\w.\- /]", "_", key)
+
+
 def _with_log10(values: dict[str, float]) -> dict[str, float]:
-    values = {k: float(v) for k, v in values.items()}
-    values.update(
-        {f"log10_{k}": math.log10(v) for k, v in values.items() if k in LOG10_METRICS and v > 0}
+    """The numbers among `values`, and log10_<key> of each error-like one (left out where
+    the value is 0 or less: log10 is -inf there). Outcome tags and text are not metrics."""
+    numbers = {
+        _key(k): float(v)
+        for k, v in values.items()
+        if k not in OUTCOME_TAGS
+        and isinstance(v, (int, float, np.number))
+        and not isinstance(v, bool)
+    }
+    numbers.update(
+        {f"log10_{k}": math.log10(v) for k, v in numbers.items() if _error_like(k) and v > 0}
     )
-    return values
+    return numbers
+
+
+def _datasets(client: MlflowClient, run_id: str) -> dict[str, tuple[str, str]]:
+    """The run's dataset inputs by context (training, validation): (name, digest)."""
+    found = {}
+    for entry in client.get_run(run_id).inputs.dataset_inputs:
+        context = next((t.value for t in entry.tags if t.key == DATASET_CONTEXT), None)
+        found[context] = (entry.dataset.name, entry.dataset.digest)
+    return found
+
+
+def _metrics(
+    client: MlflowClient, run_id: str, values: dict[str, float], step: int, model_id: str | None
+) -> list[Metric]:
+    """Metrics at `step`; with `model_id` also the model's, each with its dataset."""
+    now = int(time.time() * 1000)
+    datasets = _datasets(client, run_id) if model_id else {}
+    metrics = []
+    for key, value in values.items():
+        name, digest = datasets.get(DATASET_OF.get(key.removeprefix("log10_")), (None, None))
+        metrics.append(Metric(key, value, now, step, model_id, name, digest))
+    return metrics
 
 
 def log_epoch(
     run_id: str, epoch: int, metrics: dict[str, float], model_id: str | None = None
 ) -> None:
-    """Log one epoch's metrics at step=epoch, in one write; step 0 is the initial kernel.
+    """Log one epoch's metrics at step=epoch, in one write; step 0 is the initial kernel
+    (log there what exists before training: the kernel errors, steps 0, elapsed_s 0, the
+    learning rate, so that no chart is a single dot after one epoch).
 
-    LOG10_METRICS are logged again as log10_<name> (left out where the value is 0:
-    log10 is -inf). With `model_id` (the last epoch) the metrics are also the MLflow
-    model's.
+    Error-like metrics are logged again as log10_<key> (_with_log10); the outcome keys
+    (converged, ...) are left out: log_outcome tags them. With `model_id` (the last
+    epoch) the metrics are also the MLflow model's: only the final ones are.
     """
     client = MlflowClient()
-    now = int(time.time() * 1000)
-    values = _with_log10(metrics)
     with interrupts.uninterrupted():
-        client.log_batch(
-            run_id, metrics=[Metric(k, v, now, epoch, model_id) for k, v in values.items()]
-        )
+        batch = _metrics(client, run_id, _with_log10(metrics), epoch, model_id)
+        client.log_batch(run_id, metrics=batch)
+
+
+def _outcome_tags(summary: dict) -> dict[str, str]:
+    """converged, stop_reason, identifiable as tag text: true/false for the flags."""
+    return {
+        k: str(bool(v)).lower() if isinstance(v, (bool, np.bool_)) else str(v)
+        for k, v in summary.items()
+        if k in OUTCOME_TAGS
+    }
+
+
+def artifact_uri(run_id: str) -> str:
+    """Where the run keeps its artifacts (a local folder for a file or SQLite store)."""
+    return MlflowClient().get_run(run_id).info.artifact_uri
+
+
+def log_outcome(run_id: str, summary: dict, model_id: str | None = None) -> None:
+    """What the run ended as (metrics/train.json's dict): converged, stop_reason and
+    identifiable as tags; the once-per-run numbers (epochs, train_seconds, lstsq_*, ...:
+    those not already logged every epoch) as metrics at step 0, with their log10_ twins.
+
+    MLflow's chart view draws a metric whose every point is at step 0 as a bar per run,
+    and one with a point at step 1 or later as a line (one dot, for a number logged once
+    at the end); the runs table shows both as sortable numbers. With `model_id` they are
+    also the model's.
+    """
+    client = MlflowClient()
+    tags = _outcome_tags(summary)
+    with interrupts.uninterrupted():
+        logged = set(client.get_run(run_id).data.metrics)
+        once = {k: v for k, v in summary.items() if k not in logged}
+        batch = _metrics(client, run_id, _with_log10(once), 0, model_id)
+        client.log_batch(run_id, metrics=batch, tags=[RunTag(k, v) for k, v in tags.items()])
+
+
+def set_converged(run_id: str, converged: bool) -> None:
+    """Tag the run converged=true or false (log_outcome does this with the rest)."""
+    with interrupts.uninterrupted():
+        MlflowClient().set_tag(run_id, "converged", str(converged).lower())
+
+
+# --- kernels as pictures ------------------------------------------------------------
+
+CHANNEL_GAP = 8  # white pixels between the channel slices of one filter's picture
+
+
+def as_bank(kernel: np.ndarray) -> np.ndarray:
+    """Any kernel as (kh, kw, C, F): a 2-D one is one channel and one filter, a 3-D one
+    (kh, kw, C) one filter."""
+    k = np.asarray(kernel, dtype=np.float64)
+    return k.reshape(k.shape + (1,) * (4 - k.ndim)) if k.ndim < 4 else k
+
+
+def filter_picture(kernel: np.ndarray, value_range: tuple[float, float]) -> np.ndarray:
+    """One filter (kh, kw, C) as a uint8 picture: its channel slices side by side, on one
+    colour range, each drawn by figures.kernel_picture."""
+    slices = [figures.kernel_picture(kernel[:, :, c], value_range) for c in range(kernel.shape[2])]
+    gap = np.full((slices[0].shape[0], CHANNEL_GAP, 3), 255, np.uint8)
+    parts = [part for picture in slices for part in (picture, gap)][:-1]
+    return np.concatenate(parts, axis=1)
+
+
+def _per_filter(key: str, names: Sequence[str]) -> list[str]:
+    """The key of each filter: `key` for one filter, `key/<name>` in a bank (MLflow's
+    chart view groups keys by what comes before the '/')."""
+    return [key] if len(names) == 1 else [_key(f"{key}/{name}") for name in names]
+
+
+def _names(bank: np.ndarray, names: Sequence[str] | None) -> list[str]:
+    if names is None:
+        return ["kernel"] if bank.shape[3] == 1 else [f"filter{f}" for f in range(bank.shape[3])]
+    if len(names) != bank.shape[3]:
+        raise ValueError(f"{len(names)} names for {bank.shape[3]} filters")
+    return list(names)
+
+
+def kernel_errors(
+    learned: np.ndarray, true: np.ndarray, names: Sequence[str], suffix: str = ""
+) -> dict[str, float]:
+    """kernel_mse and kernel_rel_error over the whole bank, and for a bank of more than
+    one filter kernel_rel_error/<name> of each (`suffix` goes after the base name)."""
+    learned, true = as_bank(learned), as_bank(true)
+    mse, rel = kernels.errors(learned, true)
+    values = {f"kernel_mse{suffix}": mse, f"kernel_rel_error{suffix}": rel}
+    if len(names) > 1:
+        for f, key in enumerate(_per_filter(f"kernel_rel_error{suffix}", names)):
+            values[key] = kernels.errors(learned[..., f], true[..., f])[1]
+    return values
 
 
 def log_snapshots(
     run_id: str,
     snapshots: Sequence[tuple[int, np.ndarray]],
-    true_kernel: np.ndarray,
+    true_kernel: np.ndarray | None,
     value_range: tuple[float, float],
+    names: Sequence[str] | None = None,
 ) -> None:
-    """Log kernel snapshots at step = optimizer step: each one's picture under images/
-    with key "kernel" (the run page shows an image grid with a step slider) and its
-    error as kernel_rel_error_by_step and kernel_mse_by_step (and their log10_)."""
+    """Log kernel snapshots at step = optimizer step: each filter's picture under images/,
+    key "kernel" (one filter) or "kernel/<name>" (a bank), which the run page shows as an
+    image grid with a step slider; and, with a true kernel, the errors as
+    kernel_rel_error_by_step and kernel_mse_by_step (per filter, and their log10_)."""
     client = MlflowClient()
     now = int(time.time() * 1000)
     for step, kernel in snapshots:
-        mse, rel = kernels.errors(kernel, true_kernel)
-        values = _with_log10({"kernel_rel_error": rel, "kernel_mse": mse})
-        image = figures.kernel_picture(kernel, value_range)
+        bank = as_bank(kernel)
+        filters = _names(bank, names)
+        values = (
+            {} if true_kernel is None else kernel_errors(bank, true_kernel, filters, "_by_step")
+        )
         with interrupts.uninterrupted():
-            client.log_batch(
-                run_id,
-                metrics=[Metric(f"{k}_by_step", v, now, step) for k, v in values.items()],
-            )
-            client.log_image(run_id, image, key="kernel", step=step)
-
-
-def set_converged(run_id: str, converged: bool) -> None:
-    """Tag the run converged=true or false: whether training met its stopping rule or
-    reached train.max_steps first (a filter in the runs table: tags.converged = 'false')."""
-    with interrupts.uninterrupted():
-        MlflowClient().set_tag(run_id, "converged", str(converged).lower())
+            if values:
+                client.log_batch(
+                    run_id,
+                    metrics=[Metric(k, v, now, step) for k, v in _with_log10(values).items()],
+                )
+            for f, key in enumerate(_per_filter("kernel", filters)):
+                client.log_image(
+                    run_id, filter_picture(bank[..., f], value_range), key=key, step=step
+                )
 
 
 def log_final(
     run_id: str,
     *,
-    true_kernel: np.ndarray,
+    true_kernel: np.ndarray | None,
     learned_kernel: np.ndarray,
     value_range: tuple[float, float] | None = None,
+    names: Sequence[str] | None = None,
 ) -> None:
-    """Log the end of training: both kernels as pictures and .npy.
+    """Log the end of training: the kernels as pictures (true_kernel.png and
+    learned_kernel.png, or for a bank true_kernel/<name>.png ...) and as .npy.
 
-    Pictures share value_range (default: symmetric around the true kernel).
+    Pictures share value_range (default: symmetric around the true kernel, else the
+    learned one). With no true kernel (a non-linear filter), only the learned one.
     """
     client = MlflowClient()
-    value_range = value_range or figures.symmetric_range(true_kernel)
-    for name, kernel in (("true_kernel", true_kernel), ("learned_kernel", learned_kernel)):
-        client.log_image(
-            run_id, figures.kernel_picture(kernel, value_range), artifact_file=f"{name}.png"
-        )
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, kernel in (("true_kernel", true_kernel), ("learned_kernel", learned_kernel)):
-            np.save(Path(tmp) / f"{name}.npy", np.asarray(kernel))
-        client.log_artifacts(run_id, tmp)
+    learned = as_bank(learned_kernel)
+    filters = _names(learned, names)
+    kernels_by_name = {"learned_kernel": (learned_kernel, learned)}
+    if true_kernel is not None:
+        kernels_by_name = {"true_kernel": (true_kernel, as_bank(true_kernel)), **kernels_by_name}
+    value_range = value_range or figures.symmetric_range(
+        true_kernel if true_kernel is not None else learned
+    )
+    with interrupts.uninterrupted():
+        for name, (_, bank) in kernels_by_name.items():
+            for f, filter_name in enumerate(filters):
+                path = f"{name}.png" if len(filters) == 1 else f"{name}/{filter_name}.png"
+                client.log_image(
+                    run_id, filter_picture(bank[..., f], value_range), artifact_file=path
+                )
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, (given, _) in kernels_by_name.items():
+                np.save(Path(tmp) / f"{name}.npy", np.asarray(given))
+            client.log_artifacts(run_id, tmp)
 
 
 def _dataset_source(params: config.Params):
@@ -542,54 +744,169 @@ def log_datasets(params: config.Params, index: pd.DataFrame, run_id: str) -> Non
                 client.log_inputs(run_id, datasets=[entry])
 
 
+# --- the model and the registry ----------------------------------------------------
+
 # What the logged model needs to load and predict: src.layers imports only these.
 MODEL_REQUIREMENTS = ("tensorflow-cpu", "keras", "numpy")
+MODEL_LABEL_MAX = 60  # a bank's model name lists its first filters, then "+N more"
+NOTE_TAG = "mlflow.note.content"  # the description MLflow's model pages show
+# A server that goes away while a model is registered: a few quick retries, not MLflow's
+# ~4 minutes (the run has ended by then, nothing else waits for it)
+REGISTER_RETRIES, REGISTER_BACKOFF, REGISTER_TIMEOUT = 3, 1, 10
 
 
-def start_model(run_id: str) -> str:
+def model_name(names: Sequence[str]) -> str:
+    """`<kernel>-filter`; a bank's names joined by '+' (shortened: `a+b+c+5 more-filter`).
+    Characters MLflow refuses in a model's name (/ : . % " ') become '-'."""
+    label, shown = "+".join(names), list(names)
+    while len(label) > MODEL_LABEL_MAX and len(shown) > 1:
+        shown.pop()
+        label = "+".join(shown) + f"+{len(names) - len(shown)} more"
+    return re.sub(r"[/:.%\"']", "-", label[: MODEL_LABEL_MAX + 20]) + "-filter"
+
+
+def start_model(
+    run_id: str, params: config.Params | None = None, names: Sequence[str] | None = None
+) -> str:
     """The id of the MLflow model this run's training will fill, made before training so
-    the last epoch's metrics can be logged as the model's (log_epoch's model_id)."""
+    the last epoch's metrics can be logged as the model's (log_epoch's model_id). It is
+    named model_name(names) (default: the kernel's name) and carries the run's params."""
+    names = names or [str(params.kernel) if params else "kernel"]
     with interrupts.uninterrupted():
         return mlflow.initialize_logged_model(
-            name="model", source_run_id=run_id, model_type="keras"
+            name=model_name(names),
+            source_run_id=run_id,
+            model_type="keras",
+            params=run_params(params) if params else None,
         ).model_id
 
 
-def log_model(model, example: np.ndarray, model_id: str, params: config.Params, error: float):
-    """Log the learned filter as the MLflow Model `model_id` (the TensorFlow/Keras
-    flavour) and return its ModelInfo: any H×W float32 images in, the filtered images out.
+def model_description(model, names: Sequence[str], summary: dict) -> str:
+    """What the model is, how well it learned, and what it takes, for its page."""
+    from src import serving
 
-    src/ goes along as its code, so the model loads and predicts where only MLflow is
-    installed beside our requirements; FFTConv2D is registered by src.layers. With
-    mlflow.registered_model set, the model becomes a new version of that registered
-    model, tagged with the kernel and its final kernel_rel_error `error`.
+    served = serving.LearnedFilter(model)
+    kh, kw = served.kernel_size
+    outcome = (
+        f"converged ({summary.get('stop_reason', 'stopping rule')})"
+        if summary.get("converged")
+        else f"NOT converged ({summary.get('stop_reason', 'max_steps')})"
+    )
+    error = summary.get("kernel_rel_error")
+    learned = f"kernel_rel_error {error:.2e}, " if error is not None else ""
+    return (
+        f"The {', '.join(names)} filter learned by one conv layer: a {kh}×{kw} kernel, "
+        f"{served.channels} channel(s) in, {served.filters} filter(s) out, "
+        f"{served.padding} padding. {learned}{summary.get('steps', '?')} steps, {outcome}. "
+        f"It takes {served.takes()}."
+    )
+
+
+def log_model(model, model_id: str, *, step: int, description: str = ""):
+    """Save the Keras `model` as the MLflow Model `model_id` and return its ModelInfo.
+
+    TensorFlow/Keras flavour, served by src.serving (silent, one-line input errors),
+    with src/ as its code, so it loads where only MLflow and our
+    requirements are installed (FFTConv2D is registered by src.layers). The signature is
+    given, not inferred from an input example that MLflow would run the model on: float32
+    (-1, -1, -1, C) in, (-1, -1, -1, F) out. `step` is the last epoch, where the model is
+    logged. MLflow's log_model would link every metric logged at that step to the model a
+    second time, without its dataset; log_epoch and log_outcome link the final ones.
     """
     from importlib.metadata import version
 
-    import mlflow.tensorflow
-    from mlflow.models import ModelSignature
+    from mlflow.models import Model, ModelSignature
     from mlflow.types import Schema, TensorSpec
 
-    def images(channels: int) -> Schema:
-        return Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1, channels))])
+    from src import serving
 
-    signature = ModelSignature(inputs=images(example.shape[-1]), outputs=images(1))
-    # MLflow runs the model on the input example, and Keras prints a progress bar for it
-    with interrupts.uninterrupted(), contextlib.redirect_stdout(io.StringIO()):
-        info = mlflow.tensorflow.log_model(
-            model,
-            name="model",
-            signature=signature,
-            input_example=example,
-            code_paths=[str(Path(__file__).parent)],
-            pip_requirements=[f"{name}=={version(name)}" for name in MODEL_REQUIREMENTS]
-            + [f"mlflow=={mlflow.__version__}"],
+    def images(channels: int) -> Schema:
+        return Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1, int(channels)))])
+
+    client = MlflowClient()
+    signature = ModelSignature(
+        inputs=images(model.input_shape[-1]), outputs=images(model.output_shape[-1])
+    )
+    requirements = [f"{name}=={version(name)}" for name in MODEL_REQUIREMENTS]
+    with interrupts.uninterrupted():
+        logged = client.get_logged_model(model_id)
+        mlflow_model = Model(
+            artifact_path=logged.artifact_location,
+            model_uuid=model_id,
+            run_id=logged.source_run_id,
             model_id=model_id,
         )
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "model"
+            serving.save_model(
+                model,
+                path,
+                mlflow_model,
+                signature,
+                requirements + [f"mlflow=={mlflow.__version__}"],
+            )
+            client.log_model_artifacts(model_id, str(path))
+        client.log_outputs(logged.source_run_id, [LoggedModelOutput(model_id, step)])
+        if description:
+            client.set_logged_model_tags(model_id, {NOTE_TAG: description})
+        logged = client.finalize_logged_model(model_id, LoggedModelStatus.READY)
+    return mlflow_model.get_model_info(logged)
+
+
+def _register_error(uri: str, name: str, model_id: str, exc: MlflowException) -> UserError:
+    again = (
+        f"register it by hand: mlflow.register_model('models:/{model_id}', '{name}'), "
+        "or rerun `dvc repro -f train`"
+    )
+    if isinstance(exc, RestException) or not _is_server(uri):
+        return UserError(
+            f"MLflow refused to register the model as a version of {name!r} "
+            f"({exc.error_code}: {_first_line(exc.message)}); the run is complete; {again}"
+        )
+    return UserError(
+        f"lost the MLflow server {uri} while registering the model as a version of "
+        f"{name!r} ({_no_answer(exc)}); the run is complete; once the server is back, {again}"
+    )
+
+
+def register_model(model_id: str, params: config.Params, summary: dict) -> int | None:
+    """With mlflow.registered_model set, make the model a new version of that registered
+    model, tagged with its kernel, error and outcome, and return the version.
+
+    Call it after training_run has ended the run FINISHED: a server lost here cannot
+    leave the run RUNNING, and no version points at a run that failed. A run that did
+    not converge registers nothing (one warning line) unless
+    mlflow.register_unconverged is true. A server that stops answering fails this within
+    about half a minute, in one line.
+    """
     name = params.mlflow.registered_model
-    if name:
-        tags = {"kernel": params.kernel, "kernel_rel_error": f"{error:.3e}"}
-        with interrupts.uninterrupted():
-            registered = mlflow.register_model(info.model_uri, name, tags=tags)
-        log.info("registered as version %s of MLflow model %r", registered.version, name)
-    return info
+    if not name:
+        return None
+    converged = bool(summary.get("converged"))
+    if not converged and not params.mlflow.register_unconverged:
+        log.warning(
+            "not registered as a version of %r: the run did not converge (%s); set "
+            "mlflow.register_unconverged true to register unconverged runs too",
+            name,
+            summary.get("stop_reason", "max_steps"),
+        )
+        return None
+    tags = _outcome_tags(summary)
+    tags["kernel"] = str(params.kernel)
+    if summary.get("kernel_rel_error") is not None:
+        tags["kernel_rel_error"] = f"{summary['kernel_rel_error']:.3e}"
+    uri = mlflow.get_tracking_uri()
+    knobs = {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(REGISTER_RETRIES),
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": str(REGISTER_BACKOFF),
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(REGISTER_TIMEOUT),
+    }
+    try:
+        with interrupts.uninterrupted(), _http_settings(uri, knobs):
+            registered = mlflow.register_model(
+                f"models:/{model_id}", name, await_registration_for=0, tags=tags
+            )
+    except MlflowException as exc:
+        raise _register_error(uri, name, model_id, exc) from None
+    log.info("registered as version %s of MLflow model %r", registered.version, name)
+    return int(registered.version)

@@ -26,8 +26,6 @@ from src.errors import run_stage  # noqa: E402
 
 log = logging.getLogger("train")
 
-EXAMPLE_MARGIN = 16  # the input example is the kernel's size plus this many pixels a side
-
 
 def steps_table(snapshots, true_kernel, names) -> pd.DataFrame:
     """metrics/steps.csv: each snapshot's step, epoch and error against the true kernel."""
@@ -52,14 +50,6 @@ def not_converged_hint(cfg: config.TrainConfig, newton_step: float) -> str:
         f"still {newton_step:.1e} (relative) from its optimum, above train.tolerance="
         f"{cfg.tolerance:g}; {advice}"
     )
-
-
-def example_input(images, split: np.ndarray, kernel_shape: tuple[int, int]) -> np.ndarray:
-    """A small corner of the first held-out image, (1, side, side, C), for the MLflow model."""
-    rows = np.flatnonzero(split == "val")
-    row = int(rows[0]) if len(rows) else 0
-    side = min(images.shape[1], max(kernel_shape) + EXAMPLE_MARGIN)
-    return normal_equations.four(images[row : row + 1, :side, :side])
 
 
 def main() -> None:
@@ -100,7 +90,7 @@ def main() -> None:
 
         with tracking.training_run(params) as run_id:
             tracking.log_datasets(params, index, run_id)
-            model_id = tracking.start_model(run_id)
+            model_id = tracking.start_model(run_id, params, names)
             # one fixed colour range per filter, from the true kernel, else the closed form
             reference = true_kernel
             if reference is None and closed is not None:
@@ -171,7 +161,6 @@ def main() -> None:
                     )
                 metrics["lstsq_seconds"] = round(solution.seconds, 3)
             metrics["train_seconds"] = round(float(final.get("elapsed_s", 0.0)), 2)
-            tracking.set_converged(run_id, result.converged)
 
             with atomic_dir(paths.MODEL) as out:
                 stage_files.write_model(
@@ -184,26 +173,25 @@ def main() -> None:
                         "run_id": run_id,
                         "tracking_uri": paths.tracking_uri(),
                         "experiment": params.mlflow.experiment,
+                        "model_uri": f"models:/{model_id}",  # mlflow.pyfunc.load_model(...)
+                        # a local folder: visualize copies its figures there without MLflow
+                        "artifact_uri": tracking.artifact_uri(run_id),
                     },
                     lstsq=lstsq,
                 )
             stage_files.write_history(history)
             stage_files.write_steps(steps_table(snapshots, true_kernel, names))
             stage_files.write_train_metrics(metrics)
-            _log_final(
-                tracking,
+            tracking.log_outcome(run_id, metrics, model_id)
+            tracking.log_final(
                 run_id,
-                model,
-                model_id,
-                params,
-                images,
-                split,
-                kernel_shape,
-                metrics,
-                true_kernel,
-                final_kernel,
-                value_range,
+                true_kernel=true_kernel,
+                learned_kernel=final_kernel,
+                value_range=value_range,
+                names=names,
             )
+            description = tracking.model_description(model, names, metrics)
+            tracking.log_model(model, model_id, step=metrics["epochs"], description=description)
             for note in result.notes:
                 log.warning("warning: %s", note)
             error = metrics.get("kernel_rel_error")
@@ -228,18 +216,26 @@ def main() -> None:
                         params.train.effective(), float(final.get("newton_step", 1.0))
                     )
                 )
+        tracking.register_model(model_id, params, metrics)  # after the run has ended FINISHED
 
 
 def _mlflow_logger(keras, tracking, run_id, model_id, snapshots, true_kernel, value_range, names):
-    """Each epoch's metrics at step = epoch, and the kernel snapshots taken since the last
-    epoch at step = optimizer step."""
+    """Each epoch's metrics at step = epoch (step 0: the initial kernel's error), and the
+    kernel snapshots taken since the last epoch, picture and error, at step = optimizer
+    step: the image slider and the per-step error curve move from the first step."""
+    from src import layers
 
     class LogToMlflow(keras.callbacks.Callback):
         def _log_snapshots(self):
             taken = [(step, kernel) for step, _, kernel in snapshots.taken()]
-            tracking.log_snapshots(run_id, taken, true_kernel, value_range)
+            tracking.log_snapshots(run_id, taken, true_kernel, value_range, names)
 
         def on_train_begin(self, logs=None):
+            start = {"steps": 0, "elapsed_s": 0.0}  # step 0: before training
+            if true_kernel is not None:
+                learned = layers.learned_kernel(self.model)
+                start |= tracking.kernel_errors(learned, true_kernel, names)
+            tracking.log_epoch(run_id, 0, start)
             self._log_snapshots()
 
         def on_epoch_end(self, epoch, logs=None):
@@ -249,32 +245,9 @@ def _mlflow_logger(keras, tracking, run_id, model_id, snapshots, true_kernel, va
             self._log_snapshots()
 
         def on_train_end(self, logs=None):
-            self._log_snapshots()
+            self._log_snapshots()  # the final step's, when it came after the last epoch's end
 
     return LogToMlflow()
-
-
-def _log_final(
-    tracking,
-    run_id,
-    model,
-    model_id,
-    params,
-    images,
-    split,
-    kernel_shape,
-    metrics,
-    true_kernel,
-    final_kernel,
-    value_range,
-):
-    tracking.log_final(
-        run_id, true_kernel=true_kernel, learned_kernel=final_kernel, value_range=value_range
-    )
-    example = example_input(images, split, kernel_shape)
-    tracking.log_model(
-        model, example, model_id, params, float(metrics.get("kernel_rel_error", 0.0))
-    )
 
 
 if __name__ == "__main__":

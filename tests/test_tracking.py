@@ -639,3 +639,289 @@ def test_the_mit_archive_pin_is_logged_only_where_it_applies():
     pinned["data"]["source"] = "mit_scenes"
     mit = config.parse(merge(config.Params().model_dump(mode="json"), pinned))
     assert tracking.run_params(mit)["data.sha256"] == "b" * 64
+
+
+# --- issue 21 and 22: what the run and its model say ------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, says",
+    [
+        (".", "not read as a path"),
+        ("..x", "not read as a path"),
+        ("m" * 300, "at most 256 characters"),
+    ],
+    ids=["dot", "dotdot", "300-characters"],
+)
+def test_registry_names_mlflow_refuses_are_refused_at_load(name, says):
+    with pytest.raises(UserError) as error:
+        config.parse({"mlflow": {"registered_model": name}})
+    message = str(error.value)
+    assert message.startswith("mlflow.registered_model must be ") and "\n" not in message
+    assert says.replace("not read", "does not read") in message or says in message
+    assert len(message) < 200
+
+
+def test_names_mlflow_accepts_are_accepted():
+    for name in ("sobel-filter", ".x", "a..b", "m" * 256):
+        assert config.parse({"mlflow": {"registered_model": name}}).mlflow.registered_model
+
+
+def test_params_are_the_settings_training_used_and_the_recipe():
+    original = tracking.run_params(config.parse({"train": {"recipe": "original"}}))
+    assert original["train.recipe"] == "original"
+    assert original["train.batch_size"] == "1" and original["train.learning_rate"] == "0.001"
+    assert original["train.optimizer"] == "adam" and original["train.whiten"] == "none"
+    assert original["train.crop"] == "0"
+    assert "train.precondition" not in original  # K-FAC preconditions SGD only
+    adam = tracking.run_params(config.parse({"train": {"optimizer": "adam"}}))
+    assert "train.precondition" not in adam and adam["train.optimizer"] == "adam"
+    fast = tracking.run_params(config.Params())
+    assert fast["train.precondition"] == "kfac" and fast["train.recipe"] == "fast"
+
+
+def test_outcome_is_tags_once_per_run_numbers_are_at_step_0(store):
+    params = make_params()
+    summary = {
+        "converged": False,
+        "stop_reason": "max_steps",
+        "identifiable": True,
+        "steps": 40,
+        "epochs": 2,
+        "kernel_rel_error": 1e-3,
+        "train_seconds": 1.25,
+        "lstsq_kernel_rel_error": 1e-20,
+        "lstsq_seconds": 0.5,
+    }
+    with training_run(params) as run_id:
+        log_epoch(run_id, 0, {"steps": 0, "elapsed_s": 0.0, "kernel_rel_error": 2.0})
+        for epoch in (1, 2):
+            log_epoch(
+                run_id,
+                epoch,
+                {
+                    "steps": 20 * epoch,
+                    "converged": 0.0,  # Keras's logs hold it: a tag, not a metric
+                    "kernel_rel_error": 10.0**-epoch,
+                    "newton_step": 10.0 ** (-2 * epoch),
+                    "crop_loss": 0.1,
+                    "kernel_rel_error/sobel_x": 10.0**-epoch,
+                },
+            )
+        tracking.log_outcome(run_id, summary)
+    client = MlflowClient(store)
+    run = client.get_run(run_id)
+    assert {k: run.data.tags[k] for k in tracking.OUTCOME_TAGS} == {
+        "converged": "false",
+        "stop_reason": "max_steps",
+        "identifiable": "true",
+    }
+    assert not set(tracking.OUTCOME_TAGS) & set(run.data.metrics)
+    for key in ("epochs", "train_seconds", "lstsq_kernel_rel_error", "lstsq_seconds"):
+        assert [m.step for m in client.get_metric_history(run_id, key)] == [0], key
+    assert run.data.metrics["log10_lstsq_kernel_rel_error"] == pytest.approx(-20)
+    # per-epoch ones are not logged again: each has one point an epoch, from step 0
+    assert [m.step for m in client.get_metric_history(run_id, "steps")] == [0, 1, 2]
+    for key in ("newton_step", "crop_loss", "kernel_rel_error", "kernel_rel_error/sobel_x"):
+        assert f"log10_{key}" in run.data.metrics, key
+    assert run.data.metrics["log10_newton_step"] == pytest.approx(-4)
+
+
+def test_a_bank_has_an_image_key_and_errors_per_filter(store):
+    rng = np.random.default_rng(0)
+    true = rng.normal(size=(3, 3, 3, 2))  # 3 channels, 2 filters
+    names = ["red", "green"]
+    learned = true.copy()
+    learned[..., 1] *= 0.5
+    with training_run(make_params()) as run_id:
+        tracking.log_snapshots(run_id, [(0, learned), (7, true)], true, (-3.0, 3.0), names)
+        log_final(run_id, true_kernel=true, learned_kernel=learned, names=names)
+    client = MlflowClient(store)
+    metrics = client.get_run(run_id).data.metrics
+    history = client.get_metric_history(run_id, "kernel_rel_error_by_step/green")
+    assert {m.step: m.value for m in history} == pytest.approx({0: 0.25, 7: 0.0})
+    assert metrics["kernel_rel_error_by_step/red"] == 0.0
+    images = [f.path for f in client.list_artifacts(run_id, "images")]
+    for name in names:
+        pictures = [p for p in images if p.startswith(f"images/kernel~{name}+step+")]
+        assert len([p for p in pictures if p.endswith(".png")]) == 2, images
+    artifacts = Path(url2pathname(urlparse(client.get_run(run_id).info.artifact_uri).path))
+    from PIL import Image
+
+    with Image.open(artifacts / "learned_kernel" / "green.png") as picture:
+        width, height = picture.size
+    assert width > 3 * height - 1  # the three channel slices side by side
+    assert np.load(artifacts / "learned_kernel.npy").shape == (3, 3, 3, 2)
+
+
+def test_the_model_name_says_what_it_is():
+    assert tracking.model_name(["sobel_x"]) == "sobel_x-filter"
+    assert tracking.model_name(["my.kernel"]) == "my-kernel-filter"  # MLflow refuses '.'
+    bank = tracking.model_name([f"filter{i:02d}" for i in range(64)])
+    assert bank.startswith("filter00+filter01+") and bank.endswith(" more-filter")
+    assert len(bank) <= 90
+
+
+def conv_model(kernel: np.ndarray, padding: str = "valid"):
+    """A real Keras Conv2D of the kernel's (kh, kw, C, F), as src/layers.py builds one."""
+    import keras
+
+    kh, kw, channels, filters = kernel.shape
+    model = keras.Sequential(
+        [
+            keras.Input((None, None, channels)),
+            keras.layers.Conv2D(filters, (kh, kw), padding=padding, name="conv"),
+        ]
+    )
+    model.get_layer("conv").set_weights([kernel.astype(np.float32), np.zeros(filters, np.float32)])
+    return model
+
+
+SUMMARY = {
+    "converged": True,
+    "stop_reason": "optimum",
+    "identifiable": True,
+    "steps": 30,
+    "epochs": 2,
+    "kernel_rel_error": 1e-13,
+    "train_seconds": 1.5,
+}
+
+
+def logged_run(params, kernel, names, summary=SUMMARY):
+    """A training run as stages/train.py logs it, ended; returns (run_id, model_id)."""
+    index = pd.DataFrame({"name": ["a.png", "b.png"], "split": ["train", "val"]})
+    with training_run(params) as run_id:
+        tracking.log_datasets(params, index, run_id)
+        model_id = tracking.start_model(run_id, params, names)
+        log_epoch(run_id, 0, {"steps": 0, "elapsed_s": 0.0, "kernel_rel_error": 2.1})
+        log_epoch(
+            run_id, 1, {"steps": 15, "loss": 1e-3, "val_loss": 2e-3, "kernel_rel_error": 1e-5}
+        )
+        last = {"steps": 30, "loss": 1e-9, "val_loss": 2e-9, "kernel_rel_error": 1e-13}
+        log_epoch(run_id, 2, last, model_id)
+        tracking.log_outcome(run_id, summary, model_id)
+        model = conv_model(kernel)
+        description = tracking.model_description(model, names, summary)
+        tracking.log_model(model, model_id, step=2, description=description)
+    return run_id, model_id
+
+
+def test_the_model_page_shows_the_final_metrics_params_datasets_and_signature(store):
+    params = make_params()
+    kernel = np.random.default_rng(0).normal(size=(3, 3, 3, 2))
+    run_id, model_id = logged_run(params, kernel, ["red", "green"])
+    client = MlflowClient(store)
+    model = client.get_logged_model(model_id)
+    assert model.name == "red+green-filter" and model.status == LoggedModelStatus.READY
+    assert model.params == tracking.run_params(params)
+    keys = [m.key for m in model.metrics]
+    assert len(keys) == len(set(keys)), "each metric once"
+    final = {m.key: m for m in model.metrics}
+    assert final["kernel_rel_error"].value == 1e-13 and final["kernel_rel_error"].step == 2
+    assert final["epochs"].step == 0 and "converged" not in final
+    assert final["val_loss"].dataset_name == "synthetic-val-256px"
+    assert final["loss"].dataset_name == "synthetic-train-256px"
+    description = model.tags["mlflow.note.content"]
+    assert "red, green" in description and "3 channel" in description and "\n" not in description
+    # the signature, as MLflow reads it back: C channels in, F filters out
+    info = mlflow.models.get_model_info(f"models:/{model_id}")
+    assert info.signature.inputs.inputs[0].shape == (-1, -1, -1, 3)
+    assert info.signature.outputs.inputs[0].shape == (-1, -1, -1, 2)
+    assert info.signature.inputs.inputs[0].type == np.dtype(np.float32)
+    assert info.saved_input_example_info is None  # nothing was run to infer it
+    # the run's own history is untouched: each epoch once
+    assert [m.step for m in client.get_metric_history(run_id, "kernel_rel_error")] == [0, 1, 2]
+    assert client.get_run(run_id).outputs.model_outputs[0].step == 2
+
+
+@pytest.mark.parametrize(
+    "converged, unconverged_too, registered",
+    [(True, False, True), (False, False, False), (False, True, True)],
+    ids=["converged", "unconverged", "unconverged-asked-for"],
+)
+def test_only_converged_runs_register_unless_asked(
+    store, caplog, converged, unconverged_too, registered
+):
+    params = config.parse(
+        merge(
+            make_params().model_dump(mode="json"),
+            {"mlflow": {"registered_model": "edge", "register_unconverged": unconverged_too}},
+        )
+    )
+    summary = {
+        **SUMMARY,
+        "converged": converged,
+        "stop_reason": "optimum" if converged else "max_steps",
+    }
+    kernel = np.random.default_rng(0).normal(size=(3, 3, 1, 1))
+    run_id, model_id = logged_run(params, kernel, ["sobel_x"], summary)
+    with caplog.at_level("WARNING", logger="src.tracking"):
+        version = tracking.register_model(model_id, params, summary)
+    client = MlflowClient(store)
+    versions = client.search_model_versions("name = 'edge'")
+    if registered:
+        assert version == 1 and [v.run_id for v in versions] == [run_id]
+        assert versions[0].tags["converged"] == str(converged).lower()
+        assert versions[0].tags["kernel_rel_error"] == "1.000e-13"
+    else:
+        assert version is None and versions == []
+        [line] = [r.getMessage() for r in caplog.records]
+        assert "did not converge (max_steps)" in line and "register_unconverged" in line
+
+
+def server_process(tmp_path: Path):
+    from conftest import ServerProcess
+
+    port = free_port()
+    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1"]
+    command += ["--port", str(port), "--workers", "1"]
+    command += ["--backend-store-uri", f"sqlite:///{tmp_path / 's.db'}"]
+    command += ["--default-artifact-root", str(tmp_path / "art")]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    return ServerProcess(command, f"http://127.0.0.1:{port}", tmp_path / "server.log", env=env)
+
+
+@pytest.mark.mlflow_server
+def test_a_server_killed_during_registration_fails_in_seconds_with_the_run_ended(
+    store, tmp_path, monkeypatch
+):
+    """Issue 22, item 6: 8.5 minutes of retries, a message cut mid-word, the run left
+    RUNNING with a version pointing at it. Now: the run has ended before registration."""
+    server = server_process(tmp_path)
+    url = server.start(timeout=60)
+    try:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        params = config.parse(
+            merge(make_params().model_dump(mode="json"), {"mlflow": {"registered_model": "edge"}})
+        )
+        kernel = np.random.default_rng(0).normal(size=(3, 3, 1, 1))
+        run_id, model_id = logged_run(params, kernel, ["sobel_x"])
+        server.stop()  # killed as registration starts
+        start = time.monotonic()
+        with pytest.raises(UserError) as error:
+            tracking.register_model(model_id, params, SUMMARY)
+        seconds = time.monotonic() - start
+        server.start(timeout=60)
+        message = str(error.value)
+        assert seconds < 30, seconds
+        assert message.startswith(f"lost the MLflow server {url} while registering")
+        assert "(Connection refused)" in message and "\n" not in message
+        assert f"models:/{model_id}" in message  # how to register it once the server is back
+        client = MlflowClient(url)
+        assert client.get_run(run_id).info.status == "FINISHED"
+        assert client.search_model_versions("name = 'edge'") == []
+    finally:
+        server.stop()
+
+
+@pytest.mark.mlflow_server
+def test_a_4xx_answer_during_training_is_not_a_lost_server(store, monkeypatch, mlflow_server):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    with pytest.raises(UserError) as error:
+        with training_run(make_params()) as run_id:
+            MlflowClient().get_run("0" * 32)  # the server answers 404
+    message = str(error.value)
+    assert message.startswith(f"MLflow server {mlflow_server} refused a request during training")
+    assert "RESOURCE_DOES_NOT_EXIST" in message and "lost" not in message
+    assert MlflowClient(mlflow_server).get_run(run_id).info.status == "FAILED"
