@@ -195,12 +195,6 @@ class FilterInfo:
     noise_std: float
     images: int
     target_shape: tuple[int, int]
-    names: tuple[str, ...] = ()  # one per filter; () in a filter.json from before banks
-    channels: int = 1
-    filters: int = 1
-    activation: str = "linear"
-    linear: bool = True  # a true kernel exists
-    rescale: int = 1
 
 
 def write_filter_outputs(folder: Path, kernel: np.ndarray | None, info: FilterInfo) -> None:
