@@ -102,6 +102,7 @@ def test_least_squares_is_numpys_lstsq_with_a_ones_column(
     "images of 40² with a random 20×20 kernel it ends 2.4e-3 (‖Δ‖²/‖k‖²) from numpy's "
     "lstsq, which recovers the kernel to 1e-10 (smiley 32×32 on 4 images of 64²: "
     "kernel_rel_error 1.11 against 1.4e-12)",
+    raises=AssertionError,
     strict=True,
 )
 def test_conjugate_gradients_reach_the_least_squares_kernel_on_a_few_small_images():
