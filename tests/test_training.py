@@ -526,6 +526,22 @@ def test_an_activation_after_the_conv_is_learned_to_the_optimum(activation, kern
     assert len(result.history) <= 3
 
 
+def test_a_relu_bank_of_an_edge_and_its_flip_keeps_both_directions():
+    """The course notes' ReLU edge detector: one filter keeps rising edges, its flip the
+    falling ones, learned together in one layer (the flip alone at seed 0 is an xfail
+    above; in the bank it is learned)."""
+    images = pink_images(24, 48, seed=1)
+    edge = kernels.EDGE[:, :, None, None]
+    true = np.concatenate([edge, -edge], axis=-1)
+    targets = filtered(images, true, activation="relu")
+    assert np.all(targets.min(axis=-1) == 0), "no pixel is an edge of both directions"
+    names = ["edge", "flipped"]
+    result = fit(images, targets, true, SPLIT, activation="relu", names=names)
+    assert result.stop_reason == "optimum"
+    for name in names:
+        assert result.final[f"kernel_rel_error/{name}"] <= 1e-8, name
+
+
 # --- the noise floor and the closed form --------------------------------------------------
 
 
