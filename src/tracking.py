@@ -96,7 +96,7 @@ DATASET_OF |= {"explained_variance": "validation", "standard_error": "validation
 
 
 def run_name(params: config.Params) -> str:
-    return f"{params.kernel}-{os.environ.get('DVC_EXP_NAME') or 'workspace'}"
+    return f"{params.kernel_label}-{os.environ.get('DVC_EXP_NAME') or 'workspace'}"
 
 
 def _git_head() -> str:
@@ -111,7 +111,7 @@ def run_tags(params: config.Params) -> dict[str, str]:
     """Tags that tie the run to its DVC experiment and git commit."""
     head = _git_head()
     return {
-        "kernel": params.kernel,
+        "kernel": params.kernel_label,
         "dvc.exp_name": os.environ.get("DVC_EXP_NAME") or "workspace",
         "dvc.baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV") or head,
         "git_commit": head,
@@ -141,13 +141,19 @@ def run_params(params: config.Params) -> dict[str, str]:
     if params.data.source != "mit_scenes" or not params.data.sha256:
         data.pop("sha256")
     settings_by_kernel = doc.pop("kernels")
-    if params.kernel in settings_by_kernel:
-        settings = settings_by_kernel[params.kernel]
-        if settings.get("covariance") is None:
-            settings.pop("covariance", None)
-        else:
-            settings.pop("sigma")  # the covariance replaces it
-        doc["kernels"] = {params.kernel: settings}
+    used = {}
+    for name in params.kernel_names:  # the settings of the kernels the run uses
+        if name in settings_by_kernel:
+            settings = settings_by_kernel[name]
+            if "covariance" in settings and settings.get("covariance") is None:
+                settings.pop("covariance", None)
+            elif "covariance" in settings:
+                settings.pop("sigma", None)  # the covariance replaces it
+            used[name] = settings
+    if used:
+        doc["kernels"] = used
+    if not isinstance(doc.get("kernel"), str):
+        doc["kernel"] = params.kernel_label
     doc.pop("mlflow")
     return {key: str(value)[:MAX_PARAM_LENGTH] for key, value in config.flatten(doc).items()}
 
@@ -771,7 +777,7 @@ def start_model(
     """The id of the MLflow model this run's training will fill, made before training so
     the last epoch's metrics can be logged as the model's (log_epoch's model_id). It is
     named model_name(names) (default: the kernel's name) and carries the run's params."""
-    names = names or [str(params.kernel) if params else "kernel"]
+    names = names or [params.kernel_label if params else "kernel"]
     with interrupts.uninterrupted():
         return mlflow.initialize_logged_model(
             name=model_name(names),
@@ -892,7 +898,7 @@ def register_model(model_id: str, params: config.Params, summary: dict) -> int |
         )
         return None
     tags = _outcome_tags(summary)
-    tags["kernel"] = str(params.kernel)
+    tags["kernel"] = params.kernel_label
     if summary.get("kernel_rel_error") is not None:
         tags["kernel_rel_error"] = f"{summary['kernel_rel_error']:.3e}"
     uri = mlflow.get_tracking_uri()
