@@ -585,7 +585,6 @@ def set_converged(run_id: str, converged: bool) -> None:
 
 # --- kernels as pictures ------------------------------------------------------------
 
-CHANNEL_GAP = 8  # white pixels between the channel slices of one filter's picture
 
 
 def as_bank(kernel: np.ndarray) -> np.ndarray:
@@ -595,13 +594,12 @@ def as_bank(kernel: np.ndarray) -> np.ndarray:
     return k.reshape(k.shape + (1,) * (4 - k.ndim)) if k.ndim < 4 else k
 
 
-def filter_picture(kernel: np.ndarray, value_range: tuple[float, float]) -> np.ndarray:
-    """One filter (kh, kw, C) as a uint8 picture: its channel slices side by side, on one
-    colour range, each drawn by figures.kernel_picture."""
-    slices = [figures.kernel_picture(kernel[:, :, c], value_range) for c in range(kernel.shape[2])]
-    gap = np.full((slices[0].shape[0], CHANNEL_GAP, 3), 255, np.uint8)
-    parts = [part for picture in slices for part in (picture, gap)][:-1]
-    return np.concatenate(parts, axis=1)
+def _filter_image(bank: np.ndarray, f: int, names: Sequence[str], value_range):
+    """Filter f of a (kh, kw, C, F) bank as figures.kernel_image draws it (channels side by
+    side on one colour range, with a colour bar), on its range of figures.kernel_ranges
+    (one (low, high) per filter), or its own with None."""
+    ranges = None if value_range is None else list(value_range)[f : f + 1]
+    return figures.kernel_image(bank[..., f : f + 1], [names[f]], ranges)
 
 
 def _per_filter(key: str, names: Sequence[str]) -> list[str]:
@@ -636,7 +634,7 @@ def log_snapshots(
     run_id: str,
     snapshots: Sequence[tuple[int, np.ndarray]],
     true_kernel: np.ndarray | None,
-    value_range: tuple[float, float],
+    value_range,
     names: Sequence[str] | None = None,
 ) -> None:
     """Log kernel snapshots at step = optimizer step: each filter's picture under images/,
@@ -659,7 +657,7 @@ def log_snapshots(
                 )
             for f, key in enumerate(_per_filter("kernel", filters)):
                 client.log_image(
-                    run_id, filter_picture(bank[..., f], value_range), key=key, step=step
+                    run_id, _filter_image(bank, f, filters, value_range), key=key, step=step
                 )
 
 
@@ -668,7 +666,7 @@ def log_final(
     *,
     true_kernel: np.ndarray | None,
     learned_kernel: np.ndarray,
-    value_range: tuple[float, float] | None = None,
+    value_range=None,
     names: Sequence[str] | None = None,
 ) -> None:
     """Log the end of training: the kernels as pictures (true_kernel.png and
@@ -683,15 +681,15 @@ def log_final(
     kernels_by_name = {"learned_kernel": (learned_kernel, learned)}
     if true_kernel is not None:
         kernels_by_name = {"true_kernel": (true_kernel, as_bank(true_kernel)), **kernels_by_name}
-    value_range = value_range or figures.symmetric_range(
-        true_kernel if true_kernel is not None else learned
+    value_range = value_range or figures.kernel_ranges(
+        as_bank(true_kernel) if true_kernel is not None else learned
     )
     with interrupts.uninterrupted():
         for name, (_, bank) in kernels_by_name.items():
             for f, filter_name in enumerate(filters):
                 path = f"{name}.png" if len(filters) == 1 else f"{name}/{filter_name}.png"
                 client.log_image(
-                    run_id, filter_picture(bank[..., f], value_range), artifact_file=path
+                    run_id, _filter_image(bank, f, filters, value_range), artifact_file=path
                 )
         with tempfile.TemporaryDirectory() as tmp:
             for name, (given, _) in kernels_by_name.items():
