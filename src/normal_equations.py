@@ -63,6 +63,7 @@ class Solution:
     method: str  # exact | cg
     iterations: int
     seconds: float
+    converged: bool = True  # cg: reached CG_TOLERANCE within CG_MAX_ITERATIONS
 
 
 def _batches(images, targets, rows, kernel_shape, padding):
@@ -337,11 +338,12 @@ def least_squares(
     taps = kh * kw * channels
     if taps <= EXACT_MAX_WEIGHTS or _exact_is_cheap(images, rows, kernel_shape, channels):
         kernel, bias, pixels, condition = _exact(images, targets, rows, kernel_shape, padding)
-        method, iterations = "exact", 0
+        method, iterations, converged = "exact", 0, True
     else:
         products = _Products(images, targets, rows, kernel_shape, padding)
         inverse = _toeplitz_inverse(images, rows, kernel_shape, padding, products.mean_patch)
         kernel, iterations = _conjugate_gradients(products, inverse, start)
+        converged = iterations < CG_MAX_ITERATIONS
         bias = products.mean_target - products.mean_patch @ kernel
         pixels, condition, method = products.pixels, None, "cg"
     return Solution(
@@ -353,6 +355,7 @@ def least_squares(
         method=method,
         iterations=iterations,
         seconds=time.perf_counter() - started,
+        converged=converged,
     )
 
 
@@ -364,19 +367,19 @@ def residuals(images, targets, rows, kernel: np.ndarray, bias: np.ndarray, paddi
     sq = total = total_sq = 0.0
     count = 0
     for x, t in _batches(images, targets, np.asarray(rows), (kh, kw), padding):
-        prediction = (
-            _patches(x, (kh, kw)) @ flat + bias
-            if flat.shape[0] <= EXACT_MAX_WEIGHTS
-            else _fft_predict(x, kernel, bias)
-        )
+        if flat.shape[0] <= EXACT_MAX_WEIGHTS:
+            prediction = _patches(x, (kh, kw)) @ flat + bias
+        else:
+            prediction = _fft_predict(x, kernel, bias)
         flat_t = t.reshape(-1, t.shape[-1])
         sq += float(np.sum((prediction.reshape(flat_t.shape) - flat_t) ** 2))
-        total += float(np.sum(flat_t))
-        total_sq += float(np.sum(flat_t**2))
-        count += flat_t.size
-    mse = sq / count
-    variance = total_sq / count - (total / count) ** 2
-    return mse, 1.0 - mse / variance if variance > 0 else float("nan")
+        total = total + flat_t.sum(axis=0)
+        total_sq = total_sq + (flat_t**2).sum(axis=0)
+        count += len(flat_t)
+    mse = sq / (count * flat.shape[1])  # over every pixel of every filter
+    # R² of the bank: 1 − Σ residual² / Σ each filter's variance around its own mean
+    variance = float(np.sum(total_sq / count - (total / count) ** 2))
+    return mse, 1.0 - mse * flat.shape[1] / variance if variance > 0 else float("nan")
 
 
 def _fft_predict(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray) -> np.ndarray:

@@ -586,7 +586,6 @@ def set_converged(run_id: str, converged: bool) -> None:
 # --- kernels as pictures ------------------------------------------------------------
 
 
-
 def as_bank(kernel: np.ndarray) -> np.ndarray:
     """Any kernel as (kh, kw, C, F): a 2-D one is one channel and one filter, a 3-D one
     (kh, kw, C) one filter."""

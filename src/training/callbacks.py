@@ -18,7 +18,7 @@ log = logging.getLogger("train")
 MAX_SNAPSHOTS = 40  # kernel snapshots per run, log-spaced over the optimizer steps
 FLOOR = 3.0  # a Newton step within this many of its standard errors is at the noise floor
 STALL = 2.0  # ... or that has fallen less than this factor in an epoch ...
-STALL_MAX = 0.1  # ... while below this (relative): far from the optimum, a stall is not noise
+STALL_MAX = 0.05  # ... either only below this (relative): far from the optimum it is not noise
 BATCH = 16  # whole images predicted at once
 
 
@@ -183,7 +183,10 @@ class EpochEnd(keras.callbacks.Callback):
             # noise is measurable; at its floor the step is within a few standard errors,
             # or has stopped falling (less than STALL× in an epoch) while still small
             stalled = self.previous_step is not None and np.all(step > self.previous_step / STALL)
-            if np.all(step <= FLOOR * error) or (stalled and np.max(step) < STALL_MAX):
+            # far from the optimum (a step above STALL_MAX) the halves' steps differ by
+            # more than their noise: K-FAC's estimate of each half's curvature is not exact
+            small = np.max(step) < STALL_MAX
+            if small and (np.all(step <= FLOOR * error) or stalled):
                 self.stop_reason = "noise floor"
         self.previous_step = step
         if self.stop_reason in ("optimum", "noise floor"):

@@ -51,7 +51,9 @@ class Result:
 
     @property
     def converged(self) -> bool:
-        return self.stop_reason != "max_steps"
+        """Stopped by the rule, on data that determine the kernel: a kernel the training
+        images leave open (identifiable false) is not called converged, however it stopped."""
+        return self.stop_reason != "max_steps" and self.identifiable
 
 
 def check_equations(train_rows, target_shape, kernel_shape, channels) -> tuple[int, int]:
@@ -140,6 +142,12 @@ def train(
         )
         metrics: dict = {"steps": 0, "epoch": 1}
         on_epoch_for().measure(metrics)
+        metrics.update(
+            crop_loss=metrics["loss"],
+            newton_step=0.0,  # the closed form is the optimum itself
+            kernel_change=0.0,
+            elapsed_s=solution.seconds,
+        )
         return Result(
             final,
             [metrics],
@@ -209,7 +217,9 @@ def train(
     else:
         inverse_for_check = inverse / scale**2
     newton_step = NewtonStep(check_x, check_t, inverse_for_check, activation)
-    floor_rule = kfac and (linear or newton_step.exact)
+    # the noise floor: for linear layers, whose final exact step is the closed form; an
+    # activation's local minimum (a dead ReLU) would look like one, so it runs to the optimum
+    floor_rule = kfac and linear
     read_errors: list[UserError] = []
     dataset = training_dataset(
         images, targets, train_rows, kernel_shape, padding, cfg, seed, scale, read_errors, shares
@@ -303,6 +313,11 @@ def _identify(solution: Solution | None, equations: int, unknowns: int) -> tuple
         notes.append(
             f"only {equations} training target pixels for {unknowns} weights: the kernel is "
             "barely determined; raise data.size or data.limit"
+        )
+    if solution is not None and solution.method == "cg" and not solution.converged:
+        notes.append(
+            f"the closed form's conjugate gradients stopped after {solution.iterations} "
+            "iterations short of their tolerance: its numbers are approximate"
         )
     if (
         solution is not None
