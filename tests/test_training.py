@@ -177,7 +177,7 @@ def fit(
     kernel_shape = kernel_shape or true.shape[:2]
     rows = np.flatnonzero(split == "train")
 
-    def closed_form():
+    def closed_form(start=None):  # train() offers a warm start; not needed here
         if activation != "linear":
             return None
         return normal_equations.least_squares(images, targets, rows, kernel_shape, padding)
