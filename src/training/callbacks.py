@@ -18,6 +18,7 @@ log = logging.getLogger("train")
 MAX_SNAPSHOTS = 40  # kernel snapshots per run, log-spaced over the optimizer steps
 FLOOR = 3.0  # a Newton step within this many of its standard errors is at the noise floor
 STALL = 2.0  # ... or that has fallen less than this factor in an epoch ...
+STALL_STEPS = 8  # ... of at least this many optimizer steps ...
 STALL_MAX = 0.05  # ... either only below this (relative): far from the optimum it is not noise
 BATCH = 16  # whole images predicted at once
 
@@ -116,7 +117,7 @@ class EpochEnd(keras.callbacks.Callback):
         self.started = time.perf_counter()
         self.steps = 0
         self.stop_reason: str | None = None
-        self.previous_step: np.ndarray | None = None
+        self.measured: list[tuple[int, np.ndarray]] = []  # (steps, Newton steps) an epoch
         self.last: dict = {}
 
     def on_train_begin(self, logs=None):
@@ -182,13 +183,15 @@ class EpochEnd(keras.callbacks.Callback):
         elif self.floor_rule and np.max(error) > tolerance / FLOOR:
             # noise is measurable; at its floor the step is within a few standard errors,
             # or has stopped falling (less than STALL× in an epoch) while still small
-            stalled = self.previous_step is not None and np.all(step > self.previous_step / STALL)
+            # over at least STALL_STEPS optimizer steps (an epoch of a few photos is one)
+            earlier = [v for steps, v in self.measured if self.steps - steps >= STALL_STEPS]
+            stalled = bool(earlier) and np.all(step > earlier[-1] / STALL)
             # far from the optimum (a step above STALL_MAX) the halves' steps differ by
             # more than their noise: K-FAC's estimate of each half's curvature is not exact
             small = np.max(step) < STALL_MAX
             if small and (np.all(step <= FLOOR * error) or stalled):
                 self.stop_reason = "noise floor"
-        self.previous_step = step
+        self.measured.append((self.steps, step))
         if self.stop_reason in ("optimum", "noise floor"):
             self.model.stop_training = True
         logs.update(

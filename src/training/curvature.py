@@ -14,7 +14,7 @@ from scipy import signal
 from scipy.sparse.linalg import LinearOperator, eigsh
 
 from src import streams
-from src.normal_equations import _patches, four
+from src.normal_equations import _exact_is_cheap, _patches, four, normal_equations
 from src.toeplitz import cross_correlations, toeplitz_covariance
 
 EXACT_HESSIAN_MAX_TAPS = 121  # curvature from the exact Hessian up to 11×11, estimated above
@@ -56,7 +56,17 @@ class Preconditioner:
     """
 
     def __init__(self, x: np.ndarray, kernel_shape: tuple[int, int]):
-        covariance = 2.0 * toeplitz_covariance(four(np.asarray(x, np.float64)), kernel_shape)
+        x = four(np.asarray(x, np.float64))
+        if _exact_is_cheap(x, np.arange(len(x)), kernel_shape, x.shape[-1]):
+            # few pixels: the sample's exact patch second moment (its Hessian itself), where
+            # the Toeplitz estimate's borders would weigh most
+            zero = np.zeros(
+                (len(x), x.shape[1] - kernel_shape[0] + 1, x.shape[2] - kernel_shape[1] + 1, 1)
+            )
+            gram, *_, pixels = normal_equations(x, zero, np.arange(len(x)), kernel_shape, "valid")
+            covariance = 2.0 * gram / pixels
+        else:
+            covariance = 2.0 * toeplitz_covariance(x, kernel_shape)
         values, vectors = np.linalg.eigh(covariance)
         if not values[-1] > 0:
             raise ValueError("the images have no contrast")

@@ -173,7 +173,7 @@ def train(
                 kernel_shape,
                 padding,
                 PRECONDITION_CROPS,
-                side,
+                min(images.shape[1], CHECK_SIDE),  # whole images, up to 512²: long lags
                 streams.rng(seed, streams.CURVATURE),
                 1,
             )

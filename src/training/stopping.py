@@ -16,7 +16,7 @@ import numpy as np
 from scipy import fft, signal
 
 from src import streams
-from src.normal_equations import _patches, four
+from src.normal_equations import _exact_is_cheap, _patches, four, normal_equations
 from src.training.batches import crops, whiten_pair
 
 CHECK_IMAGES = 16  # whole training images the stopping rule measures on
@@ -65,12 +65,18 @@ class NewtonStep:
         taps = self.shape[0] * self.shape[1] * x.shape[-1]
         self.exact = taps + (activation != "linear") <= EXACT_MAX_WEIGHTS
         self.normal = None
-        if self.exact and activation == "linear":
+        cheap = _exact_is_cheap(x, np.arange(len(x)), self.shape, x.shape[-1])
+        if activation == "linear" and (self.exact or cheap):
+            # each half's exact normal equations: its Newton step lands on its optimum, so
+            # the halves' difference is the noise's alone (K-FAC's approximate steps would
+            # add their own error to it, far from the optimum)
             self.normal = []
             for half in self.halves:
-                p = _patches(x[half], self.shape)
-                flat_t = t[half].reshape(-1, t.shape[-1])
-                self.normal.append((p.T @ p, p.T @ flat_t, len(p)))
+                rows = np.arange(len(x[half]))
+                gram, right, *_, pixels = normal_equations(
+                    x[half], t[half], rows, self.shape, "valid"
+                )
+                self.normal.append((gram, right, pixels))
 
     def _linear_exact(self, k: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
         (g1, r1, m1), (g2, r2, m2) = self.normal
