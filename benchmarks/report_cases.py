@@ -281,7 +281,7 @@ def targets(results: dict, add) -> None:
     )
     for key, (kernel, limit) in NO_NOISE.items():
         run = (dvc.get(key) or {}).get("outputs")
-        case = {"train": run["train"]} if run else None
+        case = {"train": run["train"]} if run and "train" in run else None
         why = problem(case, "kernel_rel_error", "epochs")
         add(
             f"no noise, {kernel} on the default data: ≤ {power(limit)} in ≤ {NO_NOISE_EPOCHS} "
@@ -295,7 +295,7 @@ def targets(results: dict, add) -> None:
         )
     for key, (size, limit) in LSTSQ_LIMIT_S.items():
         run = (dvc.get(key) or {}).get("outputs")
-        case = {"train": run["train"]} if run else None
+        case = {"train": run["train"]} if run and "train" in run else None
         why = problem(case, "lstsq_seconds")
         spent = None if why else run["train"]["lstsq_seconds"]
         add(
