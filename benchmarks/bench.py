@@ -1,7 +1,7 @@
 """`make bench`: one run, one machine, one data set; writes BENCHMARKS.md and a JSON twin.
 
-    python -m benchmarks.bench            # the full run (~15 min on 2 shared cores)
-    python -m benchmarks.bench --quick    # 8 images of 64×64: a smoke run (~1 min), written
+    python -m benchmarks.bench            # the full run (~20 min on 2 shared cores)
+    python -m benchmarks.bench --quick    # 8 images of 64×64: a smoke run (~4 min), written
                                           # to benchmarks/quick/ (git-ignored), not BENCHMARKS.md
 
 BENCHMARKS.md and results.json are written together, when the run ends: Ctrl-C leaves them
@@ -189,6 +189,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--skip", type=_names, default=[], help=f"any of {', '.join(SECTIONS)}")
     parser.add_argument(
+        "--only",
+        type=_names,
+        default=[],
+        help="run only these sections, e.g. --only families --cases bank3 for one case",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="tiny smoke run: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()),
@@ -224,9 +230,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     out = QUICK_OUT if args.quick else None
     args.out_md = args.out_md or (out / OUT_MD.name if out else OUT_MD)
     args.out_json = args.out_json or (out / OUT_JSON.name if out else OUT_JSON)
-    unknown = set(args.skip) - set(SECTIONS)
-    if unknown:
-        parser.error(f"--skip: unknown {', '.join(sorted(unknown))}; use {', '.join(SECTIONS)}")
+    for option in ("skip", "only"):
+        unknown = set(getattr(args, option)) - set(SECTIONS)
+        if unknown:
+            parser.error(
+                f"--{option}: unknown {', '.join(sorted(unknown))}; use {', '.join(SECTIONS)}"
+            )
+    if args.only:
+        args.skip = sorted(set(args.skip) | (set(SECTIONS) - set(args.only)))
     args.scales = sorted(set(args.scales) | {args.images})
     return args
 
@@ -374,6 +385,9 @@ def run_dvc(args, workdir: Path) -> dict:
     dvc = str(BIN / "dvc")
     result = {"data_params": yaml.safe_load((ws.root / "params.yaml").read_text())["data"]}
     floor = [import_time(ws, FLOOR_IMPORTS)]  # three times, between the runs it measures
+    # each stage's own floor, `python -c "import stages.<name>"` (its module and what it
+    # imports): before the runs and after them, the faster of the two (the machine is shared)
+    stage_floors = [stage_import_times(ws)]
     result["full_repro"] = {**ws.dvc("repro").as_dict(), "outputs": run_outputs(ws.root)}
     floor.append(import_time(ws, FLOOR_IMPORTS))
     ws.commit("first run")
@@ -385,15 +399,13 @@ def run_dvc(args, workdir: Path) -> dict:
         "outputs": run_outputs(ws.root),
     }
     floor.append(import_time(ws, FLOOR_IMPORTS))
+    stage_floors.append(stage_import_times(ws))
     result["import_floor"] = {
         "imports": FLOOR_IMPORTS,
         "median_s": round(float(np.median(floor)), 3),
         "runs_s": [round(t, 3) for t in floor],
-        # each stage's own: `python -c "import stages.<name>"` (its module and what it
-        # imports), the faster of two: a floor, on a shared machine
         "stages_s": {
-            name: round(min(import_time(ws, f"import stages.{name}") for _ in range(2)), 3)
-            for name in PIPELINE_STAGES
+            name: round(min(times[name] for times in stage_floors), 3) for name in PIPELINE_STAGES
         },
     }
     log.info("import floor %.2f s (%s)", result["import_floor"]["median_s"], floor)
@@ -420,6 +432,10 @@ def run_dvc(args, workdir: Path) -> dict:
 def import_time(ws: Workspace, imports: str) -> float:
     """Wall seconds of `python -c "<imports>"` in the workspace: start-up and imports."""
     return ws.measure(str(BIN / "python"), "-c", imports).seconds
+
+
+def stage_import_times(ws: Workspace) -> dict[str, float]:
+    return {name: import_time(ws, f"import stages.{name}") for name in PIPELINE_STAGES}
 
 
 def run_outputs(root: Path) -> dict:

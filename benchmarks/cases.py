@@ -278,7 +278,7 @@ def mixed_collection(folder: Path, count: int, size: int, seed: int = 0) -> None
         else:
             image = dead_leaves.render(i, size, seed).astype(np.float64)
             if kind < 2:  # flat (a sky) or hazy
-                sigma, contrast = ((3.0, 0.5), (1.5, 0.8))[kind]  # spans ~500×
+                sigma, contrast = ((3.5, 0.45), (1.5, 0.8))[kind]  # spans ~500×
                 blurred = ndimage.gaussian_filter(image, (sigma, sigma, 0))
                 image = image.mean() + (blurred - blurred.mean()) * contrast
             image = np.clip(np.round(image), 0, 255).astype(np.uint8)

@@ -650,3 +650,23 @@ def test_ran_stages_reads_dvcs_stage_lines():
         [4.0, "Updating lock file 'dvc.lock'"],
     ]
     assert report_cases.ran_stages({"marks": marks}) == ["fingerprint", "filter"]
+
+
+def test_only_runs_the_sections_named():
+    args = bench.parse_args(["--only", "families", "--cases", "bank3"])
+    assert set(SECTIONS) - set(args.skip) == {"families"} and args.cases == ["bank3"]
+    quick = bench.parse_args(["--quick", "--cases", "bank3"])
+    assert quick.cases == ["bank3"]  # asked for: kept over --quick's own few
+
+
+def test_dvc_spans_are_from_each_running_line_to_its_lock_line():
+    from benchmarks import report_cases
+
+    marks = [
+        [0.5, "Running stage 'fingerprint':"],
+        [1.0, "Updating lock file 'dvc.lock'"],
+        [1.2, "Stage 'download' didn't change, skipping"],
+        [2.0, "Running stage 'train':"],
+        [9.5, "Updating lock file 'dvc.lock'"],
+    ]
+    assert report_cases.dvc_spans({"marks": marks}) == {"fingerprint": 0.5, "train": 7.5}
