@@ -254,18 +254,21 @@ def gradient_energy(image: np.ndarray) -> float:
     return float(np.mean(np.diff(a, axis=0)[:, :-1] ** 2 + np.diff(a, axis=1)[:-1] ** 2))
 
 
+KINDS = ("1-sky", "2-haze", "3-plain", "4-forest")  # folders, in the order of their names
+
+
 def mixed_collection(folder: Path, count: int, size: int, seed: int = 0) -> None:
-    """PNGs like a scene collection of skies beside forests: dead-leaves images made
-    nearly flat (heavily blurred, low contrast), mildly blurred, as they are, and dense
-    (4×4 tiles of small ones), in turn."""
+    """PNGs like a scene collection of skies beside forests, a folder per kind as a
+    collection's categories are (so they come in blocks, by name): dead-leaves images made
+    nearly flat (heavily blurred, low contrast: 1-sky), mildly blurred (2-haze), as they
+    are (3-plain), and dense (4×4 tiles of small ones: 4-forest), a quarter each."""
     from PIL import Image
     from scipy import ndimage
 
     from src import dead_leaves
 
-    folder.mkdir(parents=True, exist_ok=True)
     for i in range(count):
-        kind = i % 4
+        kind = min(4 * i // count, 3)
         if kind == 3:  # dense: 16 small images tiled, so the leaves are 4× smaller
             tile = size // 4
             rows = [
@@ -277,12 +280,13 @@ def mixed_collection(folder: Path, count: int, size: int, seed: int = 0) -> None
             image = np.concatenate(rows, 0)
         else:
             image = dead_leaves.render(i, size, seed).astype(np.float64)
-            if kind < 2:  # flat (a sky) or hazy
+            if kind < 2:  # a sky, or haze
                 sigma, contrast = ((3.5, 0.45), (1.5, 0.8))[kind]  # spans ~500×
                 blurred = ndimage.gaussian_filter(image, (sigma, sigma, 0))
                 image = image.mean() + (blurred - blurred.mean()) * contrast
             image = np.clip(np.round(image), 0, 255).astype(np.uint8)
-        Image.fromarray(image).save(folder / f"{i:04d}-{'flat hazy plain dense'.split()[kind]}.png")
+        (folder / KINDS[kind]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / KINDS[kind] / f"{i:04d}.png")
 
 
 def gray_span(root: Path) -> dict:

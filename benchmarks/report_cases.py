@@ -584,9 +584,11 @@ def _end_to_end(results: dict) -> list[str]:
     if span:
         out += [
             f"Mixed collection: {span['images']} PNGs built in the bench "
-            f"({seconds(mixed.get('build_s'))}): dead-leaves images in turn heavily blurred at "
-            "low contrast (a sky), mildly blurred, as they are, and dense (4×4 tiles of small "
-            "ones). Per-image gradient energy (mean squared finite difference of data/gray) "
+            f"({seconds(mixed.get('build_s'))}), a folder per kind as a collection's "
+            "categories are, so they come in blocks by name: dead-leaves images heavily "
+            "blurred at low contrast (1-sky), mildly blurred (2-haze), as they are (3-plain), "
+            "and dense (4×4 tiles of small ones: 4-forest), a quarter each. Per-image gradient "
+            "energy (mean squared finite difference of data/gray) "
             f"from {sci(span['min'])} to {sci(span['max'])} (median {sci(span['median'])}): "
             f"a span of **{span['span']:,.0f}×**.",
             "",
