@@ -120,8 +120,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--original-budget",
         type=float,
-        default=120.0,
-        help="seconds the original recipe may train, per kernel",
+        default=90.0,
+        help="seconds the original recipe may train, per kernel (smiley's is cut short "
+        "by it, then projected)",
     )
     parser.add_argument(
         "--reference-kernels",

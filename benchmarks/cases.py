@@ -48,7 +48,8 @@ class Case:
     label: str
     params: dict = field(default_factory=dict)
     until: str = "train"
-    error_key: str | None = None  # an error case: the key its one line must name
+    error_key: str | tuple[str, ...] | None = None  # an error case: the key (one of the
+    # keys) its one line must name
     files: tuple[str, ...] = ()  # kernel files the case writes into the copy (file: kernels)
 
 
@@ -94,7 +95,7 @@ FAMILIES = [  # issue 18, on the default synthetic data (then in colour) and sam
         "a 2-D kernel (sobel_x) on data.channels 3",
         {"data": {"channels": 3}, "kernel": "sobel_x"},
         "filter",
-        "kernel",
+        ("kernel", "data.channels"),  # "says what to set"
     ),
     Case(
         "err_mixed_bank",
@@ -195,7 +196,8 @@ class Pipeline:
             np.save(path, rng.standard_normal((3, 3)))
         result: dict = {"label": case.label, "params": case.params, "stages": {}}
         if case.error_key:
-            result["error_key"] = case.error_key
+            keys = case.error_key
+            result["error_key"] = [keys] if isinstance(keys, str) else list(keys)
         log.info("case %s: %s", case.id, case.label)
         upstream = False
         for name in STAGES[: STAGES.index(case.until) + 1]:
