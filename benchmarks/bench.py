@@ -386,11 +386,12 @@ def run_dvc(args, workdir: Path) -> dict:
     dvc = str(BIN / "dvc")
     result = {"data_params": yaml.safe_load((ws.root / "params.yaml").read_text())["data"]}
     floor = [import_time(ws, FLOOR_IMPORTS)]  # three times, between the runs it measures
-    # each stage's own floor, `python -c "import stages.<name>"` (its module and what it
-    # imports): before the runs and after them, the faster of the two (the machine is shared)
-    stage_floors = [stage_import_times(ws)]
     result["full_repro"] = {**ws.dvc("repro").as_dict(), "outputs": run_outputs(ws.root)}
     floor.append(import_time(ws, FLOOR_IMPORTS))
+    # each stage's own floor, `python -c "import stages.<name>"` (its module and what it
+    # imports): after the fresh repro (which compiled them, as a fresh clone does) and after
+    # the experiment, the faster of the two (the machine is shared)
+    stage_floors = [stage_import_times(ws)]
     ws.commit("first run")
     median, runs = repeat_median(lambda: ws.dvc("repro"), args.noop_repeats)
     result["noop_repro"] = {"median_s": round(median, 3), "runs_s": [round(s, 3) for s in runs]}

@@ -73,10 +73,13 @@ def per_filter(case: dict) -> dict[str, float]:
     return {k[len(prefix) :]: v for k, v in train.items() if k.startswith(prefix)}
 
 
+def _epochs(count) -> str:
+    return f"{count} epoch{'' if count == 1 else 's'}"
+
+
 def stopped(case: dict) -> str:
     t = case["train"]
-    reason = t.get("stop_reason", "no stop_reason")
-    return f"{t.get('epochs')} epoch{'' if t.get('epochs') == 1 else 's'}, {reason}"
+    return f"{_epochs(t.get('epochs'))}, {t.get('stop_reason', 'no stop_reason')}"
 
 
 def by_rule(case: dict, epochs: int) -> bool:
@@ -289,7 +292,7 @@ def targets(results: dict, add) -> None:
             f"no noise, {kernel} on the default data: ≤ {power(limit)} in ≤ {NO_NOISE_EPOCHS} "
             "epochs (as before)",
             None if why else run["train"]["kernel_rel_error"],
-            why or f"{sci(run['train']['kernel_rel_error'])}, {run['train']['epochs']} epochs",
+            why or f"{sci(run['train']['kernel_rel_error'])}, {_epochs(run['train']['epochs'])}",
             not why
             and run["train"]["kernel_rel_error"] <= limit
             and run["train"]["epochs"] <= NO_NOISE_EPOCHS,
