@@ -3,6 +3,8 @@
     python -m benchmarks.bench            # the full run (~20 min on 2 shared cores)
     python -m benchmarks.bench --quick    # 8 images of 64×64: a smoke run (~4 min), written
                                           # to benchmarks/quick/ (git-ignored), not BENCHMARKS.md
+    python -m benchmarks.bench --only families --cases bank3    # one case, full size, also
+                                          # to benchmarks/quick/ (see benchmarks/cases.py)
 
 BENCHMARKS.md and results.json are written together, when the run ends: Ctrl-C leaves them
 as they were, with one line to say so.
@@ -228,7 +230,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         for key, value in QUICK.items():
             if getattr(args, key) == parser.get_default(key):
                 setattr(args, key, value)
-    out = QUICK_OUT if args.quick else None
+    # a smoke run, or one section or case, is not the record: benchmarks/quick/ unless asked
+    partial = args.quick or args.only or args.cases != parser.get_default("cases")
+    out = QUICK_OUT if partial else None
     args.out_md = args.out_md or (out / OUT_MD.name if out else OUT_MD)
     args.out_json = args.out_json or (out / OUT_JSON.name if out else OUT_JSON)
     for option in ("skip", "only"):

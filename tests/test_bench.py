@@ -657,6 +657,8 @@ def test_only_runs_the_sections_named():
     assert set(SECTIONS) - set(args.skip) == {"families"} and args.cases == ["bank3"]
     quick = bench.parse_args(["--quick", "--cases", "bank3"])
     assert quick.cases == ["bank3"]  # asked for: kept over --quick's own few
+    for partial in (args, bench.parse_args(["--cases", "noise_*"])):  # not the record either
+        assert partial.out_md == bench.QUICK_OUT / "BENCHMARKS.md"
 
 
 def test_dvc_spans_are_from_each_running_line_to_its_lock_line():
