@@ -26,7 +26,7 @@ import scipy.linalg
 import tensorflow as tf
 from scipy import fft
 
-from src import filtering, kernels, layers, streams, training
+from src import filtering, layers, streams, training
 from src.config import TrainConfig
 
 log = logging.getLogger("bench.learning")
@@ -66,8 +66,8 @@ class Trace:
     def read(self, model) -> float:
         now = time.perf_counter()
         weights = model.get_layer("conv").get_weights()  # ours trains no bias: it is fitted
-        kernel, bias = weights[0], (weights[1][0] if len(weights) > 1 else 0.0)
-        error = kernels.errors(kernel[:, :, 0, 0].astype(np.float64), self.true_kernel)[1]
+        kernel, bias = weights[0], (float(np.ravel(weights[1])[0]) if len(weights) > 1 else 0.0)
+        error = relative_error(kernel, self.true_kernel)
         self.points.append((now - self.start, self.step, error, float(abs(bias))))
         self._last = time.perf_counter()
         return error
@@ -100,6 +100,25 @@ class Trace:
             "max_abs_bias": max(p[3] for p in self.points) if self.points else None,
             "trace": [[round(t, 3), s, e] for t, s, e, _ in self.points[:: every or 1]],
         }
+
+
+def relative_error(learned: np.ndarray, true_kernel: np.ndarray) -> float:
+    """‖w−k‖²/‖k‖² over the whole kernel, whether either is (kh, kw) or (kh, kw, C, F)."""
+    k = np.asarray(true_kernel, np.float64)
+    w = np.asarray(learned, np.float64).reshape(k.shape)
+    return float(np.sum((w - k) ** 2) / np.sum(k**2))
+
+
+def plane(kernel: np.ndarray) -> np.ndarray:
+    """A gray single-filter kernel as (kh, kw), from (kh, kw) or (kh, kw, 1, 1)."""
+    kernel = np.asarray(kernel)
+    return kernel.reshape(kernel.shape[:2]) if kernel.size == np.prod(kernel.shape[:2]) else kernel
+
+
+def gray(images: np.ndarray) -> np.ndarray:
+    """Gray images as (N, H, W), from (N, H, W) or (N, H, W, 1)."""
+    images = np.asarray(images)
+    return images[..., 0] if images.ndim == 4 and images.shape[-1] == 1 else images
 
 
 def _thin(points: list, keep: int = 400) -> int:
@@ -151,7 +170,7 @@ def ours(
         images, targets, true_kernel, split, padding, cfg, seed, callbacks=[Traced()]
     )
     total = trace.elapsed
-    final = kernels.errors(layers.learned_kernel(model), true_kernel)[1]
+    final = relative_error(model.get_layer("conv").get_weights()[0], true_kernel)
     last = {key: values[-1] for key, values in history.history.items()}
     result = trace.summary(_thin(trace.points), thresholds)
     first_step = trace.points[0][0] if trace.points else None
@@ -196,7 +215,9 @@ def same_targets(
     """out[i] = images[rows[i]] correlated with the kernel, 'same' padding, as the original."""
     for start in range(0, len(rows), filtering.CHUNK):
         block = rows[start : start + filtering.CHUNK]
-        out[start : start + len(block)] = filtering.correlate(images[block], conv_kernel, "same")
+        out[start : start + len(block)] = gray(
+            filtering.correlate(gray(images[block]), plane(conv_kernel), "same")
+        )
     return out
 
 
@@ -208,8 +229,8 @@ def _one_by_one(
     while True:
         for i in rng.permutation(len(rows)):
             yield (
-                np.asarray(images[rows[i]], np.float32)[None, :, :, None],
-                np.asarray(targets[i], np.float32)[None, :, :, None],
+                gray(np.asarray(images[rows[i : i + 1]], np.float32))[..., None],
+                gray(np.asarray(targets[i : i + 1], np.float32))[..., None],
             )
 
 
@@ -230,7 +251,7 @@ def original(
     """
     keras.utils.set_random_seed(seed)
     trace = Trace(true_kernel)
-    shape = tuple(true_kernel.shape)
+    shape = tuple(plane(true_kernel).shape)
     size = images.shape[1]
     layer = (
         keras.layers.Conv2D(1, shape, padding="same", name="conv")
@@ -351,7 +372,7 @@ def closed_form(
     each pixel; that ignores only which patches reach the border. Each refinement pass
     then solves that system again for the exact residual Xᵀ(y − Xw), computed with FFTs.
     """
-    kh, kw = true_kernel.shape
+    kh, kw = plane(true_kernel).shape
     size = images.shape[1] - 1
     out_h, out_w = size - kh + 1, size - kw + 1
     n = fft.next_fast_len(size + max(kh, kw) - 1, real=True)
@@ -412,8 +433,8 @@ def _blocks(images, targets, rows) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     for start in range(0, len(rows), CHUNK):
         block = rows[start : start + CHUNK]
         yield (
-            _whiten(np.asarray(images[block], np.float32)),
-            _whiten(np.asarray(targets[block], np.float32)),
+            _whiten(gray(np.asarray(images[block], np.float32))),
+            _whiten(gray(np.asarray(targets[block], np.float32))),
         )
 
 
@@ -421,5 +442,5 @@ def _pass(number: int, start: float, kernel: np.ndarray, true_kernel: np.ndarray
     return {
         "pass": number,
         "seconds": round(time.perf_counter() - start, 3),
-        "relative_error": kernels.errors(kernel, true_kernel)[1],
+        "relative_error": relative_error(kernel, true_kernel),
     }

@@ -15,6 +15,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
+from benchmarks.learning import gray
 from src import filtering, layers, training
 from src.config import TrainConfig
 
@@ -35,8 +36,8 @@ def batch(
     size = images.shape[1]
     picks = rng.choice(len(images), size=count, replace=len(images) < count)
     offsets = rng.integers(0, size - crop + 1, size=(count, 2))
-    x = np.stack([images[i, y : y + crop, x : x + crop] for i, (y, x) in zip(picks, offsets)])
-    target = filtering.correlate(x, rng.standard_normal(kernel_shape), "valid")
+    x = gray(np.stack([images[i, y : y + crop, x : x + crop] for i, (y, x) in zip(picks, offsets)]))
+    target = gray(filtering.correlate(x, rng.standard_normal(kernel_shape), "valid"))
     return training.whiten_pair(
         tf.constant(x[..., None], tf.float32), tf.constant(target[..., None], tf.float32), whiten
     )

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import statistics
 import subprocess
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import psutil
@@ -42,9 +43,22 @@ class Measured:
     peak_anon_mb: float
     peak_uss_mb: float
     returncode: int
+    # each stage process seen in the tree: [first seen, last seen], seconds from the start
+    stage_spans: dict = field(default_factory=dict)
+    # DVC's "Running stage" and "Updating lock file" lines, as [seconds from the start, line]
+    marks: list = field(default_factory=list)
+    output: str = field(default="", repr=False)  # what it printed; not kept in the results
 
     def as_dict(self) -> dict:
-        return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+        out = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+        del out["output"]
+        out["stage_spans"] = {k: [round(t, 2) for t in v] for k, v in self.stage_spans.items()}
+        out["marks"] = [[round(t, 2), line] for t, line in self.marks]
+        if not out["stage_spans"]:
+            del out["stage_spans"]
+        if not out["marks"]:
+            del out["marks"]
+        return out
 
 
 def _status_kb(pid: int) -> tuple[int, int]:
@@ -62,12 +76,22 @@ def _status_kb(pid: int) -> tuple[int, int]:
     return rss, anon
 
 
-class TreeMemory:
-    """Polls a process and its descendants until stopped; keeps the peaks of the sums."""
+STAGE_PROCESS = re.compile(r"-m\s+stages\.(\w+)")  # a stage's command line, as DVC runs it
+# DVC's lines that start, skip or end a stage
+DVC_MARK = re.compile(r"(Running stage '|Updating lock file|Stage '.*' (didn't change|is cached))")
 
-    def __init__(self, pid: int):
+
+class TreeMemory:
+    """Polls a process and its descendants until stopped; keeps the peaks of the sums, and
+    when each `python -m stages.<name>` in the tree was first and last seen (seconds from
+    the start, to within a poll)."""
+
+    def __init__(self, pid: int, start: float | None = None):
         self.root = psutil.Process(pid)
         self.peak_rss = self.peak_anon = self.peak_uss = 0
+        self.stages: dict[str, list[float]] = {}  # name: [first seen, last seen]
+        self._names: dict[int, str | None] = {}
+        self._start = time.perf_counter() if start is None else start
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
@@ -89,6 +113,7 @@ class TreeMemory:
         polls = 0
         while not self._stop.is_set():
             tree = self._tree()
+            self._see_stages(tree)
             sums = [_status_kb(p.pid) for p in tree]
             self.peak_rss = max(self.peak_rss, sum(r for r, _ in sums) * 1024)
             self.peak_anon = max(self.peak_anon, sum(a for _, a in sums) * 1024)
@@ -102,6 +127,20 @@ class TreeMemory:
                 self.peak_uss = max(self.peak_uss, uss)
             polls += 1
             self._stop.wait(POLL_S)
+
+    def _see_stages(self, tree: list[psutil.Process]) -> None:
+        now = time.perf_counter() - self._start
+        for p in tree:
+            if p.pid not in self._names:
+                try:
+                    found = STAGE_PROCESS.search(" ".join(p.cmdline()))
+                except psutil.Error:
+                    found = None
+                self._names[p.pid] = found and found.group(1)
+            name = self._names[p.pid]
+            if name:
+                span = self.stages.setdefault(name, [now, now])
+                span[1] = now
 
 
 class Workspace:
@@ -125,21 +164,33 @@ class Workspace:
             )
         return result
 
-    def measure(self, *args: str, timeout: float = 1800) -> Measured:
-        """Run a command; its wall time and its process tree's memory peaks. Fails loudly."""
+    def measure(self, *args: str, timeout: float = 1800, check: bool = True) -> Measured:
+        """Run a command; its wall time, its process tree's memory peaks, when each stage
+        process ran, and DVC's stage lines, stamped as they came. Fails loudly unless
+        `check` is False (then `output` holds what it printed)."""
         start = time.perf_counter()
+        lines: list[tuple[float, str]] = []
+        env = {**self.env, "PYTHONUNBUFFERED": "1"}  # lines stamped when printed, not flushed
         with subprocess.Popen(
             list(args),
             cwd=self.root,
-            env=self.env,
+            env=env,
             text=True,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         ) as proc:
-            with TreeMemory(proc.pid) as memory:
-                output, _ = proc.communicate(timeout=timeout)
+            killer = threading.Timer(timeout, proc.kill)
+            killer.start()
+            try:
+                with TreeMemory(proc.pid, start) as memory:
+                    for line in proc.stdout:
+                        lines.append((time.perf_counter() - start, line.rstrip("\n")))
+                    proc.wait()
+            finally:
+                killer.cancel()
         seconds = time.perf_counter() - start
-        if proc.returncode != 0:
+        output = "\n".join(line for _, line in lines)
+        if check and proc.returncode != 0:
             raise RuntimeError(
                 f"{' '.join(args)} exited {proc.returncode} in {self.root}\n{output[-4000:]}"
             )
@@ -151,10 +202,13 @@ class Workspace:
             memory.peak_anon / mb,
             memory.peak_uss / mb,
             proc.returncode,
+            stage_spans=memory.stages,
+            marks=[(t, line) for t, line in lines if DVC_MARK.match(line)],
+            output=output,
         )
 
-    def stage(self, name: str, label: str = "") -> Measured:
-        measured = self.measure(str(BIN / "python"), "-m", f"stages.{name}")
+    def stage(self, name: str, label: str = "", check: bool = True) -> Measured:
+        measured = self.measure(str(BIN / "python"), "-m", f"stages.{name}", check=check)
         log.info(
             "stage %-16s %6.1f s  peak rss %6.0f MB, anon %5.0f MB  (%s)",
             label or name,
