@@ -289,7 +289,7 @@ def test_the_model_of_a_bank_reads_back():
     kernel, bias = stage_files.read_learned_layer()
     np.testing.assert_array_equal(kernel, snapshots[-1])
     np.testing.assert_array_equal(bias, [0.5, -0.25])
-    np.testing.assert_array_equal(stage_files.read_kernel_snapshots()[..., 0, 0], snapshots)
+    np.testing.assert_array_equal(stage_files.read_kernel_snapshots(), snapshots)
 
 
 @pytest.mark.parametrize("text", ['{"bias": NaN}', '{"bias": "0"}', '{"b": 0}', "[0]", "0.1 x"])
