@@ -178,7 +178,7 @@ def main() -> None:
         index = stage_files.read_index()
         names, splits = index["name"].tolist(), index["split"].tolist()
         row = sample_row(splits)
-        with stage_files.open_gray_images() as grays:
+        with stage_files.open_inputs() as grays:  # the coarse images with rescale
             image = grays[row]
         with stage_files.open_targets() as targets:
             target = targets[row]
