@@ -30,6 +30,18 @@ FIGURES = ("convergence.gif", "comparison.png", "sample.png", "curves.png")
 # filters a linear layer cannot be: they have no true kernel to draw
 NON_LINEAR = ("median", "max", "min", "abs_sobel_x", "gradient_magnitude")
 ORIGINAL = ["-S", "train.recipe=original", "-S", "train.max_steps=2000"]  # the seed's training
+# the README's "Beyond one gray kernel" and "What one linear layer can learn": each family's
+# run from the committed params (every key it needs given, so none leaks into the next)
+FAMILIES = {
+    "relu": ["kernel=edge", "filter.activation=relu"],
+    "bank": ["kernel=[sobel_x,sobel_y,laplacian]"],
+    "bank2": ["kernel=[smiley,sobel_x]"],
+    "red": ["kernel=red", "data.channels=3", "filter.activation=sigmoid"],
+    "median": ["kernel=median"],
+    "abs_sobel_x": ["kernel=abs_sobel_x"],
+    "rescale": ["kernel=sobel_x", "filter.rescale=2"],
+    "noisy": ["kernel=sobel_x", "filter.noise_std=0.01"],
+}
 
 
 def gallery() -> None:
@@ -82,6 +94,15 @@ def pipeline_figures() -> None:
                 ),
             }
         ).savefig(DOCS / "recipes.png", dpi=figures.DPI)
+        for name, settings in FAMILIES.items():
+            subprocess.run(["git", "checkout", "--", "params.yaml"], cwd=copy, check=True)
+            sets = [arg for setting in settings for arg in ("-S", setting)]
+            subprocess.run(["dvc", "exp", "run", "-n", name, *sets], cwd=copy, env=env, check=True)
+            (DOCS / name).mkdir(parents=True, exist_ok=True)
+            for figure in FIGURES:
+                shutil.copy2(copy / "figures" / figure, DOCS / name / figure)
+            shutil.copy2(copy / "metrics/train.json", DOCS / name / "train.json")
+        subprocess.run(["git", "checkout", "--", "params.yaml"], cwd=copy, check=True)
         mlflow_ui.capture(copy, DOCS / "mlflow")
 
 
