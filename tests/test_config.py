@@ -238,7 +238,7 @@ def test_malformed_yaml_and_a_non_mapping_are_one_line_errors(tmp_path):
             "train.zzz",
             "train.zzz: unknown setting; choose from recipe, max_steps, tolerance, "
             "min_epoch_steps, batch_size, learning_rate, optimizer, precondition, conv, "
-            "whiten, crop, devices",
+            "whiten, crop, devices, solver",
         ),
     ],
 )
