@@ -45,8 +45,8 @@ class LearnedFilter:
         conv = keras_model.get_layer("conv")
         self.kernel_size = tuple(int(s) for s in conv.kernel_size)
         self.padding = conv.padding
-        self.channels = int(keras_model.input_shape[-1])
-        self.filters = int(keras_model.output_shape[-1])
+        # from the kernel (kh, kw, C, F): FFTConv2D's output_shape has no channel count
+        self.channels, self.filters = (int(s) for s in conv.kernel.shape[2:])
 
     def get_raw_model(self):
         return self.model

@@ -596,8 +596,12 @@ def as_bank(kernel: np.ndarray) -> np.ndarray:
 def _filter_image(bank: np.ndarray, f: int, names: Sequence[str], value_range):
     """Filter f of a (kh, kw, C, F) bank as figures.kernel_image draws it (channels side by
     side on one colour range, with a colour bar), on its range of figures.kernel_ranges
-    (one (low, high) per filter), or its own with None."""
-    ranges = None if value_range is None else list(value_range)[f : f + 1]
+    (one (low, high) per filter), on one (low, high) for every filter, or its own with
+    None."""
+    if value_range is None or np.shape(value_range) == (2,):
+        ranges = value_range
+    else:
+        ranges = list(value_range)[f : f + 1]
     return figures.kernel_image(bank[..., f : f + 1], [names[f]], ranges)
 
 
@@ -827,9 +831,8 @@ def log_model(model, model_id: str, *, step: int, description: str = ""):
         return Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1, int(channels)))])
 
     client = MlflowClient()
-    signature = ModelSignature(
-        inputs=images(model.input_shape[-1]), outputs=images(model.output_shape[-1])
-    )
+    served = serving.LearnedFilter(model)  # FFTConv2D's output_shape has no channel count
+    signature = ModelSignature(inputs=images(served.channels), outputs=images(served.filters))
     requirements = [f"{name}=={version(name)}" for name in MODEL_REQUIREMENTS]
     with interrupts.uninterrupted():
         logged = client.get_logged_model(model_id)

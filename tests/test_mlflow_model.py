@@ -45,12 +45,13 @@ def model_uri(ws) -> str:
 
 
 def held_out(ws) -> tuple[np.ndarray, np.ndarray]:
-    """The first validation image and its target, as the filter stage wrote them."""
+    """The first validation image (1, H, W, C) and its one filter's target (H', W'), as
+    the filter stage wrote them ((N, H, W, C) images, (N, H', W', F) targets)."""
     split = pd.read_csv(ws.root / "data/gray/index.csv")["split"].tolist()
     row = split.index("val")
     gray = np.load(ws.root / "data/gray/images.npy")[row]
     target = np.load(ws.root / "data/filtered/targets.npy")[row]
-    return gray[None, :, :, None].astype(np.float32), target
+    return gray[None].astype(np.float32), target[..., 0]
 
 
 def test_pyfunc_predicts_the_filter_stage_target(trained, monkeypatch):

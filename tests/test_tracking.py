@@ -29,7 +29,7 @@ from mlflow import MlflowClient
 from mlflow.entities import LoggedModelStatus
 from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
-from src import config, paths, tracking
+from src import config, figures, paths, tracking
 from src.errors import UserError
 from src.tracking import log_epoch, log_final, resume_run, training_run
 
@@ -171,9 +171,7 @@ def test_epochs_and_final_artifacts(store, tmp_path):
         for epoch in (1, 2, 3):
             learned = true_kernel * epoch / 3
             log_epoch(run_id, epoch, {"loss": 1.0 / epoch, "val_loss": np.float32(2.0 / epoch)})
-            tracking.log_snapshots(
-                run_id, [(epoch * 10, learned[:, :, None, None])], true_kernel, SOBEL_RANGE
-            )
+            tracking.log_snapshots(run_id, [(epoch * 10, learned)], true_kernel, SOBEL_RANGE)
         log_final(run_id, true_kernel=true_kernel, learned_kernel=learned)
 
     client = MlflowClient(store)
@@ -305,7 +303,7 @@ def test_a_temp_experiment_with_a_relative_sqlite_uri_logs_to_the_roots_store(wo
     [run] = client.search_runs([experiment.experiment_id])
     assert run.info.status == "FINISHED" and run.data.tags["kernel"] == "sobel_y"
     learned = client.download_artifacts(run.info.run_id, "learned_kernel.npy")
-    assert np.load(learned).shape == (3, 3)
+    assert np.load(learned).shape == (3, 3, 1, 1)  # (kh, kw, C, F)
     assert experiment.artifact_location.startswith((workspace.root / "mlartifacts").as_uri())
 
 
@@ -734,7 +732,8 @@ def test_a_bank_has_an_image_key_and_errors_per_filter(store):
     learned = true.copy()
     learned[..., 1] *= 0.5
     with training_run(make_params()) as run_id:
-        tracking.log_snapshots(run_id, [(0, learned), (7, true)], true, (-3.0, 3.0), names)
+        ranges = figures.kernel_ranges(true)  # one (low, high) a filter, as stages/train.py
+        tracking.log_snapshots(run_id, [(0, learned), (7, true)], true, ranges, names)
         log_final(run_id, true_kernel=true, learned_kernel=learned, names=names)
     client = MlflowClient(store)
     metrics = client.get_run(run_id).data.metrics
