@@ -744,12 +744,12 @@ def run_steps(args, data: Data) -> dict:
 def warm_up(data: Data, kernel: str = STAGE_KERNELS[-1]) -> None:
     """The first training in a process pays one-time start-up costs (seen: ~1.5 s); the
     contenders then share a warm process. 16 steps on a few images, untimed."""
-    from src import training
+    from benchmarks import learning
 
     targets, true_kernel = data.targets(kernel)
     cfg = data.params.train.model_copy(update={"max_steps": 16})
     rows = np.sort(np.concatenate([data.train_rows[:6], np.flatnonzero(data.split == "val")[:2]]))
-    training.train(
+    learning.train(
         data.images[rows],
         targets[rows],
         true_kernel,

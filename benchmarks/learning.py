@@ -121,6 +121,27 @@ def gray(images: np.ndarray) -> np.ndarray:
     return images[..., 0] if images.ndim == 4 and images.shape[-1] == 1 else images
 
 
+def train(images, targets, true_kernel, split, padding, cfg, seed, callbacks=()):
+    """src.training.train as the train stage calls it (4-D kernels, the closed form not
+    asked for): (its Result, the last epoch's logs)."""
+    true = np.asarray(true_kernel, np.float64)
+    true = true[:, :, None, None] if true.ndim == 2 else true
+    result = training.train(
+        images,
+        targets,
+        true,
+        split,
+        padding,
+        cfg,
+        seed,
+        kernel_shape=true.shape[:2],
+        callbacks=callbacks,
+    )
+    last = dict(result.history[-1]) if result.history else {}
+    last.update(converged=result.converged, steps=result.steps, stop_reason=result.stop_reason)
+    return result, last
+
+
 def _thin(points: list, keep: int = 400) -> int:
     return max(1, len(points) // keep)
 
@@ -166,12 +187,11 @@ def ours(
             fit_end.append(trace.elapsed)
 
     trace.restart()
-    model, history = training.train(
+    fitted, last = train(
         images, targets, true_kernel, split, padding, cfg, seed, callbacks=[Traced()]
     )
     total = trace.elapsed
-    final = relative_error(model.get_layer("conv").get_weights()[0], true_kernel)
-    last = {key: values[-1] for key, values in history.history.items()}
+    final = relative_error(fitted.model.get_layer("conv").get_weights()[0], true_kernel)
     result = trace.summary(_thin(trace.points), thresholds)
     first_step = trace.points[0][0] if trace.points else None
     per_epoch = [

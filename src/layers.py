@@ -79,6 +79,14 @@ class FFTConv2D(keras.layers.Layer):
         y = fft_correlate(x, self.kernel)
         return y + self.bias if self.use_bias else y
 
+    def compute_output_shape(self, input_shape):
+        batch, height, width = input_shape[0], input_shape[1], input_shape[2]
+        if self.padding == "valid" and height is not None:
+            height = height - self.kernel_size[0] + 1
+        if self.padding == "valid" and width is not None:
+            width = width - self.kernel_size[1] + 1
+        return (batch, height, width, self.filters)
+
     def get_config(self):
         return {
             **super().get_config(),
