@@ -188,7 +188,10 @@ class EpochEnd(keras.callbacks.Callback):
             stalled = bool(earlier) and np.all(step > earlier[-1] / STALL)
             # far from the optimum (a step above STALL_MAX) the halves' steps differ by
             # more than their noise: K-FAC's estimate of each half's curvature is not exact
-            small = np.max(step) < STALL_MAX
+            # (with each half's exact equations the standard error is exact: no such guard;
+            # it matters where the best kernel is near zero, as |Sobel x|'s, and every
+            # relative step is large)
+            small = self.newton_step.normal is not None or np.max(step) < STALL_MAX
             if small and (np.all(step <= FLOOR * error) or stalled):
                 self.stop_reason = "noise floor"
         self.measured.append((self.steps, step))
