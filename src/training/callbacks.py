@@ -19,6 +19,7 @@ MAX_SNAPSHOTS = 40  # kernel snapshots per run, log-spaced over the optimizer st
 FLOOR = 3.0  # a Newton step within this many of its standard errors is at the noise floor
 STALL = 2.0  # ... or that has fallen less than this factor in an epoch ...
 STALL_STEPS = 8  # ... of at least this many optimizer steps ...
+SE_MIN = 1e-8  # a standard error below this is rounding: exact targets, no noise floor
 STALL_MAX = 0.05  # ... either only below this (relative): far from the optimum it is not noise
 BATCH = 16  # whole images predicted at once
 
@@ -180,19 +181,20 @@ class EpochEnd(keras.callbacks.Callback):
         tolerance = self.cfg.tolerance
         if np.all(step < tolerance):
             self.stop_reason = "optimum"
-        elif self.floor_rule and np.max(error) > tolerance / FLOOR:
-            # noise is measurable; at its floor the step is within a few standard errors,
-            # or has stopped falling (less than STALL× in an epoch) while still small
-            # over at least STALL_STEPS optimizer steps (an epoch of a few photos is one)
+        elif self.floor_rule and np.max(error) > SE_MIN:
+            # the targets' noise (or a filter no linear layer is) is measurable. At its floor
+            # the step is within FLOOR standard errors (when the standard error is above a
+            # third of the tolerance), or has stopped falling: less than STALL× over at least
+            # STALL_STEPS optimizer steps (an epoch of a few photos is one) while small
             earlier = [v for steps, v in self.measured if self.steps - steps >= STALL_STEPS]
             stalled = bool(earlier) and np.all(step > earlier[-1] / STALL)
-            # far from the optimum (a step above STALL_MAX) the halves' steps differ by
-            # more than their noise: K-FAC's estimate of each half's curvature is not exact
-            # (with each half's exact equations the standard error is exact: no such guard;
-            # it matters where the best kernel is near zero, as |Sobel x|'s, and every
-            # relative step is large)
+            within = np.max(error) > tolerance / FLOOR and np.all(step <= FLOOR * error)
+            # far from the optimum (a step above STALL_MAX) the halves' K-FAC steps differ by
+            # more than their noise; with each half's exact equations the standard error is
+            # exact and needs no such guard (|Sobel x|'s best kernel is near zero, and every
+            # relative step large)
             small = self.newton_step.normal is not None or np.max(step) < STALL_MAX
-            if small and (np.all(step <= FLOOR * error) or stalled):
+            if small and (within or stalled):
                 self.stop_reason = "noise floor"
         self.measured.append((self.steps, step))
         if self.stop_reason in ("optimum", "noise floor"):
