@@ -57,9 +57,9 @@ def test_repro_runs_every_stage_and_logs_one_run(workspace):
     assert ran_stages(out) == ["fingerprint", *ALL_STAGES]
 
     gray = np.load(workspace.root / "data/gray/images.npy", mmap_mode="r")
-    assert gray.shape == (8, 64, 64) and gray.dtype == np.float32
+    assert gray.shape == (8, 64, 64, 1) and gray.dtype == np.float32
     targets = np.load(workspace.root / "data/filtered/targets.npy", mmap_mode="r")
-    assert targets.shape == (8, 62, 62)
+    assert targets.shape == (8, 62, 62, 1)  # (N, H', W', F)
     metrics = json.loads((workspace.root / "metrics/train.json").read_text())
     assert metrics["converged"] is True and metrics["kernel_rel_error"] < 1e-6
     assert 1 <= metrics["epochs"] and metrics["steps"] <= MAX_STEPS
@@ -102,7 +102,8 @@ def test_editing_a_file_kernel_reruns_filter_and_later_only(workspace):
 
     ran = ran_stages_of_five(workspace.dvc("repro").stdout)
     assert ran == ["filter", "train", "visualize"]
-    np.testing.assert_array_equal(np.load(workspace.root / "data/filtered/kernel.npy"), edited)
+    kernel = np.load(workspace.root / "data/filtered/kernel.npy")  # (kh, kw, C, F)
+    np.testing.assert_array_equal(kernel, edited[..., None, None])
     assert ran_stages_of_five(workspace.dvc("repro").stdout) == []
 
 
@@ -131,7 +132,7 @@ def test_adding_photos_to_a_source_folder_reruns_download(workspace, tmp_path):
     ran = ran_stages_of_five(workspace.dvc("repro").stdout)
     assert ran == ALL_STAGES
     assert manifest_names(workspace) == [f"photo_{i:02d}.png" for i in range(9)]
-    assert np.load(workspace.root / "data/gray/images.npy", mmap_mode="r").shape == (9, 64, 64)
+    assert np.load(workspace.root / "data/gray/images.npy", mmap_mode="r").shape == (9, 64, 64, 1)
     assert ran_stages_of_five(workspace.dvc("repro").stdout) == []
 
 
@@ -143,7 +144,8 @@ def test_changing_the_kernel_reruns_filter_and_later_only(workspace):
     assert "filter" in ran and "train" in ran
     assert "download" not in ran and "grayscale" not in ran
     kernel = np.load(workspace.root / "data/filtered/kernel.npy")
-    np.testing.assert_array_equal(kernel, [[-1, -2, -1], [0, 0, 0], [1, 2, 1]])
+    sobel_y = np.array([[-1, -2, -1], [0, 0, 0], [1, 2, 1]])
+    np.testing.assert_array_equal(kernel, sobel_y[..., None, None])  # (kh, kw, C, F)
 
 
 def test_workspace_temp_and_queued_experiments_share_one_store(workspace):
@@ -162,7 +164,7 @@ def test_workspace_temp_and_queued_experiments_share_one_store(workspace):
         assert_complete(client, run)
         # artifacts live under the main root, not in the deleted experiment copies
         local = client.download_artifacts(run.info.run_id, "learned_kernel.npy")
-        assert np.load(local).shape == (3, 3)
+        assert np.load(local).shape == (3, 3, 1, 1)
     assert not list((workspace.root / ".dvc/tmp/exps").glob("tmp*"))
     queued = next(r for r in found if r.data.tags["kernel"] == "laplacian")
     assert queued.data.tags["dvc.exp_name"] == "queued-lap"

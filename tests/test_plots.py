@@ -86,7 +86,7 @@ def test_each_plot_names_columns_that_its_file_always_has():
     }
     written = {
         "metrics/history.csv": set(stage_files.HISTORY_COLUMNS),
-        "metrics/steps.csv": set(stage_files.STEPS_COLUMNS),
+        "metrics/steps.csv": set(stage_files.STEPS_COLUMNS + stage_files.STEPS_ERROR_COLUMNS),
     }
     assert set(data_plots()) == {STEP_VIEW, EPOCH_VIEW}
     for props in data_plots().values():
@@ -160,15 +160,15 @@ def bank_tables() -> dict[str, pd.DataFrame]:
 
 
 def no_true_kernel_tables() -> dict[str, pd.DataFrame]:
-    """metrics/ of one non-linear filter (median): every kernel error is an empty cell."""
+    """metrics/ of one non-linear filter (median): the kernel error columns are absent, as
+    the train stage writes them (spec: absent, not NaN), and standard_error is an empty cell."""
     history = (
         bank_tables()["metrics/history.csv"]
         .iloc[:, :12]
-        .assign(val_loss=decay(3, 0.2, 0.5), kernel_mse="", kernel_rel_error="")
+        .assign(val_loss=decay(3, 0.2, 0.5))
+        .drop(columns=["kernel_mse", "kernel_rel_error"])
     )
-    snapshots = pd.DataFrame({"step": [0, 1, 2], "epoch": [0, 1, 1]}).assign(
-        kernel_mse="", kernel_rel_error=""
-    )
+    snapshots = pd.DataFrame({"step": [0, 1, 2], "epoch": [0, 1, 1]})
     return {"metrics/history.csv": history, "metrics/steps.csv": snapshots}
 
 

@@ -135,6 +135,31 @@ def test_the_walkthrough_runs_as_written(workspace):
     assert client.get_run(version.run_id).data.tags["kernel"] == "sobel_x"
 
 
+def test_beyond_one_gray_kernel_runs_as_written(workspace):
+    """Its experiments (ReLU, two banks, the red detector), each from the one before, then
+    the comparison, which shows each family's keys and a bank's per-filter errors."""
+    *runs, show = commands(section("Beyond one gray kernel"))
+    assert all(line.startswith("dvc exp run -n ") for line in runs)
+    assert show.startswith("dvc exp show")
+    env = clean_env()
+    workspace.dvc("repro")
+    for line in [*runs, show]:
+        result = subprocess.run(
+            ["bash", "-c", line],
+            cwd=workspace.root,
+            env=env,
+            text=True,
+            capture_output=True,
+            timeout=900,
+        )
+        assert result.returncode == 0, f"{line}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    header = result.stdout.splitlines()[1].split()
+    for column in ("kernel", "filter.activation", "stop_reason", "kernel_rel_error/laplacian"):
+        assert column in header, result.stdout
+    for value in ("relu", "sigmoid", "red", "['sobel_x', 'sobel_y', 'laplacian']"):
+        assert value in result.stdout, result.stdout
+
+
 def _in_session(process: psutil.Process, session: int) -> bool:
     try:
         return os.getsid(process.pid) == session and process.status() != psutil.STATUS_ZOMBIE

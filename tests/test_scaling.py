@@ -231,7 +231,9 @@ def test_two_clones_log_their_queued_sweeps_to_one_server_on_postgresql(tmp_path
             with Image.open(figures / name) as picture:
                 assert picture.size[0] > 0
         kernel = np.load(client.download_artifacts(run_id, "learned_kernel.npy", str(figures)))
-        assert kernel.shape == ((3, 3) if run.data.tags["kernel"] == "sobel_y" else (32, 32))
+        assert kernel.shape == (
+            (3, 3, 1, 1) if run.data.tags["kernel"] == "sobel_y" else (32, 32, 1, 1)
+        )
         # the server keeps them, in its artifacts destination, not the clones
         stored = tracking_server.artifacts / experiment.experiment_id / run_id / "artifacts"
         assert (stored / "figures/comparison.png").is_file()
