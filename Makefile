@@ -116,7 +116,7 @@ server: install
 docs: install-dev  # refresh the README's pictures from real runs, in a temporary copy
 	python docs/refresh.py
 
-bench: install-dev  # measure everything BENCHMARKS.md reports (~15 min on 2 cores)
+bench: install-dev  # measure everything BENCHMARKS.md reports (~25 min on 2 cores)
 	python -m benchmarks.bench
 
 lock:  # re-resolve requirements.in and requirements-dev.in into their .lock files
