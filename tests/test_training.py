@@ -300,8 +300,9 @@ def test_a_run_stopped_by_the_cap_far_from_the_optimum_says_max_steps(capped):
 
 
 def test_snapshots_are_log_spaced_from_step_0_to_the_last():
-    # a 5×5 box on smooth images: far from the optimum for a few epochs
-    images = ndimage.gaussian_filter(pink_images(24, 48, seed=1), (0, 2, 2))
+    # a 7×7 kernel at 5 % of each batch's step: far from the optimum for a few epochs (on
+    # well-determined images: smooth ones leave weights open, and a stall ends the run)
+    images = pink_images(24, 48, seed=1)
     true = kernels.make("smiley")[::4, ::4][:7, :7, None, None]
     targets = filtered(images, true)
     snapshots = training.KernelSnapshots(300)
