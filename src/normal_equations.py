@@ -39,6 +39,15 @@ BATCH_IMAGES = 32  # images read at once
 SPECTRA_MAX_BYTES = 512 * 2**20  # the images' spectra are kept between CG products up to this
 
 
+def spread(rows: np.ndarray, count: int) -> np.ndarray:
+    """`count` of the rows evenly spaced through them, sorted: a collection stored in blocks
+    by name (skies, then forests) is sampled across its blocks, not from the first one."""
+    rows = np.sort(np.asarray(rows))
+    if len(rows) <= count:
+        return rows
+    return rows[np.linspace(0, len(rows) - 1, count).round().astype(int)]
+
+
 def four(a: np.ndarray) -> np.ndarray:
     """Images or targets as (N, H, W, C): a stack of 3-D rows gets a channel axis."""
     a = np.asarray(a)
@@ -275,7 +284,7 @@ def _box_sums(x: np.ndarray, valid: tuple[int, int]) -> np.ndarray:
 def _toeplitz_inverse(images, rows, kernel_shape, padding, mean_patch):
     """The inverse of the centred patch covariance's Toeplitz estimate, on a few images:
     the preconditioner of CG (src/training/curvature.py builds the same for K-FAC)."""
-    x = padded(four(images[np.sort(rows[:64])]).astype(np.float64), kernel_shape, padding)
+    x = padded(four(images[spread(rows, 64)]).astype(np.float64), kernel_shape, padding)
     # unbiased: each lag's mean over its own overlap, closer to the exact matrix at long
     # lags than the biased estimate (CG then needs a few passes, not dozens)
     covariance = toeplitz_covariance(x, kernel_shape, biased=False) - np.outer(

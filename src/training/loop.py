@@ -17,7 +17,7 @@ from src import streams
 from src.config import TrainConfig
 from src.errors import UserError
 from src.layers import build_model, choose_conv
-from src.normal_equations import Solution, four
+from src.normal_equations import Solution, four, spread
 from src.training.batches import WHITENERS, crops, epoch_steps, training_dataset
 from src.training.callbacks import EpochEnd
 from src.training.curvature import Preconditioner, top_curvature
@@ -117,7 +117,7 @@ def train(
         )
     equations, unknowns = check_equations(train_rows, targets.shape[1:3], kernel_shape, channels)
     final = build_model(kernel_shape, conv, padding, True, channels, filters, activation)
-    bias_rows = train_rows[:BIAS_IMAGES]
+    bias_rows = spread(train_rows, BIAS_IMAGES)
     names = list(names)
 
     def on_epoch_for(newton_step=None):

@@ -16,7 +16,7 @@ import numpy as np
 from scipy import fft, signal
 
 from src import streams
-from src.normal_equations import _exact_is_cheap, _patches, four, normal_equations
+from src.normal_equations import _exact_is_cheap, _patches, four, normal_equations, spread
 from src.training.batches import crops, whiten_pair
 
 CHECK_IMAGES = 16  # whole training images the stopping rule measures on
@@ -156,7 +156,7 @@ def check_images(images, targets, train_rows, kernel_shape, padding, cfg, scale,
     """The stopping rule's images, whole, as training sees them (whitened and scaled for a
     linear layer): float64 (x, t) for NewtonStep."""
     count = CHECK_IMAGES if activation == "linear" else ACTIVATION_CHECK_IMAGES
-    rows = np.sort(train_rows[:count])
+    rows = spread(train_rows, count)  # across the collection, not its first block
     side = images.shape[1]
     x, t = next(
         crops(
